@@ -1,0 +1,5 @@
+import sys
+
+from bonedrr.cli import main
+
+sys.exit(main())

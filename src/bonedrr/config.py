@@ -1,0 +1,189 @@
+"""Workflow configuration: loaded, validated against its JSON Schema, sample sheets checked row by row.
+
+Used by the Snakefile at start-up (before any job runs) and by the CLI. Kept free of heavy imports:
+Snakemake's own environment only needs PyYAML and jsonschema to load it.
+
+Every problem is a :class:`~bonedrr.errors.ConfigError` whose one-line message names the cohort, the
+row (sample-sheet line) and the field.
+
+Example:
+    >>> cfg = {"cohorts": {"a": {"samples": "a.tsv", "colour": "red"}}}
+    >>> try:
+    ...     validate_config(cfg)
+    ... except ConfigError as e:
+    ...     print(e)
+    config error: cohort 'a': unknown key 'colour'
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+from pathlib import Path
+
+import yaml
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
+
+from bonedrr.errors import ConfigError
+
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "workflow" / "schemas"
+NUMERIC_COLUMNS = ("dxa_abmd_left", "dxa_abmd_right", "qct_vbmd_left", "qct_vbmd_right")
+DEMO_DEFAULTS = {"rows": 192, "cols": 288, "nifti_png_every": 5, "abmd_range": [0.45, 1.15], "template": None}
+XRAY_DEFAULTS = {"sdd_mm": 1100.0, "pixel_mm": [1.2, 1.2]}
+
+
+def _schema(name: str) -> dict:
+    path = SCHEMA_DIR / f"{name}.schema.yaml"
+    if not path.is_file():
+        raise ConfigError(f"schema not found (is the workflow folder complete?)", path)
+    return yaml.safe_load(path.read_text())
+
+
+def _describe(error) -> tuple[list, str]:
+    """(path to the offending key, readable message) for a jsonschema error."""
+    path = list(error.absolute_path)
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        return path, f"unknown key{'s' if len(extra) > 1 else ''} {', '.join(repr(k) for k in extra)}"
+    if error.validator == "required":
+        return path, error.message.replace("is a required property", "is required")
+    if error.validator == "propertyNames":
+        return path, f"name {error.instance!r} may hold only letters, digits, _ and -"
+    if error.validator == "oneOf" and isinstance(error.instance, dict) and "samples" in error.schema.get(
+            "properties", {}):
+        return path, "needs exactly one of 'samples' (a sample sheet) or 'demo' (virtual patients)"
+    if error.validator == "pattern" and path and path[-1] == "case_id":
+        return path, f"{error.instance!r} is not a valid case id (letters, digits, _ and - only)"
+    if error.validator == "not" and path and path[-1] == "case_id":
+        return path, f"{error.instance!r} is a reserved name (a results folder of the cohort)"
+    return path, error.message
+
+
+def validate_config(config: dict) -> dict:
+    """Validate a config dict against ``config.schema.yaml``; return it with defaults filled in.
+
+    Raises:
+        ConfigError: ``config error: cohort 'NAME': field 'a.b': problem`` (or without the cohort
+            for top-level keys).
+    """
+    error = best_match(Draft202012Validator(_schema("config")).iter_errors(config))
+    if error is not None:
+        path, message = _describe(error)
+        if len(path) >= 2 and path[0] == "cohorts":
+            where = f"cohort {path[1]!r}" + (f": field {'.'.join(map(str, path[2:]))!r}" if path[2:] else "")
+        elif path == ["cohorts"] and error.validator == "propertyNames":
+            where = "cohorts"
+        else:
+            where = f"field {'.'.join(map(str, path))!r}" if path else "top level"
+        raise ConfigError(f"config error: {where}: {message}")
+    config = copy.deepcopy(config)
+    config.setdefault("device", "auto")
+    config.setdefault("proximal_femur_cut_mm", 80.0)
+    for cohort in config["cohorts"].values():
+        cohort["xray"] = {**XRAY_DEFAULTS, **cohort.get("xray", {})}
+        cohort.setdefault("calibration", {"method": "phantom"})
+        if "demo" in cohort:
+            cohort["demo"] = {**DEMO_DEFAULTS, **cohort["demo"]}
+    return config
+
+
+def read_samplesheet(path: str | Path, cohort: str, config: dict | None = None,
+                     check_files: bool = True) -> dict[str, dict]:
+    """Read and check a cohort's sample sheet.
+
+    Args:
+        path: The TSV file.
+        cohort: The cohort's name (for messages).
+        config: The cohort's validated config (for scanner names), or None.
+        check_files: Check that every CT, radiograph and label path exists.
+
+    Returns:
+        case id -> row, with paths made absolute (relative paths are relative to the sheet) and
+        numbers parsed; ``side`` defaults to ``both``.
+
+    Raises:
+        ConfigError: ``config error: cohort 'c', sample sheet s.tsv line 3 (case 'x'), field 'f': problem``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config error: cohort {cohort!r}: sample sheet not found: {path}")
+    validator = Draft202012Validator(_schema("samples"))
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        if not reader.fieldnames or "case_id" not in reader.fieldnames:
+            raise ConfigError(f"config error: cohort {cohort!r}, sample sheet {path}: the header line must name "
+                              "the columns, case_id first (tab-separated)")
+        rows = list(enumerate(reader, start=2))
+    if not rows:
+        raise ConfigError(f"config error: cohort {cohort!r}, sample sheet {path}: no cases")
+    scanners = ((config or {}).get("calibration") or {}).get("scanners", {})
+    cases: dict[str, dict] = {}
+    for line, raw in rows:
+        def fail(field, message):
+            case = raw.get("case_id") or "?"
+            raise ConfigError(f"config error: cohort {cohort!r}, sample sheet {path.name} line {line} "
+                              f"(case {case!r}), field {field!r}: {message}")
+        if None in raw:
+            fail("(extra cell)", "more cells than header columns")
+        row = {k: v.strip() for k, v in raw.items() if k is not None and v is not None and v.strip() != ""}
+        for column in NUMERIC_COLUMNS:
+            if column in row:
+                try:
+                    row[column] = float(row[column])
+                except ValueError:
+                    pass  # the schema reports it as "is not of type 'number'"
+        error = best_match(validator.iter_errors(row))
+        if error is not None:
+            field_path, message = _describe(error)
+            if error.validator == "additionalProperties":
+                extra = sorted(set(row) - set(validator.schema["properties"]))
+                fail(extra[0], f"unknown column {extra[0]!r}")
+            fail(".".join(map(str, field_path)) or "(row)", message)
+        row.setdefault("side", "both")
+        if row["case_id"] in cases:
+            fail("case_id", f"duplicate case id {row['case_id']!r} (first used on an earlier line)")
+        for column in ("ct", "xray", "labels"):
+            if column in row:
+                p = Path(row[column])
+                row[column] = str(p if p.is_absolute() else (path.parent / p).resolve())
+                if check_files and not Path(row[column]).exists():
+                    fail(column, f"file not found: {row[column]}")
+        if "scanner" in row and scanners and row["scanner"] not in scanners:
+            fail("scanner", f"scanner {row['scanner']!r} is not in calibration.scanners "
+                            f"({', '.join(sorted(scanners))})")
+        cases[row["case_id"]] = row
+    return cases
+
+
+def load_config(path: str | Path) -> dict:
+    """Read a YAML config file and validate it."""
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError("config file not found", path) from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config is not valid YAML ({e})".replace("\n", " "), path) from e
+    return validate_config(config or {})
+
+
+def demo_case_ids(cohort_config: dict) -> list[str]:
+    """Case ids of a demo cohort (known before its files exist)."""
+    from bonedrr.demo.naming import case_id
+    return [case_id(i) for i in range(cohort_config["demo"]["n_patients"])]
+
+
+def cohort_cases(config: dict, base_dir: str | Path = ".") -> dict[str, dict[str, dict]]:
+    """Every cohort's cases: cohort -> case id -> sample-sheet row (demo cohorts: ``{"index": i}``).
+
+    Sample sheets are read and checked here, so that a bad row stops the workflow before any job runs.
+    """
+    out = {}
+    for name, cohort in config["cohorts"].items():
+        if "demo" in cohort:
+            out[name] = {cid: {"case_id": cid, "index": i} for i, cid in enumerate(demo_case_ids(cohort))}
+        else:
+            sheet = Path(cohort["samples"])
+            out[name] = read_samplesheet(sheet if sheet.is_absolute() else Path(base_dir) / sheet, name, cohort)
+    return out

@@ -1,0 +1,233 @@
+"""The ``demo-cohort`` stage: one virtual patient's files, written as users have theirs.
+
+Each case folder holds
+
+* ``ct/`` (a DICOM CT series) or ``ct.nii.gz`` (every ``nifti_png_every``-th case);
+* ``xray.dcm`` (DICOM DX with ImagerPixelSpacing and distance tags; bit depth and MONOCHROME1/2 vary)
+  or ``xray.png`` / ``xray.jpg`` (no spacing: the cohort's ``xray`` defaults apply);
+* ``labels.nii.gz``: the true canonical labels (a lab's manual segmentation of this patient);
+* ``truth.json``: true pose and geometry, QCT vBMD and DXA aBMD of each proximal femur, and every
+  random draw; its ``clinical`` block is what a clinic's sample sheet would hold;
+* ``preview.png``: the CT (coronal) beside its radiograph.
+
+DICOM files carry a made-up patient name, id, birth date and institution, so that de-identification
+downstream has real work to do. The folder is written under a temporary name and renamed when
+complete.
+
+Example (about 10 s):
+    >>> from bonedrr.demo.cohort import DemoSettings, make_case
+    >>> make_case("/tmp/demo_case", "demo_000", 0, DemoSettings(rows=64, cols=80))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image
+
+from bonedrr import __version__
+from bonedrr.dicom import write_ct_series, write_radiograph_dicom
+from bonedrr.demo import virtual_patient as vp
+from bonedrr.demo.naming import case_files, case_id  # noqa: F401 (re-exported)
+from bonedrr.demo.projector import project
+from bonedrr.demo.xray_physics import XrayExposure, simulate_radiograph
+from bonedrr.geometry import Geometry, ap_pose
+from bonedrr.images import image_like, write_image, write_json
+from bonedrr.labels import CANONICAL_LABELS, SIDES
+
+DXA_PRECISION_CV = 0.01  # a DXA scanner's short-term precision (coefficient of variation)
+_GIVEN = ["Josephine", "Arturo", "Ingrid", "Kwame", "Mei", "Dmitri", "Aroha", "Fatima", "Lucien", "Svea"]
+_FAMILY = ["Moreau", "Quispe", "Lindqvist", "Mensah", "Takahashi", "Volkov", "Ngata", "Haddad", "Brun", "Ek"]
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the demo config sets (``cohorts.<name>.demo`` and ``cohorts.<name>.xray``).
+
+    Args:
+        seed: Cohort seed; case ``i`` draws from ``(seed, i)``, so cases are independent of N.
+        rows, cols: Detector size of the simulated radiographs.
+        pixel_mm: Detector pixel [row, col] (also the cohort's default for PNG/JPEG cases).
+        sdd_mm: Nominal source-to-detector distance (DICOM cases vary around it; PNG/JPEG use it).
+        nifti_png_every: Every n-th case (index n-1, 2n-1, ...) is written as NIfTI + PNG/JPEG.
+        abmd_range: DXA total-hip aBMD range (g/cm2) the patients are drawn from.
+        proximal_femur_cut_mm: Length of the proximal femur region (see ``labels.proximal_femur_mask``).
+        template: Folder with the template CT and labels (None: the vendored one).
+    """
+
+    seed: int = 2026
+    rows: int = 192
+    cols: int = 288
+    pixel_mm: tuple[float, float] = (1.2, 1.2)
+    sdd_mm: float = 1100.0
+    nifti_png_every: int = 5
+    abmd_range: tuple[float, float] = (0.45, 1.15)
+    proximal_femur_cut_mm: float = 80.0
+    template: str | None = None
+
+
+_TEMPLATES: dict = {}
+
+
+def _template(settings: DemoSettings) -> tuple[vp.Materials, float]:
+    """The template's materials and its mean aBMD at factor 1 (cached per process)."""
+    key = settings.template
+    if key not in _TEMPLATES:
+        t = vp.load_template(settings.template)
+        abmd = float(np.nanmean([vp.dxa_abmd(t, s, settings.proximal_femur_cut_mm) for s in SIDES]))
+        _TEMPLATES[key] = (t, abmd)
+    return _TEMPLATES[key]
+
+
+def make_case(out_dir: str | Path, case: str, index: int, settings: DemoSettings) -> dict:
+    """Make one virtual patient and write its folder. Returns its truth (as in truth.json)."""
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng([settings.seed, index])
+    template, template_abmd = _template(settings)
+    params = vp.draw_params(rng, template_abmd, settings.abmd_range)
+    patient = vp.make_patient(template, params)
+    files = case_files(index, settings.nifti_png_every)
+    raster = files["xray"] != "xray.dcm"
+
+    # Radiograph geometry and pose.
+    sdd = settings.sdd_mm if raster else float(round(settings.sdd_mm + rng.uniform(-50, 50)))
+    sod = sdd - float(rng.uniform(180, 230))
+    geometry = Geometry.centered(sdd, settings.rows, settings.cols, settings.pixel_mm)
+    centre = _view_centre(patient, geometry, sod)
+    pose = ap_pose(centre, sod, params.pose_rotvec_deg, params.pose_shift_mm)
+    geometry = geometry.with_pose(pose)
+    exposure = XrayExposure.random(rng)
+    areal = project(patient.densities(), patient.grid, geometry)
+    image = simulate_radiograph(areal, geometry.pixel_mm, exposure, rng)
+
+    truth = {
+        "case_id": case, "generator": f"bonedrr {__version__} demo-cohort", "seed": settings.seed,
+        "index": index, "geometry": geometry.to_dict(), "source_to_centre_mm": sod,
+        "view_centre_world_mm": centre,
+        "qct_vbmd_mg_cm3": {s: vp.qct_vbmd(patient, s, settings.proximal_femur_cut_mm) for s in SIDES},
+        "dxa_abmd_noiseless_g_cm2": {s: vp.dxa_abmd(patient, s, settings.proximal_femur_cut_mm) for s in SIDES},
+        "proximal_femur_cut_mm": settings.proximal_femur_cut_mm,
+        "bone_mineral_mass_g": vp.bone_mineral_mass_g(patient),
+        "scanner": {
+            "name": params.scanner, "hu_slope": params.scanner_slope, "hu_intercept": params.scanner_intercept,
+            "nominal": vp.SCANNERS[params.scanner], "ha_hu_per_mg_cm3_ideal": vp.HA_HU_PER_MG,
+            "phantom_rods_mg_cm3": list(vp.PHANTOM_RODS_MG_CM3),
+            "note": "scanner HU = hu_intercept + hu_slope * (soft-tissue HU + ha_hu_per_mg_cm3_ideal * mg/cm3 HA)",
+        },
+        "patient": params.to_dict(), "exposure": asdict(exposure), "files": files,
+    }
+    dxa = {s: v * (1 + rng.normal(0, DXA_PRECISION_CV)) for s, v in truth["dxa_abmd_noiseless_g_cm2"].items()}
+    truth["dxa_total_hip_abmd_g_cm2"] = dxa
+    truth["clinical"] = {"side": "both", "dxa_abmd_left": round(dxa["left"], 4),
+                         "dxa_abmd_right": round(dxa["right"], 4), "scanner": params.scanner}
+
+    phi = _made_up_patient(rng)
+    hu = vp.scanned_hu(patient, params, rng)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=_mkdir(out_dir.parent)))
+    try:
+        ct_image = image_like(hu, patient.grid)
+        if raster:
+            write_image(sitk.Cast(sitk.Round(ct_image), sitk.sitkInt16), tmp / files["ct"])
+            _write_raster(tmp / files["xray"], image, index)
+        else:
+            write_ct_series(tmp / files["ct"], ct_image, phi, key=f"{settings.seed}/{case}")
+            bits = (12, 16, 12, 8)[index % 4]
+            stored = np.round(image * (2 ** bits - 1)).astype(np.uint16)
+            photometric = "MONOCHROME1" if index % 3 == 1 else "MONOCHROME2"
+            if photometric == "MONOCHROME1":
+                stored = (2 ** bits - 1) - stored
+            write_radiograph_dicom(tmp / files["xray"], stored, geometry.pixel_mm, sdd, sod, phi,
+                                   key=f"{settings.seed}/{case}", bits_stored=bits, photometric=photometric,
+                                   kvp=exposure.kvp)
+            truth["xray_encoding"] = {"bits_stored": bits, "photometric": photometric}
+        write_image(image_like(patient.labels, patient.grid), tmp / files["labels"])
+        write_json(tmp / "truth.json", truth)
+        _preview(tmp / "preview.png", hu, patient, image, case)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return truth
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _view_centre(patient: vp.Materials, geometry: Geometry, sod: float) -> list[float]:
+    """Central-ray point: between the femoral heads in x and depth; in z as low as the scan allows
+    (the template ends at the greater trochanters) while the lowest row still sees the CT."""
+    from bonedrr.images import index_to_world
+    femurs = np.isin(patient.labels, [CANONICAL_LABELS["femur_left"], CANONICAL_LABELS["femur_right"]])
+    kji = np.argwhere(femurs)
+    ijk = kji[:, ::-1].astype(float)
+    world = ijk @ index_to_world(patient.grid)[:3, :3].T + index_to_world(patient.grid)[:3, 3]
+    z_bottom = index_to_world(patient.grid)[2, 3]  # identity direction: slice 0 is the lowest
+    half_height = geometry.rows * geometry.pixel_mm[0] / 2 * sod / geometry.sdd_mm
+    z = max(float(world[:, 2].max()) - 20.0, z_bottom + half_height + 15.0)
+    return [float(world[:, 0].mean()), float(world[:, 1].mean()), z]
+
+
+def _write_raster(path: Path, image: np.ndarray, index: int) -> None:
+    if path.suffix == ".jpg":
+        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(path, quality=85)
+    else:
+        Image.fromarray(np.round(image * 65535).astype(np.uint16)).save(path)
+
+
+def _made_up_patient(rng: np.random.Generator) -> dict:
+    year = int(rng.integers(1935, 1975))
+    return {
+        "PatientName": f"{rng.choice(_FAMILY)}^{rng.choice(_GIVEN)}",
+        "PatientID": f"MRN{rng.integers(10**6, 10**7)}",
+        "PatientBirthDate": f"{year}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}",
+        "PatientSex": str(rng.choice(["F", "M"])),
+        "InstitutionName": "Saint Example Hospital",
+        "ReferringPhysicianName": f"{rng.choice(_FAMILY)}^Dr",
+        "AccessionNumber": f"ACC{rng.integers(10**5, 10**6)}",
+        "StudyDate": f"20{int(rng.integers(18, 26))}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}",
+    }
+
+
+def _preview(path: Path, hu: np.ndarray, patient: vp.Materials, image: np.ndarray, case: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    femurs = np.isin(patient.labels, [CANONICAL_LABELS["femur_left"], CANONICAL_LABELS["femur_right"]])
+    j = int(np.argwhere(femurs)[:, 1].mean()) if femurs.any() else hu.shape[1] // 2
+    sx, _, sz = patient.grid.GetSpacing()
+    coronal = hu[::-1, j, ::-1]  # superior up, patient's right on the left (radiological view)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    axes[0].imshow(coronal, cmap="gray", vmin=-200, vmax=1300, aspect=sz / sx)
+    axes[0].set_title(f"{case}: CT, coronal (HU -200..1300)")
+    axes[1].imshow(image, cmap="gray", vmin=0, vmax=1)
+    axes[1].set_title("simulated AP radiograph")
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def write_samplesheet(path: str | Path, truths: list[dict], case_dirs: list[str]) -> None:
+    """The demo cohort's sample sheet, as a user would write theirs (paths relative to the sheet)."""
+    from bonedrr.images import atomic_path
+    path = Path(path)
+    lines = ["case_id\tct\txray\tside\tlabels\tdxa_abmd_left\tdxa_abmd_right\tscanner"]
+    for truth, case_dir in zip(truths, case_dirs):
+        rel = Path(case_dir).resolve().relative_to(path.parent.resolve())
+        c, f = truth["clinical"], truth["files"]
+        lines.append("\t".join([truth["case_id"], str(rel / f["ct"]), str(rel / f["xray"]), c["side"],
+                                str(rel / f["labels"]), str(c["dxa_abmd_left"]), str(c["dxa_abmd_right"]),
+                                c["scanner"]]))
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,319 @@
+"""Virtual patients: the template CT decomposed into materials, and how each patient differs.
+
+Material model (the demo's ground truth; the pipeline never sees it):
+
+* ``mineral``: bone mineral, mg/cm3 hydroxyapatite (HA), only inside bone labels;
+* ``soft_hu``: the CT number of everything else in the voxel (marrow, muscle, fat, air).
+
+A voxel's true CT number is ``soft_hu + HA_HU_PER_MG * mineral`` (the scanner-independent relation
+of an ideal 120 kVp scanner with water at 0 HU); a bone voxel's mineral is what its CT number has
+above the marrow baseline of 0 HU. For the radiograph, ``soft_hu`` is split into water-like tissue
+and fat (linear between fat at -100 HU and muscle at +50 HU) with mass density ``1 + HU/1000``.
+
+A patient differs from the template in bone mineral (a global factor chosen to hit a drawn DXA
+total-hip aBMD, times a factor per bone region, trabecular bone changing more than cortical), body
+size (an isotropic scale), a smooth random deformation, an added subcutaneous layer (thickness and fat
+fraction), the CT scanner's calibration (HU slope and offset, with a calibration phantom scanned under
+the patient), and the pose of the radiograph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from bonedrr.errors import InputError
+from bonedrr.images import read_volume, world_axis_grid
+from bonedrr.labels import BONE_LABELS, CANONICAL_LABELS, LABEL_NAMES, PRESETS, proximal_femur_mask, remap
+
+HA_HU_PER_MG = 1.15  # HU per mg/cm3 HA, ideal scanner
+FAT_HU, MUSCLE_HU = -100.0, 50.0
+METAL_HU = 2200.0  # above any bone at 3 mm voxels; the template's screw is above it
+PHANTOM_RODS_MG_CM3 = (0.0, 100.0, 200.0, 400.0, 800.0)
+PHANTOM_ROD_DIAMETER_MM = 18.0
+POSTERIOR_PAD_MM = 75.0  # room under the patient for the calibration phantom
+#: The template scan ends at the greater trochanters. It is extended below by repeating its last
+#: slice (thighs and the top of the femoral shaft), so that radiographs centred on the hips do not
+#: show where the scan ends. Virtual patients' labels and truth include the extension.
+INFERIOR_EXTENSION_MM = 36.0
+
+#: Virtual scanners: their nominal calibration (true HU -> scanner HU) is documented in the demo
+#: config as per-scanner coefficients; each scan drifts a little from it, which only the phantom sees.
+SCANNERS = {
+    "demo_scanner_a": {"slope": 0.97, "intercept": -12.0},
+    "demo_scanner_b": {"slope": 1.04, "intercept": 18.0},
+    "demo_scanner_c": {"slope": 1.10, "intercept": 35.0},
+}
+
+
+def default_template_dir() -> Path:
+    """The vendored template (``resources/totalseg_example`` of the repository)."""
+    return Path(__file__).resolve().parents[3] / "resources" / "totalseg_example"
+
+
+@dataclass
+class Materials:
+    """A body on a grid: bone mineral (mg/cm3 HA), the rest's CT number, canonical labels."""
+
+    mineral: np.ndarray
+    soft_hu: np.ndarray
+    labels: np.ndarray
+    grid: sitk.Image
+
+    def true_hu(self) -> np.ndarray:
+        return self.soft_hu + HA_HU_PER_MG * self.mineral
+
+    def densities(self) -> dict[str, np.ndarray]:
+        """g/cm3 of mineral, water-like tissue and fat, as the radiograph simulator wants them."""
+        mass = np.clip(1.0 + self.soft_hu / 1000.0, 0.0, None)
+        fat_fraction = np.clip((MUSCLE_HU - self.soft_hu) / (MUSCLE_HU - FAT_HU), 0.0, 1.0)
+        return {"mineral": self.mineral / 1000.0, "water": mass * (1 - fat_fraction),
+                "fat": mass * fat_fraction}
+
+
+def load_template(folder: str | Path | None = None) -> Materials:
+    """Read the template CT and its TotalSegmentator labels; inpaint metal; decompose into materials.
+
+    The volume is reoriented to an identity direction (LPS) and padded posteriorly to leave room for
+    the calibration phantom.
+    """
+    folder = Path(folder) if folder else default_template_dir()
+    if not (folder / "ct.nii.gz").is_file() or not (folder / "labels.nii.gz").is_file():
+        raise InputError("template folder lacks ct.nii.gz and labels.nii.gz", folder)
+    ct = sitk.DICOMOrient(sitk.Cast(read_volume(folder / "ct.nii.gz"), sitk.sitkFloat32), "LPS")
+    seg = sitk.DICOMOrient(read_volume(folder / "labels.nii.gz"), "LPS")
+    below = (0, 0, int(round(INFERIOR_EXTENSION_MM / ct.GetSpacing()[2])))
+    ct, seg = sitk.ZeroFluxNeumannPad(ct, below, (0, 0, 0)), sitk.ZeroFluxNeumannPad(seg, below, (0, 0, 0))
+    pad = int(np.ceil(POSTERIOR_PAD_MM / ct.GetSpacing()[1]))
+    ct = sitk.ConstantPad(ct, (0, 0, 0), (0, pad, 0), -1024.0)
+    seg = sitk.ConstantPad(seg, (0, 0, 0), (0, pad, 0), 0)
+    hu = sitk.GetArrayFromImage(ct).astype(np.float32)
+    labels = remap(sitk.GetArrayFromImage(seg), PRESETS["totalsegmentator_v2"])
+    hu = _inpaint_metal(hu, labels)
+    bone = np.isin(labels, [CANONICAL_LABELS[n] for n in BONE_LABELS])
+    mineral = np.where(bone, np.clip(hu, 0, None) / HA_HU_PER_MG, 0).astype(np.float32)
+    return Materials(mineral, (hu - HA_HU_PER_MG * mineral).astype(np.float32), labels, ct)
+
+
+def _inpaint_metal(hu: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Replace metal (and a one-voxel rim) by the median CT number of the same structure on the other
+    side (the template's screw sits in the left femur), else of its own label's other voxels."""
+    metal = ndimage.binary_dilation(hu > METAL_HU, iterations=1)
+    out = hu.copy()
+    for lab in np.unique(labels[metal]):
+        name = LABEL_NAMES.get(int(lab), "")
+        twin = name.replace("_left", "_right") if name.endswith("_left") else name.replace("_right", "_left")
+        source = labels == CANONICAL_LABELS.get(twin, int(lab))
+        if not (source & ~metal).any():
+            source = labels == lab
+        healthy = source & ~metal
+        out[metal & (labels == lab)] = np.median(hu[healthy]) if healthy.any() else 0.0
+    return out
+
+
+@dataclass
+class PatientParams:
+    """Every random draw that makes one virtual patient (recorded in truth.json)."""
+
+    target_dxa_abmd: float
+    bone_factor: float
+    region_factors: dict[str, float]
+    body_scale: float
+    deformation_mm: float
+    layer_mm: float
+    layer_fat_fraction: float
+    scanner: str
+    scanner_slope: float
+    scanner_intercept: float
+    ct_noise_hu: float
+    pose_rotvec_deg: list[float] = field(default_factory=list)
+    pose_shift_mm: list[float] = field(default_factory=list)
+    deformation_seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def draw_params(rng: np.random.Generator, template_abmd: float, abmd_range=(0.45, 1.15),
+                deformation_mm: float = 4.0) -> PatientParams:
+    """Draw one patient. ``template_abmd`` is the template's aBMD at factor 1 (see :func:`dxa_abmd`)."""
+    target = float(rng.uniform(*abmd_range))
+    body_scale = float(rng.uniform(0.93, 1.07))
+    scanner = str(rng.choice(sorted(SCANNERS)))
+    nominal = SCANNERS[scanner]
+    return PatientParams(
+        target_dxa_abmd=target,
+        bone_factor=_factor_for(target / body_scale, template_abmd),
+        region_factors={n: float(np.clip(rng.normal(1.0, 0.06), 0.85, 1.15)) for n in BONE_LABELS},
+        body_scale=body_scale,
+        deformation_mm=float(deformation_mm),
+        layer_mm=float(rng.uniform(0.0, 24.0)),
+        layer_fat_fraction=float(rng.uniform(0.6, 1.0)),
+        scanner=scanner,
+        scanner_slope=float(nominal["slope"] * rng.normal(1.0, 0.005)),
+        scanner_intercept=float(nominal["intercept"] + rng.normal(0.0, 2.0)),
+        ct_noise_hu=float(rng.uniform(6.0, 15.0)),
+        pose_rotvec_deg=[float(v) for v in rng.uniform(-4, 4, 3)],
+        pose_shift_mm=[float(v) for v in rng.uniform(-8, 8, 3)],
+        deformation_seed=int(rng.integers(2**31)),
+    )
+
+
+def _factor_for(target_abmd: float, template_abmd: float) -> float:
+    """Global mineral factor giving ``target_abmd``, inverting the linear model of :func:`_mineral_factor`.
+
+    aBMD(f) ~= template * (TRABECULAR_SHARE * f + (1 - TRABECULAR_SHARE) * (0.4 + 0.6 f)).
+    """
+    share = TRABECULAR_SHARE
+    return float(np.clip((target_abmd / template_abmd - (1 - share) * 0.4) / (share + (1 - share) * 0.6),
+                         0.15, 2.5))
+
+
+TRABECULAR_SHARE = 0.9  # share of the template's proximal-femur mineral weighted as trabecular (measured)
+
+
+def _mineral_factor(mineral: np.ndarray, factor: float) -> np.ndarray:
+    """Trabecular bone (low mineral) takes the whole factor, cortical bone 60 % of its change."""
+    cortical = np.clip((mineral - 300.0) / 400.0, 0.0, 1.0)
+    return (1 - cortical) * factor + cortical * (1 + 0.6 * (factor - 1))
+
+
+def make_patient(template: Materials, params: PatientParams) -> Materials:
+    """The virtual patient's body on the template's grid."""
+    mineral = template.mineral.copy()
+    for name in BONE_LABELS:
+        region = template.labels == CANONICAL_LABELS[name]
+        mineral[region] *= _mineral_factor(mineral[region], params.bone_factor * params.region_factors[name])
+    coords = _warp_coordinates(template, params)
+    warped_mineral = ndimage.map_coordinates(mineral, coords, order=1, mode="nearest")
+    # "nearest": a body shrunk by body_scale repeats the scan's edge slices rather than showing air.
+    soft = ndimage.map_coordinates(template.soft_hu, coords, order=1, mode="nearest")
+    labels = ndimage.map_coordinates(template.labels, coords, order=0, mode="nearest")
+    shape = template.labels.shape
+    body = _add_layer(soft.reshape(shape), template.grid, params.layer_mm, params.layer_fat_fraction)
+    return Materials(warped_mineral.reshape(shape).astype(np.float32), body,
+                     labels.reshape(shape).astype(np.uint8), template.grid)
+
+
+def _warp_coordinates(template: Materials, params: PatientParams) -> np.ndarray:
+    """Template index coordinates sampled by each output voxel: a scaling about the body centre plus
+    a smooth random displacement (per axis, a sum of six plane waves of 150-400 mm wavelength whose
+    RMS is ``deformation_mm``)."""
+    shape = template.labels.shape
+    spacing = np.asarray(template.grid.GetSpacing())[::-1]  # (k, j, i) order
+    rng = np.random.default_rng(params.deformation_seed)
+    body_voxels = np.argwhere(template.soft_hu > -500)
+    centre = body_voxels.mean(0) if len(body_voxels) else (np.asarray(shape) - 1) / 2
+    grid_mm = [np.arange(n, dtype=np.float32).reshape([-1 if a == i else 1 for a in range(3)]) * spacing[i]
+               for i, n in enumerate(shape)]
+    coords = np.empty((3, *shape), np.float32)
+    for axis in range(3):
+        displacement = np.zeros(shape, np.float32)
+        for _ in range(6):
+            direction = rng.normal(size=3)
+            k = direction / np.linalg.norm(direction) * 2 * np.pi / rng.uniform(150, 400)
+            phase = sum(k[a] * grid_mm[a] for a in range(3)) + rng.uniform(0, 2 * np.pi)
+            displacement += np.sin(phase).astype(np.float32)
+        displacement *= params.deformation_mm / np.sqrt(3.0) / spacing[axis]  # RMS of 6 unit sines = sqrt(3)
+        index = np.arange(shape[axis], dtype=np.float32).reshape([-1 if a == axis else 1 for a in range(3)])
+        coords[axis] = centre[axis] + (index - centre[axis]) / params.body_scale + displacement
+    return coords.reshape(3, -1)
+
+
+def _add_layer(soft_hu: np.ndarray, grid: sitk.Image, layer_mm: float, fat_fraction: float) -> np.ndarray:
+    """Grow a subcutaneous layer of ``layer_mm`` around the body, in each axial slice."""
+    if layer_mm <= 0:
+        return soft_hu.astype(np.float32)
+    body = soft_hu > -500
+    body = np.stack([ndimage.binary_fill_holes(s) for s in body])
+    sx, sy, _ = grid.GetSpacing()
+    distance = np.stack([ndimage.distance_transform_edt(~s, sampling=(sy, sx)) for s in body])
+    layer = (distance > 0) & (distance <= layer_mm)
+    out = soft_hu.copy()
+    out[layer] = fat_fraction * FAT_HU + (1 - fat_fraction) * MUSCLE_HU
+    return out.astype(np.float32)
+
+
+def scanned_hu(patient: Materials, params: PatientParams, rng: np.random.Generator) -> np.ndarray:
+    """The CT the virtual scanner writes: the patient plus the calibration phantom under it, through the
+    scanner's HU calibration, with noise."""
+    hu = patient.true_hu()
+    hu = np.where(_phantom_block(patient), _phantom_hu(patient), hu)
+    hu = params.scanner_slope * hu + params.scanner_intercept
+    return (hu + rng.normal(0.0, params.ct_noise_hu, hu.shape)).astype(np.float32)
+
+
+def phantom_rod_masks(patient: Materials) -> list[np.ndarray]:
+    """One mask per phantom rod (in :data:`PHANTOM_RODS_MG_CM3` order), on the patient's grid."""
+    nz, ny, nx = patient.labels.shape
+    sx, sy, _ = patient.grid.GetSpacing()
+    y0, x_centres = _phantom_layout(patient)
+    yy, xx = np.meshgrid(np.arange(ny) * sy, np.arange(nx) * sx, indexing="ij")
+    y_mid = (y0 + 15.0)
+    masks = []
+    for xc in x_centres:
+        disc = (yy - y_mid) ** 2 + (xx - xc) ** 2 <= (PHANTOM_ROD_DIAMETER_MM / 2) ** 2
+        masks.append(np.broadcast_to(disc, (nz, ny, nx)))
+    return masks
+
+
+def _phantom_layout(patient: Materials) -> tuple[float, list[float]]:
+    """Top of the 30 mm phantom block (mm from the grid's first row) and rod centres (mm in x)."""
+    sx, sy, _ = patient.grid.GetSpacing()
+    nx = patient.labels.shape[2]
+    body_rows = np.nonzero((patient.soft_hu > -500).any(axis=(0, 2)))[0]
+    y0 = (body_rows.max() + 2) * sy
+    centre_x = (nx - 1) * sx / 2
+    n = len(PHANTOM_RODS_MG_CM3)
+    return y0, [centre_x + (i - (n - 1) / 2) * 40.0 for i in range(n)]
+
+
+def _phantom_block(patient: Materials) -> np.ndarray:
+    nz, ny, nx = patient.labels.shape
+    sx, sy, _ = patient.grid.GetSpacing()
+    y0, x_centres = _phantom_layout(patient)
+    y = np.arange(ny) * sy
+    x = np.arange(nx) * sx
+    in_y = (y >= y0) & (y <= y0 + 30.0)
+    in_x = (x >= x_centres[0] - 25.0) & (x <= x_centres[-1] + 25.0)
+    return np.broadcast_to(in_y[None, :, None] & in_x[None, None, :], (nz, ny, nx))
+
+
+def _phantom_hu(patient: Materials) -> np.ndarray:
+    hu = np.zeros(patient.labels.shape, np.float32)  # water-equivalent resin
+    for rho, mask in zip(PHANTOM_RODS_MG_CM3, phantom_rod_masks(patient)):
+        hu[mask] = HA_HU_PER_MG * rho
+    return hu
+
+
+# ---------------------------------------------------------------------------------------------
+# Ground truth
+
+
+def qct_vbmd(patient: Materials, side: str, cut_mm: float) -> float:
+    """Volumetric BMD of the proximal femur (mg/cm3 HA) as an ideal QCT reports it: the mean
+    HA-equivalent density, true HU / HA_HU_PER_MG, over the region."""
+    region = proximal_femur_mask(patient.labels, side, world_axis_grid(patient.grid, 2), cut_mm)
+    return float((patient.true_hu()[region] / HA_HU_PER_MG).mean()) if region.any() else float("nan")
+
+
+def dxa_abmd(patient: Materials, side: str, cut_mm: float) -> float:
+    """Simulated DXA total-hip aBMD (g/cm2): the proximal femur's mineral projected AP (parallel
+    beam), divided by its projected area."""
+    region = proximal_femur_mask(patient.labels, side, world_axis_grid(patient.grid, 2), cut_mm)
+    if not region.any():
+        return float("nan")
+    sx, sy, sz = patient.grid.GetSpacing()
+    bmc = (patient.mineral * region).sum(axis=1) * sy / 10.0 / 1000.0  # g/cm2 per (z, x) pixel
+    area = region.any(axis=1)
+    return float(bmc[area].mean())
+
+
+def bone_mineral_mass_g(patient: Materials) -> float:
+    """Total bone mineral in the body, grams (for mass-conservation checks downstream)."""
+    sx, sy, sz = patient.grid.GetSpacing()
+    return float(patient.mineral.sum() * sx * sy * sz / 1000.0 / 1000.0)

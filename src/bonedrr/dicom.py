@@ -1,0 +1,380 @@
+"""DICOM and radiograph-file I/O: CT series and projection radiographs, checked and de-identified.
+
+Reading is strict: each problem a real archive has (truncated files, missing slices, two series in
+one folder, the wrong modality, no pixel spacing) is an :class:`~bonedrr.errors.InputError` naming
+the file and the problem. What is kept of a header is a whitelist of technical tags
+(:data:`TECHNICAL_TAGS`): nothing that identifies a patient, a study or an institution (names, ids,
+dates, UIDs, addresses, free text) is ever returned, following the DICOM basic application level
+confidentiality profile (PS3.15 E.1), whose tags are all outside the whitelist.
+
+Writing (used by the demo cohort to produce data as users have it) makes CT Image Storage series
+and Digital X-Ray "for presentation" images with the tags a real modality fills in.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from bonedrr.errors import InputError
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+DX_PRESENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
+RADIOGRAPH_MODALITIES = ("DX", "CR", "RG")
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+#: The only header values that leave this module: technical, never identifying.
+TECHNICAL_TAGS = (
+    "Modality", "Manufacturer", "ManufacturerModelName", "KVP", "ConvolutionKernel",
+    "SliceThickness", "ExposureTime", "XRayTubeCurrent", "Exposure", "ExposureInuAs",
+    "BodyPartExamined", "ViewPosition", "PatientOrientation", "PhotometricInterpretation",
+    "BitsAllocated", "BitsStored", "PixelRepresentation", "RescaleSlope", "RescaleIntercept",
+    "ImagerPixelSpacing", "PixelSpacing", "DistanceSourceToDetector", "DistanceSourceToPatient",
+    "EstimatedRadiographicMagnificationFactor", "FilterType", "Grid",
+)
+
+
+def technical_metadata(ds: Dataset) -> dict:
+    """The whitelisted technical tags present in ``ds``, as JSON-ready values."""
+    out = {}
+    for name in TECHNICAL_TAGS:
+        value = ds.get(name)
+        if value is None or value == "":
+            continue
+        if isinstance(value, pydicom.multival.MultiValue):
+            value = [_plain(v) for v in value]
+        out[name] = _plain(value)
+    return out
+
+
+def _plain(v):
+    if isinstance(v, (pydicom.valuerep.DSfloat, pydicom.valuerep.DSdecimal, float)):
+        return float(v)
+    if isinstance(v, (pydicom.valuerep.IS, int)):
+        return int(v)
+    return str(v)
+
+
+def _read(path: Path, stop_before_pixels: bool = False) -> Dataset:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError as e:
+        raise InputError("not a DICOM file (no DICM preamble)", path) from e
+    except Exception as e:  # pydicom raises many types on damaged files
+        raise InputError(f"unreadable or truncated DICOM ({type(e).__name__}: {e})", path) from e
+
+
+def _pixels(ds: Dataset, path: Path) -> np.ndarray:
+    """Stored pixel values, after checking that the pixel data is present and complete."""
+    if "PixelData" not in ds:
+        raise InputError("DICOM file has no pixel data", path)
+    if ds.file_meta.TransferSyntaxUID.is_compressed is False:
+        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) \
+            * int(ds.get("NumberOfFrames", 1) or 1) * (int(ds.BitsAllocated) // 8)
+        if len(ds.PixelData) < expected:
+            raise InputError(f"truncated DICOM: pixel data has {len(ds.PixelData)} of {expected} bytes", path)
+    try:
+        return ds.pixel_array
+    except Exception as e:
+        raise InputError(f"cannot decode pixel data ({type(e).__name__}: {e})", path) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# CT series
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    """Files of a DICOM folder (recursively), skipping hidden files and DICOMDIR."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR")
+
+
+def read_ct_series(folder: str | Path, min_slices: int = 3) -> tuple[sitk.Image, dict]:
+    """Read one CT series from a folder into an LPS volume in HU.
+
+    Slices are sorted by their position along the slice normal (not by file name or instance
+    number); the spacing between them must be even (a gap is reported as missing slices).
+
+    Args:
+        folder: A folder holding exactly one CT series.
+        min_slices: Fewer slices than this is not a volume.
+
+    Returns:
+        The volume (float32 HU) and the technical metadata of its first slice.
+
+    Raises:
+        InputError: Naming the folder or the file and what is wrong.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError("CT folder not found", folder)
+    files = dicom_files(folder)
+    if not files:
+        raise InputError("folder holds no DICOM files", folder)
+    headers = [(f, _read(f, stop_before_pixels=True)) for f in files]
+    series: dict[str, list] = {}
+    for f, ds in headers:
+        series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
+    if len(series) > 1:
+        described = ", ".join(f"series number {group[0][1].get('SeriesNumber', '?')} ({len(group)} files)"
+                              for group in series.values())
+        raise InputError(f"folder holds {len(series)} series ({described}); give each series its own folder",
+                         folder)
+    modality = str(headers[0][1].get("Modality", "")).upper()
+    if modality != "CT":
+        raise InputError(f"modality is {modality or 'missing'}, not CT", headers[0][0])
+    if len(files) < min_slices:
+        raise InputError(f"a single 2D image ({len(files)} file), not a CT volume", folder)
+
+    for f, ds in headers:
+        for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
+            if tag not in ds:
+                raise InputError(f"CT slice lacks {tag}", f)
+    iop = np.asarray(headers[0][1].ImageOrientationPatient, float)
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    for f, ds in headers:
+        if not np.allclose(np.asarray(ds.ImageOrientationPatient, float), iop, atol=1e-4):
+            raise InputError("slice orientation differs from the rest of the series", f)
+        if (ds.Rows, ds.Columns) != (headers[0][1].Rows, headers[0][1].Columns):
+            raise InputError("slice size differs from the rest of the series", f)
+
+    positions = np.array([np.dot(np.asarray(ds.ImagePositionPatient, float), normal) for _, ds in headers])
+    order = np.argsort(positions)
+    headers = [headers[i] for i in order]
+    positions = positions[order]
+    gaps = np.diff(positions)
+    step = float(np.median(gaps))
+    if step <= 1e-3:
+        raise InputError("several slices share one position", folder)
+    for i, gap in enumerate(gaps):
+        if abs(gap - step) > max(0.01 * step, 0.01):
+            where = f"between {headers[i][0].name} and {headers[i + 1][0].name}"
+            n_missing = round(gap / step) - 1
+            if n_missing >= 1 and abs(gap - (n_missing + 1) * step) < 0.05 * step:
+                raise InputError(f"{n_missing} missing slice(s) {where} (gap {gap:.2f} mm, spacing {step:.2f} mm)",
+                                 folder)
+            if gap < 1e-3:
+                raise InputError(f"two slices at the same position: {where}", folder)
+            raise InputError(f"uneven slice spacing: {gap:.2f} mm {where}, {step:.2f} mm elsewhere", folder)
+
+    slices = []
+    for f, _ in headers:
+        ds = _read(f)
+        stored = _pixels(ds, f)
+        if stored.ndim != 2:
+            raise InputError("CT slice is not a single 2D frame", f)
+        slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
+        slices.append(stored.astype(np.float32) * slope + intercept)
+    first = headers[0][1]
+    image = sitk.GetImageFromArray(np.stack(slices))
+    spacing_rc = [float(v) for v in first.PixelSpacing]
+    image.SetSpacing((spacing_rc[1], spacing_rc[0], step))
+    image.SetOrigin(tuple(float(v) for v in first.ImagePositionPatient))
+    image.SetDirection(tuple(np.stack([row_dir, col_dir, normal], axis=1).ravel()))
+    return image, technical_metadata(first)
+
+
+# ---------------------------------------------------------------------------------------------
+# Radiographs
+
+
+@dataclass
+class Radiograph:
+    """A projection radiograph as ingested.
+
+    Args:
+        pixels: float32 (rows, cols); larger values mean more attenuation (MONOCHROME2 sense).
+        pixel_mm: [row spacing, column spacing] at the detector plane, mm.
+        spacing_source: Where ``pixel_mm`` came from: ``ImagerPixelSpacing``, ``PixelSpacing``,
+            or ``config`` (the cohort's default).
+        sdd_mm: Source-to-detector distance if the file has it, else None.
+        sod_mm: Source-to-patient distance if the file has it, else None.
+        metadata: Technical, non-identifying tags (DICOM) or format facts (PNG/JPEG).
+    """
+
+    pixels: np.ndarray
+    pixel_mm: tuple[float, float]
+    spacing_source: str
+    sdd_mm: float | None = None
+    sod_mm: float | None = None
+    metadata: dict = field(default_factory=dict)
+
+
+def read_radiograph(path: str | Path, default_pixel_mm=None) -> Radiograph:
+    """Read a radiograph from DICOM (DX, CR) or PNG/JPEG.
+
+    DICOM pixel spacing is taken from ImagerPixelSpacing (at the detector, what the projection
+    geometry needs), else PixelSpacing, else ``default_pixel_mm``. MONOCHROME1 images are inverted so
+    that bone is always bright. PNG and JPEG carry no spacing: ``default_pixel_mm`` is required.
+
+    Args:
+        path: The radiograph file.
+        default_pixel_mm: [row, col] spacing to use where the file has none (the cohort's
+            ``xray.pixel_mm``), or None.
+
+    Raises:
+        InputError: Naming the file and the problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("radiograph file not found", path)
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        return _read_raster(path, default_pixel_mm)
+    ds = _read(path)
+    modality = str(ds.get("Modality", "")).upper()
+    if modality not in RADIOGRAPH_MODALITIES:
+        raise InputError(f"modality is {modality or 'missing'}, not a radiograph ({'/'.join(RADIOGRAPH_MODALITIES)})",
+                         path)
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise InputError("multi-frame DICOM: a radiograph must be a single frame", path)
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise InputError("colour DICOM: a radiograph must be greyscale", path)
+    stored = _pixels(ds, path).astype(np.float32)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric == "MONOCHROME1":
+        bits = int(ds.get("BitsStored", ds.BitsAllocated))
+        lo = -(2 ** (bits - 1)) if int(ds.get("PixelRepresentation", 0)) else 0
+        stored = (lo + 2 ** bits - 1) - stored + lo
+    elif photometric != "MONOCHROME2":
+        raise InputError(f"photometric interpretation {photometric}: a radiograph must be MONOCHROME1/2", path)
+    pixels = stored * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+    if "ImagerPixelSpacing" in ds:
+        pixel_mm, source = tuple(float(v) for v in ds.ImagerPixelSpacing), "ImagerPixelSpacing"
+    elif "PixelSpacing" in ds:
+        pixel_mm, source = tuple(float(v) for v in ds.PixelSpacing), "PixelSpacing"
+    elif default_pixel_mm is not None:
+        pixel_mm, source = tuple(float(v) for v in default_pixel_mm), "config"
+    else:
+        raise InputError("radiograph has no ImagerPixelSpacing or PixelSpacing and the cohort config sets "
+                         "no xray.pixel_mm default", path)
+    sdd = float(ds.DistanceSourceToDetector) if ds.get("DistanceSourceToDetector") else None
+    sod = float(ds.DistanceSourceToPatient) if ds.get("DistanceSourceToPatient") else None
+    return Radiograph(pixels.astype(np.float32), pixel_mm, source, sdd, sod, technical_metadata(ds))
+
+
+def _read_raster(path: Path, default_pixel_mm) -> Radiograph:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            arr = np.asarray(im)
+    except Exception as e:
+        raise InputError(f"unreadable image ({type(e).__name__}: {e})", path) from e
+    if arr.ndim == 3:
+        if arr.shape[2] == 4:
+            arr = arr[..., :3]
+        if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
+            raise InputError("colour image: a radiograph must be greyscale", path)
+        arr = arr[..., 0]
+    if default_pixel_mm is None:
+        raise InputError("PNG/JPEG has no pixel spacing and the cohort config sets no xray.pixel_mm default", path)
+    meta = {"format": path.suffix.lower().lstrip("."), "mode": mode, "bits": int(arr.dtype.itemsize * 8)}
+    return Radiograph(arr.astype(np.float32), tuple(float(v) for v in default_pixel_mm), "config",
+                      metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing (the demo cohort)
+
+
+def _base_dataset(sop_class: str, sop_instance: str, patient: dict, study_uid: str, series_uid: str,
+                  modality: str) -> Dataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_instance
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    ds.Modality = modality
+    for key, value in patient.items():  # PatientName, PatientID, PatientBirthDate, ... (demo PHI)
+        setattr(ds, key, value)
+    ds.StudyDate = ds.SeriesDate = patient.get("StudyDate", datetime.date.today().strftime("%Y%m%d"))
+    ds.Manufacturer = "bonedrr virtual scanner"
+    return ds
+
+
+def uid(*entropy) -> str:
+    """A deterministic DICOM UID from the given values (so reruns write identical files)."""
+    return generate_uid(entropy_srcs=[str(e) for e in entropy])
+
+
+def write_ct_series(folder: str | Path, image: sitk.Image, patient: dict, key: str,
+                    series_description: str = "virtual CT", kernel: str = "B30f", kvp: float = 120.0) -> None:
+    """Write an HU volume as a CT Image Storage series, one file per slice.
+
+    The volume is first oriented to an identity direction (axial, LPS), as scanners write it.
+
+    Args:
+        folder: Output folder (created; should be empty).
+        image: HU volume.
+        patient: Patient-level tags to fill in (e.g. PatientName, PatientID, PatientBirthDate).
+        key: A string that makes the UIDs unique and reproducible (e.g. cohort/case).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    image = sitk.DICOMOrient(image, "LPS")
+    hu = sitk.GetArrayFromImage(image)
+    stored = np.clip(np.round(hu + 1024), 0, 65535).astype(np.uint16)
+    sx, sy, sz = image.GetSpacing()
+    study_uid, series_uid = uid(key, "study"), uid(key, "ct-series")
+    for k in range(stored.shape[0]):
+        ds = _base_dataset(CT_IMAGE_STORAGE, uid(key, "ct", k), patient, study_uid, series_uid, "CT")
+        ds.SeriesNumber, ds.InstanceNumber = 2, k + 1
+        ds.SeriesDescription, ds.ConvolutionKernel, ds.KVP = series_description, kernel, kvp
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImagePositionPatient = [float(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.PixelSpacing = [float(sy), float(sx)]
+        ds.SliceThickness = float(sz)
+        ds.Rows, ds.Columns = stored.shape[1], stored.shape[2]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit, ds.PixelRepresentation = 15, 0
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024.0, 1.0, "HU"
+        ds.PixelData = stored[k].tobytes()
+        ds.save_as(folder / f"CT{k + 1:04d}.dcm", enforce_file_format=True)
+
+
+def write_radiograph_dicom(path: str | Path, stored: np.ndarray, pixel_mm, sdd_mm: float, sod_mm: float,
+                           patient: dict, key: str, bits_stored: int = 12, photometric: str = "MONOCHROME2",
+                           kvp: float = 80.0) -> None:
+    """Write a DX "for presentation" image with its spacing and distance tags.
+
+    Args:
+        stored: Stored pixel values (rows, cols), unsigned, already inverted for MONOCHROME1.
+        pixel_mm: ImagerPixelSpacing [row, col] at the detector.
+        sdd_mm: DistanceSourceToDetector.
+        sod_mm: DistanceSourceToPatient.
+        bits_stored: 8, 12 or 16.
+    """
+    dtype = np.uint8 if bits_stored <= 8 else np.uint16
+    if stored.max() >= 2 ** bits_stored or stored.min() < 0:
+        raise ValueError(f"stored values outside {bits_stored} bits")
+    ds = _base_dataset(DX_PRESENTATION_STORAGE, uid(key, "dx"), patient, uid(key, "dx-study"),
+                       uid(key, "dx-series"), "DX")
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds.ImageType = ["DERIVED", "PRIMARY"]
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.BodyPartExamined, ds.ViewPosition, ds.PatientOrientation = "PELVIS", "AP", ["L", "F"]
+    ds.KVP = kvp
+    ds.ImagerPixelSpacing = [float(v) for v in pixel_mm]
+    ds.DistanceSourceToDetector, ds.DistanceSourceToPatient = float(sdd_mm), float(sod_mm)
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated = 8 if dtype == np.uint8 else 16
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits_stored, bits_stored - 1, 0
+    ds.PixelData = stored.astype(dtype).tobytes()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)

@@ -1,0 +1,153 @@
+"""The ``ingest`` stage: one case's CT and radiograph, checked, into the pipeline's formats.
+
+Writes, into the case's results folder:
+
+* ``ct.nii.gz``: the CT in HU (float32), LPS world geometry as in the source;
+* ``xray.nii.gz``: the radiograph (float32, bone bright) as a 2D image with its detector pixel
+  spacing (x = column spacing, y = row spacing);
+* ``reference_labels.nii.gz``: the case's manual labels (canonical ids), if the sample sheet gives them;
+* ``case.json``: what later stages need to know (the radiograph's geometry prior, the side(s), the
+  clinical values of the sample sheet, technical acquisition tags). It holds no identifying DICOM
+  tag and no input path (folder names often carry patient names).
+
+Example:
+    >>> from bonedrr.ingest import ingest_case
+    >>> ingest_case("case_1", "ct_dir", "xray.dcm", "results/c/case_1")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from bonedrr.dicom import read_ct_series, read_radiograph
+from bonedrr.errors import InputError
+from bonedrr.images import VOLUME_SUFFIXES, read_volume, suffix_of, write_image, write_json
+from bonedrr.labels import LABEL_NAMES
+
+HU_PLAUSIBLE = (-1100.0, 30000.0)  # outside this (beyond noise and metal), values are not HU
+
+
+def read_ct(path: str | Path) -> tuple[sitk.Image, dict]:
+    """Read a CT from a DICOM folder or a volume file and check that it is a CT volume in HU."""
+    path = Path(path)
+    if path.is_dir():
+        image, meta = read_ct_series(path)
+        source = "dicom"
+    elif path.is_file() and suffix_of(path) not in VOLUME_SUFFIXES:
+        raise InputError(_single_file_problem(path), path)
+    else:
+        image = read_volume(path)
+        meta, source = {}, suffix_of(path).lstrip(".")
+        if image.GetDimension() != 3 or min(image.GetSize()) < 3:
+            raise InputError(f"a {image.GetDimension()}D image of size {image.GetSize()}, not a CT volume", path)
+        if image.GetNumberOfComponentsPerPixel() != 1:
+            raise InputError("a multi-component image, not a CT volume", path)
+        image = sitk.Cast(image, sitk.sitkFloat32)
+    check_ct_values(sitk.GetArrayViewFromImage(image), path)
+    return image, {"format": source, **meta}
+
+
+def _single_file_problem(path: Path) -> str:
+    """Why a single non-volume file cannot be a CT (a radiograph, one DICOM slice, ...)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:
+        return f"not a CT: expected a DICOM folder or one of {', '.join(VOLUME_SUFFIXES)}"
+    modality = str(ds.get("Modality", "")).upper() or "missing"
+    if modality != "CT":
+        return f"modality is {modality}, not CT"
+    return "a single 2D DICOM image, not a CT volume (give the folder of the series)"
+
+
+def check_ct_values(hu: np.ndarray, path) -> None:
+    """Raise InputError if the values cannot be a CT in Hounsfield units."""
+    if not np.isfinite(hu).all():
+        raise InputError(f"CT has {int((~np.isfinite(hu)).sum())} NaN or infinite voxels", path)
+    lo, hi = float(hu.min()), float(hu.max())
+    if lo < -2048 or hi > HU_PLAUSIBLE[1]:
+        raise InputError(f"absurd HU range {lo:.0f}..{hi:.0f}: not Hounsfield units", path)
+    if lo > -200:
+        raise InputError(f"no value below -200 (range {lo:.0f}..{hi:.0f}): not a CT in Hounsfield units "
+                         "(unsigned data without its rescale intercept, or another modality?)", path)
+
+
+def read_labels(path: str | Path, ct: sitk.Image) -> sitk.Image:
+    """Read manual labels (canonical ids) and check they lie on the CT's grid."""
+    labels = read_volume(path)
+    if labels.GetSize() != ct.GetSize() or not (
+            np.allclose(labels.GetSpacing(), ct.GetSpacing(), atol=1e-3)
+            and np.allclose(labels.GetOrigin(), ct.GetOrigin(), atol=1e-2)
+            and np.allclose(labels.GetDirection(), ct.GetDirection(), atol=1e-4)):
+        raise InputError(f"label grid (size {labels.GetSize()}, spacing {_fmt(labels.GetSpacing())}) differs "
+                         f"from the CT's (size {ct.GetSize()}, spacing {_fmt(ct.GetSpacing())})", path)
+    ids = np.unique(sitk.GetArrayViewFromImage(labels))
+    unknown = [int(i) for i in ids if i != 0 and int(i) not in LABEL_NAMES]
+    if unknown:
+        raise InputError(f"label ids {unknown} are not canonical (1..{max(LABEL_NAMES)}); map them first", path)
+    return sitk.Cast(labels, sitk.sitkUInt8)
+
+
+def _fmt(v) -> str:
+    return "x".join(f"{x:g}" for x in v)
+
+
+def ingest_case(case_id: str, ct: str | Path, xray: str | Path, out_dir: str | Path, *, side: str = "both",
+                labels: str | Path | None = None, pixel_mm=None, sdd_mm: float | None = None,
+                clinical: dict | None = None, cohort: str | None = None) -> dict:
+    """Ingest one case. Returns the content of case.json.
+
+    Args:
+        case_id: The case id (``[A-Za-z0-9_-]+``).
+        ct: DICOM folder or NIfTI/MHA/NRRD file.
+        xray: DICOM DX/CR or PNG/JPEG file.
+        out_dir: The case's results folder.
+        side: ``left``, ``right`` or ``both``: the hip(s) to measure.
+        labels: Optional manual labels on the CT's grid (canonical ids).
+        pixel_mm: The cohort's default detector pixel [row, col] for radiographs without spacing.
+        sdd_mm: The cohort's default source-to-detector distance for radiographs without it.
+        clinical: Sample-sheet values to carry along (DXA/QCT BMD, scanner).
+        cohort: The cohort's name.
+
+    Raises:
+        InputError: Naming the file and the problem.
+    """
+    out_dir = Path(out_dir)
+    ct_image, ct_meta = read_ct(ct)
+    label_image = read_labels(labels, ct_image) if labels else None
+    radiograph = read_radiograph(xray, pixel_mm)
+    sdd = radiograph.sdd_mm or sdd_mm
+    if sdd is None:
+        raise InputError("radiograph has no DistanceSourceToDetector and the cohort config sets no "
+                         "xray.sdd_mm default", xray)
+    rows, cols = radiograph.pixels.shape
+    xray_image = sitk.GetImageFromArray(radiograph.pixels)
+    xray_image.SetSpacing((radiograph.pixel_mm[1], radiograph.pixel_mm[0]))
+
+    hu = sitk.GetArrayViewFromImage(ct_image)
+    record = {
+        "case_id": case_id, "cohort": cohort, "side": side, "clinical": clinical or {},
+        "ct": {"size": list(ct_image.GetSize()), "spacing_mm": list(ct_image.GetSpacing()),
+               "origin_mm": list(ct_image.GetOrigin()), "direction": list(ct_image.GetDirection()),
+               "hu_range": [float(hu.min()), float(hu.max())], **ct_meta},
+        "xray": {"rows": rows, "cols": cols, "pixel_mm": list(radiograph.pixel_mm),
+                 "pixel_spacing_source": radiograph.spacing_source,
+                 "sdd_source": "dicom" if radiograph.sdd_mm else "config",
+                 "value_range": [float(radiograph.pixels.min()), float(radiograph.pixels.max())],
+                 **radiograph.metadata},
+        "geometry_prior": {"sdd_mm": float(sdd), "rows": rows, "cols": cols,
+                           "pixel_mm": list(radiograph.pixel_mm),
+                           "principal_point_px": [(rows - 1) / 2, (cols - 1) / 2],
+                           "source_to_patient_mm": radiograph.sod_mm},
+        "reference_labels": label_image is not None,
+    }
+    write_image(ct_image, out_dir / "ct.nii.gz")
+    write_image(xray_image, out_dir / "xray.nii.gz")
+    if label_image is not None:
+        write_image(label_image, out_dir / "reference_labels.nii.gz")
+    write_json(out_dir / "case.json", record)
+    return record
