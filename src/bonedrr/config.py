@@ -48,7 +48,7 @@ def _describe(error) -> tuple[list, str]:
         return path, f"unknown key{'s' if len(extra) > 1 else ''} {', '.join(repr(k) for k in extra)}"
     if error.validator == "required":
         return path, error.message.replace("is a required property", "is required")
-    if error.validator == "propertyNames":
+    if error.validator == "propertyNames" or "propertyNames" in error.absolute_schema_path:
         return path, f"name {error.instance!r} may hold only letters, digits, _ and -"
     if error.validator == "oneOf" and isinstance(error.instance, dict) and "samples" in error.schema.get(
             "properties", {}):
@@ -72,7 +72,7 @@ def validate_config(config: dict) -> dict:
         path, message = _describe(error)
         if len(path) >= 2 and path[0] == "cohorts":
             where = f"cohort {path[1]!r}" + (f": field {'.'.join(map(str, path[2:]))!r}" if path[2:] else "")
-        elif path == ["cohorts"] and error.validator == "propertyNames":
+        elif path == ["cohorts"] and "propertyNames" in error.absolute_schema_path:
             where = "cohorts"
         else:
             where = f"field {'.'.join(map(str, path))!r}" if path else "top level"

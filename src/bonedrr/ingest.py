@@ -5,7 +5,6 @@ Writes, into the case's results folder:
 * ``ct.nii.gz``: the CT in HU (float32), LPS world geometry as in the source;
 * ``xray.nii.gz``: the radiograph (float32, bone bright) as a 2D image with its detector pixel
   spacing (x = column spacing, y = row spacing);
-* ``reference_labels.nii.gz``: the case's manual labels (canonical ids), if the sample sheet gives them;
 * ``case.json``: what later stages need to know (the radiograph's geometry prior, the side(s), the
   clinical values of the sample sheet, technical acquisition tags). It holds no identifying DICOM
   tag and no input path (folder names often carry patient names).
@@ -107,7 +106,8 @@ def ingest_case(case_id: str, ct: str | Path, xray: str | Path, out_dir: str | P
         xray: DICOM DX/CR or PNG/JPEG file.
         out_dir: The case's results folder.
         side: ``left``, ``right`` or ``both``: the hip(s) to measure.
-        labels: Optional manual labels on the CT's grid (canonical ids).
+        labels: Optional manual labels, checked to lie on the CT's grid with canonical ids (they stay
+            where they are; ``case.json`` records that the case has them).
         pixel_mm: The cohort's default detector pixel [row, col] for radiographs without spacing.
         sdd_mm: The cohort's default source-to-detector distance for radiographs without it.
         clinical: Sample-sheet values to carry along (DXA/QCT BMD, scanner).
@@ -147,7 +147,5 @@ def ingest_case(case_id: str, ct: str | Path, xray: str | Path, out_dir: str | P
     }
     write_image(ct_image, out_dir / "ct.nii.gz")
     write_image(xray_image, out_dir / "xray.nii.gz")
-    if label_image is not None:
-        write_image(label_image, out_dir / "reference_labels.nii.gz")
     write_json(out_dir / "case.json", record)
     return record

@@ -74,13 +74,12 @@ class DemoSettings:
 _TEMPLATES: dict = {}
 
 
-def _template(settings: DemoSettings) -> tuple[vp.Materials, float]:
-    """The template's materials and its mean aBMD at factor 1 (cached per process)."""
-    key = settings.template
+def _template(settings: DemoSettings) -> tuple[vp.Materials, dict[str, float]]:
+    """The template's materials and its aBMD per side at factor 1 (cached per process)."""
+    key = (settings.template, settings.proximal_femur_cut_mm)
     if key not in _TEMPLATES:
         t = vp.load_template(settings.template)
-        abmd = float(np.nanmean([vp.dxa_abmd(t, s, settings.proximal_femur_cut_mm) for s in SIDES]))
-        _TEMPLATES[key] = (t, abmd)
+        _TEMPLATES[key] = (t, {s: vp.dxa_abmd(t, s, settings.proximal_femur_cut_mm) for s in SIDES})
     return _TEMPLATES[key]
 
 

@@ -138,17 +138,30 @@ class PatientParams:
         return asdict(self)
 
 
-def draw_params(rng: np.random.Generator, template_abmd: float, abmd_range=(0.45, 1.15),
+def draw_params(rng: np.random.Generator, template_abmd: dict[str, float], abmd_range=(0.45, 1.15),
                 deformation_mm: float = 4.0) -> PatientParams:
-    """Draw one patient. ``template_abmd`` is the template's aBMD at factor 1 (see :func:`dxa_abmd`)."""
+    """Draw one patient.
+
+    Args:
+        rng: The case's random generator.
+        template_abmd: The template's aBMD per side at factor 1 (see :func:`dxa_abmd`). Each femur's
+            factor is corrected by the template's own left/right difference, so that both hips of a
+            patient are drawn around the same target.
+        abmd_range: Range of the target DXA total-hip aBMD, g/cm2.
+        deformation_mm: RMS of the smooth random displacement.
+    """
     target = float(rng.uniform(*abmd_range))
     body_scale = float(rng.uniform(0.93, 1.07))
     scanner = str(rng.choice(sorted(SCANNERS)))
     nominal = SCANNERS[scanner]
+    regions = {n: float(np.clip(rng.normal(1.0, 0.05), 0.88, 1.12)) for n in BONE_LABELS}
+    mean_abmd = float(np.mean(list(template_abmd.values())))
+    for side, value in template_abmd.items():
+        regions[f"femur_{side}"] *= _factor_for(mean_abmd, value)
     return PatientParams(
         target_dxa_abmd=target,
-        bone_factor=_factor_for(target / body_scale, template_abmd),
-        region_factors={n: float(np.clip(rng.normal(1.0, 0.06), 0.85, 1.15)) for n in BONE_LABELS},
+        bone_factor=_factor_for(target / body_scale, mean_abmd),
+        region_factors=regions,
         body_scale=body_scale,
         deformation_mm=float(deformation_mm),
         layer_mm=float(rng.uniform(0.0, 24.0)),

@@ -1,0 +1,53 @@
+"""Shared fixtures: the real CT (vendored template), a DICOM copy of it, and one small demo case."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from bonedrr.dicom import write_ct_series
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_CT = REPO / "resources" / "totalseg_example" / "ct.nii.gz"
+REAL_LABELS = REPO / "resources" / "totalseg_example" / "labels.nii.gz"
+PHI = {"PatientName": "Quispe^Ingrid", "PatientID": "MRN7654321", "PatientBirthDate": "19480317",
+       "InstitutionName": "Saint Example Hospital", "AccessionNumber": "ACC998877"}
+
+
+@pytest.fixture(scope="session")
+def real_ct() -> sitk.Image:
+    return sitk.ReadImage(str(REAL_CT))
+
+
+@pytest.fixture(scope="session")
+def real_ct_dicom(tmp_path_factory, real_ct) -> Path:
+    """The real CT written as a DICOM series (with made-up patient tags); read-only: copy to modify."""
+    folder = tmp_path_factory.mktemp("real_dicom") / "ct"
+    write_ct_series(folder, sitk.Cast(real_ct, sitk.sitkFloat32), PHI, key="test/real")
+    return folder
+
+
+@pytest.fixture
+def dicom_copy(tmp_path, real_ct_dicom) -> Path:
+    """A writable copy of the real CT's DICOM series."""
+    return Path(shutil.copytree(real_ct_dicom, tmp_path / "ct"))
+
+
+@pytest.fixture(scope="session")
+def demo_cases(tmp_path_factory):
+    """Two small virtual patients: index 0 (DICOM CT + DX) and index 1 (NIfTI + PNG)."""
+    from bonedrr.demo.cohort import DemoSettings, make_case
+    from bonedrr.demo.naming import case_id
+
+    out = tmp_path_factory.mktemp("demo")
+    settings = DemoSettings(seed=7, rows=96, cols=128, pixel_mm=(2.4, 2.4), nifti_png_every=2)
+    truths = [make_case(out / case_id(i), case_id(i), i, settings) for i in range(2)]
+    return out, settings, truths
+
+
+def hu_array(image: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(image).astype(np.float32)

@@ -1,0 +1,90 @@
+# Configuration loading and input functions shared by the rules. The heavy lifting is in the
+# bonedrr package (bonedrr.config): this file only adapts it to Snakemake.
+
+from bonedrr.config import cohort_cases, validate_config
+from bonedrr.demo.naming import case_files
+from bonedrr.errors import ConfigError
+
+try:
+    CONFIG = validate_config(config)
+    CASES = cohort_cases(CONFIG, base_dir=Path.cwd())
+except ConfigError as error:
+    raise WorkflowError(str(error)) from None
+
+
+def bonedrr_command():
+    """How a job calls the bonedrr CLI: the package of this checkout (whether or not it is installed in
+    the job's environment), run by the conda env's python with --use-conda, else by the python that
+    runs Snakemake (so a pip-installed environment works without activating it)."""
+    from snakemake.settings.types import DeploymentMethod
+
+    uses_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    python = "python" if uses_conda else f"'{sys.executable}'"
+    return f"PYTHONPATH='{SRC}'${{PYTHONPATH:+:$PYTHONPATH}} {python} -m bonedrr"
+
+
+BONEDRR = bonedrr_command()
+
+
+def is_demo(cohort):
+    return "demo" in CONFIG["cohorts"][cohort]
+
+
+def demo_case_dir(cohort, case):
+    return f"results/{cohort}/demo_input/{case}"
+
+
+def all_outputs():
+    """The targets of the default rule: each stage's final per-case and per-cohort files."""
+    outputs = []
+    for cohort, cases in CASES.items():
+        if is_demo(cohort):
+            outputs.append(f"results/{cohort}/demo_input/samples.tsv")
+        outputs += [f"results/{cohort}/{case}/case.json" for case in cases]
+    return outputs
+
+
+def demo_args(wildcards):
+    """Command-line settings of a demo cohort (config keys demo.* and xray.*)."""
+    c = CONFIG["cohorts"][wildcards.cohort]
+    d, x = c["demo"], c["xray"]
+    return (
+        f"--n {d['n_patients']} --seed {d['seed']} --rows {d['rows']} --cols {d['cols']} "
+        f"--pixel-mm {x['pixel_mm'][0]} {x['pixel_mm'][1]} --sdd-mm {x['sdd_mm']} "
+        f"--nifti-png-every {d['nifti_png_every']} --abmd-range {d['abmd_range'][0]} {d['abmd_range'][1]} "
+        f"--cut-mm {CONFIG['proximal_femur_cut_mm']}"
+        + (f" --template '{d['template']}'" if d["template"] else "")
+    )
+
+
+def demo_index(wildcards):
+    return CASES[wildcards.cohort][wildcards.case]["index"]
+
+
+def ingest_inputs(wildcards):
+    """A demo case's folder (made by demo_patient), or the sample sheet's files of a real case."""
+    if is_demo(wildcards.cohort):
+        return {"case_dir": demo_case_dir(wildcards.cohort, wildcards.case)}
+    row = CASES[wildcards.cohort][wildcards.case]
+    return {k: row[k] for k in ("ct", "xray", "labels") if k in row}
+
+
+def ingest_args(wildcards):
+    """Paths and sample-sheet values for `bonedrr ingest`, quoted for the shell."""
+    cohort = CONFIG["cohorts"][wildcards.cohort]
+    x = cohort["xray"]
+    args = [f"--pixel-mm {x['pixel_mm'][0]} {x['pixel_mm'][1]}", f"--sdd-mm {x['sdd_mm']}"]
+    if is_demo(wildcards.cohort):
+        files = case_files(demo_index(wildcards), cohort["demo"]["nifti_png_every"])
+        folder = demo_case_dir(wildcards.cohort, wildcards.case)
+        files = {k: f"{folder}/{v}" for k, v in files.items()}
+        args.append(f"--clinical-from '{folder}/truth.json'")
+        row = {}
+    else:
+        row = CASES[wildcards.cohort][wildcards.case]
+        files = {k: row[k] for k in ("ct", "xray", "labels") if k in row}
+    args += [f"--{k} '{v}'" for k, v in files.items()]
+    for key in ("side", "dxa_abmd_left", "dxa_abmd_right", "qct_vbmd_left", "qct_vbmd_right", "scanner"):
+        if key in row:
+            args.append(f"--{key.replace('_', '-')} '{row[key]}'")
+    return " ".join(args)

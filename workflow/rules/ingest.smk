@@ -1,0 +1,20 @@
+# Ingest: each case's CT and radiograph, checked and converted (bonedrr.ingest).
+
+
+rule ingest:
+    input:
+        unpack(ingest_inputs),
+    output:
+        ct="results/{cohort}/{case}/ct.nii.gz",
+        xray="results/{cohort}/{case}/xray.nii.gz",
+        case="results/{cohort}/{case}/case.json",
+    log:
+        "results/{cohort}/logs/ingest/{case}.log",
+    params:
+        cli=BONEDRR,
+        args=ingest_args,
+    conda:
+        "../../envs/ingest.yaml"
+    shell:
+        "{params.cli} ingest --case-id {wildcards.case} --cohort {wildcards.cohort} "
+        "--out results/{wildcards.cohort}/{wildcards.case} {params.args} 2> {log}"
