@@ -326,7 +326,11 @@ def write_ct_series(folder: str | Path, image: sitk.Image, patient: dict, key: s
     folder.mkdir(parents=True, exist_ok=True)
     image = sitk.DICOMOrient(image, "LPS")
     hu = sitk.GetArrayFromImage(image)
-    stored = np.clip(np.round(hu + 1024), 0, 65535).astype(np.uint16)
+    # Unsigned storage with the usual -1024 intercept, lowered if the volume goes below it.
+    intercept = float(min(-1024.0, np.floor(hu.min())))
+    if hu.max() - intercept > 65535:
+        raise ValueError(f"HU range {hu.min():.0f}..{hu.max():.0f} does not fit 16 bits")
+    stored = np.round(hu - intercept).astype(np.uint16)
     sx, sy, sz = image.GetSpacing()
     study_uid, series_uid = uid(key, "study"), uid(key, "ct-series")
     for k in range(stored.shape[0]):
@@ -342,7 +346,7 @@ def write_ct_series(folder: str | Path, image: sitk.Image, patient: dict, key: s
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated = ds.BitsStored = 16
         ds.HighBit, ds.PixelRepresentation = 15, 0
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024.0, 1.0, "HU"
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = intercept, 1.0, "HU"
         ds.PixelData = stored[k].tobytes()
         ds.save_as(folder / f"CT{k + 1:04d}.dcm", enforce_file_format=True)
 

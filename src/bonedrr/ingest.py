@@ -40,6 +40,8 @@ def read_ct(path: str | Path) -> tuple[sitk.Image, dict]:
     else:
         image = read_volume(path)
         meta, source = {}, suffix_of(path).lstrip(".")
+        if source in ("nii", "nii.gz"):
+            _check_nifti_finite(path)
         if image.GetDimension() != 3 or min(image.GetSize()) < 3:
             raise InputError(f"a {image.GetDimension()}D image of size {image.GetSize()}, not a CT volume", path)
         if image.GetNumberOfComponentsPerPixel() != 1:
@@ -63,10 +65,22 @@ def _single_file_problem(path: Path) -> str:
     return "a single 2D DICOM image, not a CT volume (give the folder of the series)"
 
 
-def check_ct_values(hu: np.ndarray, path) -> None:
-    """Raise InputError if the values cannot be a CT in Hounsfield units."""
+def _check_nifti_finite(path: Path) -> None:
+    """ITK's NIfTI reader turns NaN into 0 without a word; look at the stored values with nibabel."""
+    import nibabel
+
+    data = np.asarray(nibabel.load(str(path)).dataobj)
+    if np.issubdtype(data.dtype, np.floating):
+        check_ct_values(data, path, ranges=False)
+
+
+def check_ct_values(hu: np.ndarray, path, ranges: bool = True) -> None:
+    """Raise InputError if the values cannot be a CT in Hounsfield units (or, ``ranges=False``, only
+    if some are not finite)."""
     if not np.isfinite(hu).all():
         raise InputError(f"CT has {int((~np.isfinite(hu)).sum())} NaN or infinite voxels", path)
+    if not ranges:
+        return
     lo, hi = float(hu.min()), float(hu.max())
     if lo < -2048 or hi > HU_PLAUSIBLE[1]:
         raise InputError(f"absurd HU range {lo:.0f}..{hi:.0f}: not Hounsfield units", path)
