@@ -68,6 +68,12 @@ def _ingest(args) -> None:
              record["geometry_prior"]["sdd_mm"])
 
 
+def _ingest_overview(args) -> None:
+    from bonedrr.ingest import ingest_overview
+
+    ingest_overview(args.cases, args.png, args.table)
+
+
 def _check_config(args) -> None:
     from bonedrr.config import cohort_cases, load_config
 
@@ -117,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + key.replace("_", "-"), type=float, dest=key)
     p.add_argument("--scanner")
     p.set_defaults(func=_ingest)
+
+    p = sub.add_parser("ingest-overview", help="a cohort's ingested cases: a table and a contact sheet")
+    p.add_argument("--cases", nargs="+", required=True, help="case results folders (with case.json)")
+    p.add_argument("--png", required=True, help="contact sheet to write")
+    p.add_argument("--table", required=True, help="TSV to write")
+    p.set_defaults(func=_ingest_overview)
 
     p = sub.add_parser("check-config", help="validate a config and its sample sheets")
     p.add_argument("config")

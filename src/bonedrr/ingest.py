@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +164,47 @@ def ingest_case(case_id: str, ct: str | Path, xray: str | Path, out_dir: str | P
     write_image(xray_image, out_dir / "xray.nii.gz")
     write_json(out_dir / "case.json", record)
     return record
+
+
+def ingest_overview(case_dirs: list[str | Path], png: str | Path, table: str | Path) -> None:
+    """A cohort's ingested cases at a glance: one row per case in a TSV, and a contact sheet (CT
+    coronal maximum-intensity projection beside the radiograph as ingested, bone bright)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bonedrr.images import atomic_path
+
+    case_dirs = [Path(d) for d in case_dirs]
+    lines = ["case_id\tct_format\tct_size\tct_spacing_mm\txray_rows\txray_cols\tpixel_mm\tpixel_spacing_source\t"
+             "sdd_mm\tsdd_source\tphotometric\tside"]
+    n = len(case_dirs)
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, 2 * cols, figsize=(4.4 * cols, 2.3 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, d in enumerate(case_dirs):
+        record = json.loads((d / "case.json").read_text())
+        ct, x, g = record["ct"], record["xray"], record["geometry_prior"]
+        lines.append("\t".join(str(v) for v in [
+            record["case_id"], ct["format"], "x".join(map(str, ct["size"])),
+            "x".join(f"{s:.3g}" for s in ct["spacing_mm"]), x["rows"], x["cols"],
+            "x".join(f"{s:.4g}" for s in x["pixel_mm"]), x["pixel_spacing_source"], g["sdd_mm"], x["sdd_source"],
+            x.get("PhotometricInterpretation", x.get("format", "")), record["side"]]))
+        volume = sitk.DICOMOrient(sitk.ReadImage(str(d / "ct.nii.gz")), "LPS")
+        mip = sitk.GetArrayFromImage(volume).max(axis=1)[::-1]  # superior up, patient's right on the left
+        sx, _, sz = volume.GetSpacing()
+        radiograph = sitk.GetArrayFromImage(sitk.ReadImage(str(d / "xray.nii.gz")))
+        lo, hi = np.percentile(radiograph, [0.5, 99.5])
+        a, b = axes[i // cols, 2 * (i % cols)], axes[i // cols, 2 * (i % cols) + 1]
+        a.imshow(mip, cmap="gray", vmin=-200, vmax=1500, aspect=sz / sx)
+        b.imshow(radiograph, cmap="gray", vmin=lo, vmax=hi)
+        a.set_title(f"{record['case_id']} CT (MIP)", fontsize=8)
+        b.set_title(f"radiograph ({x.get('PhotometricInterpretation', x.get('format', ''))})", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=70)
+    plt.close(fig)
+    with atomic_path(table) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")

@@ -41,6 +41,7 @@ def all_outputs():
         if is_demo(cohort):
             outputs.append(f"results/{cohort}/demo_input/samples.tsv")
         outputs += [f"results/{cohort}/{case}/case.json" for case in cases]
+        outputs.append(f"results/{cohort}/qc/ingest.png")
     return outputs
 
 

@@ -18,3 +18,20 @@ rule ingest:
     shell:
         "{params.cli} ingest --case-id {wildcards.case} --cohort {wildcards.cohort} "
         "--out results/{wildcards.cohort}/{wildcards.case} {params.args} 2> {log}"
+
+
+rule ingest_overview:
+    input:
+        lambda wc: expand("results/{{cohort}}/{case}/case.json", case=CASES[wc.cohort]),
+    output:
+        png=report("results/{cohort}/qc/ingest.png", category="ingest"),
+        table="results/{cohort}/qc/ingest.tsv",
+    log:
+        "results/{cohort}/logs/ingest_overview.log",
+    params:
+        cli=BONEDRR,
+        cases=lambda wc, input: " ".join(str(Path(p).parent) for p in input),
+    conda:
+        "../../envs/ingest.yaml"
+    shell:
+        "{params.cli} ingest-overview --cases {params.cases} --png {output.png} --table {output.table} 2> {log}"

@@ -171,7 +171,7 @@ def _view_centre(patient: vp.Materials, geometry: Geometry, sod: float) -> list[
     world = ijk @ index_to_world(patient.grid)[:3, :3].T + index_to_world(patient.grid)[:3, 3]
     z_bottom = index_to_world(patient.grid)[2, 3]  # identity direction: slice 0 is the lowest
     half_height = geometry.rows * geometry.pixel_mm[0] / 2 * sod / geometry.sdd_mm
-    z = max(float(world[:, 2].max()) - 20.0, z_bottom + half_height + 15.0)
+    z = max(float(world[:, 2].max()) - 20.0, z_bottom + half_height + 40.0)
     return [float(world[:, 0].mean()), float(world[:, 1].mean()), z]
 
 
@@ -204,7 +204,7 @@ def _preview(path: Path, hu: np.ndarray, patient: vp.Materials, image: np.ndarra
     femurs = np.isin(patient.labels, [CANONICAL_LABELS["femur_left"], CANONICAL_LABELS["femur_right"]])
     j = int(np.argwhere(femurs)[:, 1].mean()) if femurs.any() else hu.shape[1] // 2
     sx, _, sz = patient.grid.GetSpacing()
-    coronal = hu[::-1, j, ::-1]  # superior up, patient's right on the left (radiological view)
+    coronal = hu[::-1, j, :]  # superior up; identity LPS grid: patient's right on the left (radiological view)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     axes[0].imshow(coronal, cmap="gray", vmin=-200, vmax=1300, aspect=sz / sx)
     axes[0].set_title(f"{case}: CT, coronal (HU -200..1300)")

@@ -99,19 +99,32 @@ def load_template(folder: str | Path | None = None) -> Materials:
     return Materials(mineral, (hu - HA_HU_PER_MG * mineral).astype(np.float32), labels, ct)
 
 
-def _inpaint_metal(hu: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Replace metal (and a one-voxel rim) by the median CT number of the same structure on the other
-    side (the template's screw sits in the left femur), else of its own label's other voxels."""
+def _inpaint_metal(hu: np.ndarray, labels: np.ndarray, iterations: int = 40) -> np.ndarray:
+    """Replace metal (and a one-voxel rim) smoothly from the surrounding tissue of the same label.
+
+    The gap starts at the median CT number of the same structure on the other side (the template's
+    screw sits in the left femur) and is then relaxed by repeated local averaging over that label
+    only (a discrete harmonic fill), so it blends into the neighbouring bone or soft tissue."""
     metal = ndimage.binary_dilation(hu > METAL_HU, iterations=1)
+    if not metal.any():
+        return hu
+    box = tuple(slice(max(int(lo) - 3, 0), int(hi) + 4) for lo, hi in zip(*[np.argwhere(metal).min(0),
+                                                                           np.argwhere(metal).max(0)]))
     out = hu.copy()
-    for lab in np.unique(labels[metal]):
+    sub_hu, sub_metal, sub_labels = out[box], metal[box], labels[box]
+    for lab in np.unique(sub_labels[sub_metal]):
         name = LABEL_NAMES.get(int(lab), "")
         twin = name.replace("_left", "_right") if name.endswith("_left") else name.replace("_right", "_left")
         source = labels == CANONICAL_LABELS.get(twin, int(lab))
         if not (source & ~metal).any():
             source = labels == lab
-        healthy = source & ~metal
-        out[metal & (labels == lab)] = np.median(hu[healthy]) if healthy.any() else 0.0
+        region = sub_labels == lab
+        gap = sub_metal & region
+        sub_hu[gap] = np.median(hu[source & ~metal])
+        weight = ndimage.uniform_filter(region.astype(np.float32), 3)
+        for _ in range(iterations):
+            mean = ndimage.uniform_filter(np.where(region, sub_hu, 0.0), 3) / np.maximum(weight, 1e-6)
+            sub_hu[gap] = mean[gap]
     return out
 
 

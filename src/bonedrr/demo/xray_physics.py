@@ -91,7 +91,7 @@ class XrayExposure:
     def random(cls, rng: np.random.Generator) -> "XrayExposure":
         return cls(
             kvp=float(rng.choice([70.0, 75.0, 80.0, 85.0])), al_mm=float(rng.uniform(2.5, 4.0)),
-            photons_per_pixel=float(10 ** rng.uniform(4.3, 5.0)),
+            photons_per_pixel=float(10 ** rng.uniform(4.5, 5.2)),
             scatter_to_primary=float(rng.uniform(0.2, 0.6)), scatter_sigma_mm=float(rng.uniform(30, 60)),
             blur_px=float(rng.uniform(0.5, 1.1)), window_low_pct=float(rng.uniform(0.2, 3.0)),
             window_high_pct=float(rng.uniform(99.0, 99.9)), gamma=float(rng.uniform(0.75, 1.3)),

@@ -1,0 +1,124 @@
+"""The demo cohort: its physics, its projector, its virtual patients and their ground truth."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from bonedrr.demo import virtual_patient as vp
+from bonedrr.demo.projector import project
+from bonedrr.demo.xray_physics import mass_attenuation, primary_transmission, spectrum
+from bonedrr.geometry import Geometry, ap_pose
+from bonedrr.images import world_axis_grid
+from bonedrr.labels import CANONICAL_LABELS
+
+
+def test_spectrum_and_attenuation():
+    e, w = spectrum(80.0, al_mm=2.5)
+    assert w.sum() == pytest.approx(1.0)
+    assert 40 < (e * w).sum() < 55  # energy-weighted mean of a filtered 80 kVp beam
+    # Bone mineral's contrast against water falls with energy (photoelectric effect).
+    ratio = [mass_attenuation("mineral", x) / mass_attenuation("water", x) for x in (30.0, 60.0, 100.0)]
+    assert ratio[0] > ratio[1] > ratio[2] > 1
+    assert mass_attenuation("water", 60.0) == pytest.approx(0.2059, rel=1e-6)
+
+
+def test_beam_hardening_differs_from_the_pipelines_monochromatic_model():
+    thickness = np.array([1.0, 10.0, 20.0, 30.0])  # g/cm2 of water
+    zero = np.zeros_like(thickness)
+    t = primary_transmission({"mineral": zero, "water": thickness, "fat": zero}, 80.0, 2.5)
+    mu_eff = -np.log(t) / thickness
+    assert np.all(np.diff(mu_eff) < 0)  # each extra cm attenuates less: a line integral is not enough
+    assert 0.17 < mu_eff[-1] < 0.25
+
+
+def test_projector_matches_analytic_chords_through_a_box():
+    # A 60 x 40 x 30 mm box of density 1 g/cm3 in a volume of 2 mm voxels, centred at the origin.
+    size = (50, 40, 45)  # x, y, z voxels
+    grid = sitk.Image(size, sitk.sitkFloat32)
+    grid.SetSpacing((2.0, 2.0, 2.0))
+    grid.SetOrigin(tuple(-(n - 1) for n in size))
+    x = world_axis_grid(grid, 0)
+    y = world_axis_grid(grid, 1)
+    z = world_axis_grid(grid, 2)
+    box = ((np.abs(x) < 30) & (np.abs(y) < 20) & (np.abs(z) < 15)).astype(np.float32)
+    g = Geometry.centered(1000.0, 9, 9, (10.0, 10.0), ap_pose([0, 0, 0], 700.0))
+    out = project({"box": box}, grid, g, step_mm=0.25)["box"]
+    # The central ray crosses 40 mm (the box's y extent): 4 g/cm2.
+    assert out[4, 4] == pytest.approx(4.0, rel=0.01)
+    # An oblique ray through the box's front and back faces: 40 mm / cos(angle).
+    direction = g.pixel_centers_camera()[4, 6]
+    cos = direction[2] / np.linalg.norm(direction)
+    assert out[4, 6] == pytest.approx(4.0 / cos, rel=0.01)
+    assert out[0, 0] == pytest.approx(0.0, abs=1e-6)  # misses the box
+
+
+@pytest.fixture(scope="module")
+def template():
+    return vp.load_template()
+
+
+def test_template_has_no_metal_and_materials_rebuild_its_hu(template):
+    assert template.true_hu().max() < vp.METAL_HU
+    assert template.mineral.min() >= 0
+    bone = np.isin(template.labels, [CANONICAL_LABELS[n] for n in vp.BONE_LABELS])
+    assert not template.mineral[~bone].any()
+
+
+def test_bone_factor_moves_dxa_and_qct_together(template):
+    rng = np.random.default_rng(3)
+    params = vp.draw_params(rng, {"left": 0.7, "right": 0.5})
+    values = []
+    for factor in (0.5, 1.0, 1.5):
+        params.bone_factor = factor
+        patient = vp.make_patient(template, params)
+        values.append((vp.dxa_abmd(patient, "right", 80.0), vp.qct_vbmd(patient, "right", 80.0)))
+    dxa, qct = np.array(values).T
+    assert np.all(np.diff(dxa) > 0) and np.all(np.diff(qct) > 0)
+
+
+def test_phantom_recovers_the_scanner_calibration(template):
+    rng = np.random.default_rng(11)
+    params = vp.draw_params(rng, {"left": 0.7, "right": 0.5})
+    patient = vp.make_patient(template, params)
+    hu = vp.scanned_hu(patient, params, rng)
+    from scipy import ndimage
+    means = [hu[ndimage.binary_erosion(np.asarray(m), iterations=1)].mean() for m in vp.phantom_rod_masks(patient)]
+    slope, intercept = np.polyfit(vp.PHANTOM_RODS_MG_CM3, means, 1)
+    assert slope == pytest.approx(params.scanner_slope * vp.HA_HU_PER_MG, rel=0.01)
+    assert intercept == pytest.approx(params.scanner_intercept, abs=3.0)
+    # The phantom is outside the body: no bone label overlaps a rod.
+    assert not (patient.labels[np.asarray(vp.phantom_rod_masks(patient)[0])] > 0).any()
+
+
+def test_demo_case_files_and_truth(demo_cases):
+    folder, settings, truths = demo_cases
+    dicom_case, png_case = folder / "demo_000", folder / "demo_001"
+    assert sorted(p.name for p in dicom_case.iterdir()) == ["ct", "labels.nii.gz", "preview.png", "truth.json",
+                                                           "xray.dcm"]
+    assert sorted(p.name for p in png_case.iterdir()) == ["ct.nii.gz", "labels.nii.gz", "preview.png",
+                                                         "truth.json", "xray.png"]
+    for truth in truths:
+        assert json.loads((folder / truth["case_id"] / "truth.json").read_text())["case_id"] == truth["case_id"]
+        for side in ("left", "right"):
+            assert 0.2 < truth["dxa_total_hip_abmd_g_cm2"][side] < 1.6
+            assert 60 < truth["qct_vbmd_mg_cm3"][side] < 500
+        # The true pose puts both femoral heads inside the radiograph.
+        g = Geometry.from_dict(truth["geometry"])
+        labels = sitk.ReadImage(str(folder / truth["case_id"] / "labels.nii.gz"))
+        arr = sitk.GetArrayFromImage(labels)
+        for name in ("femur_left", "femur_right"):
+            kji = np.argwhere(arr == CANONICAL_LABELS[name]).mean(0)
+            rc = g.project(np.array(labels.TransformContinuousIndexToPhysicalPoint(kji[::-1].tolist())))
+            assert 0 < rc[0] < g.rows and 0 < rc[1] < g.cols
+        assert truth["clinical"]["side"] == "both"
+
+
+def test_demo_case_is_reproducible(tmp_path, demo_cases):
+    from bonedrr.demo.cohort import make_case
+    folder, settings, truths = demo_cases
+    again = make_case(tmp_path / "demo_001", "demo_001", 1, settings)
+    assert json.dumps(again, sort_keys=True) == json.dumps(truths[1], sort_keys=True)
+    assert (tmp_path / "demo_001" / "xray.png").read_bytes() == (folder / "demo_001" / "xray.png").read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left

@@ -1,0 +1,115 @@
+"""The workflow itself, run by Snakemake's CLI on a tiny configuration in a temporary folder."""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import yaml
+
+from bonedrr.dicom import write_radiograph_dicom
+
+from conftest import PHI, REAL_CT, REPO
+
+pytestmark = pytest.mark.slow
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """Two cohorts: a tiny demo, and a sample-sheet cohort with the real CT and one bad case."""
+    d = tmp_path_factory.mktemp("workflow")
+    data = d / "data"
+    data.mkdir()
+    stored = np.tile(np.arange(64, dtype=np.uint16) * 60, (48, 1))
+    write_radiograph_dicom(data / "real.dcm", stored, (0.5, 0.5), 1100, 900, PHI, key="w", bits_stored=12)
+    (d / "real.tsv").write_text("case_id\tct\txray\tside\tdxa_abmd_right\n"
+                                f"real_1\t{REAL_CT}\tdata/real.dcm\tright\t0.83\n"
+                                "swapped\tdata/real.dcm\tdata/real.dcm\tleft\t\n")
+    config = {"cohorts": {
+        "tiny": {"demo": {"n_patients": 2, "seed": 5, "rows": 48, "cols": 64, "nifti_png_every": 2},
+                 "xray": {"sdd_mm": 1100, "pixel_mm": [4.8, 4.8]}},
+        "real": {"samples": "real.tsv"},
+    }}
+    (d / "config.yaml").write_text(yaml.safe_dump(config))
+    return d
+
+
+@pytest.fixture(scope="module")
+def run(workdir):
+    return snakemake(workdir)
+
+
+def test_dry_run_shows_the_dag(workdir):
+    result = snakemake(workdir, "-n")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout + result.stderr
+    for rule, count in (("demo_patient", 2), ("demo_samplesheet", 1), ("ingest", 4)):
+        assert any(line.split()[:2] == [rule, str(count)] for line in out.splitlines()), out
+
+
+def test_lint_is_clean(workdir):
+    result = snakemake(workdir, "--lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
+
+
+def test_run_makes_every_case_and_reports_the_bad_one(workdir, run):
+    # The bad case fails (keep-going from the workflow profile); every other case completes.
+    assert run.returncode != 0
+    results = workdir / "results"
+    for cohort, case in (("tiny", "demo_000"), ("tiny", "demo_001"), ("real", "real_1")):
+        record = json.loads((results / cohort / case / "case.json").read_text())
+        assert record["case_id"] == case and record["cohort"] == cohort
+    assert (results / "tiny" / "demo_input" / "samples.tsv").read_text().count("\n") == 3
+    assert not (results / "real" / "swapped").exists()
+    log = (results / "real" / "logs" / "ingest" / "swapped.log").read_text().strip().splitlines()
+    assert log[-1] == f"bonedrr ingest: error: {workdir / 'data' / 'real.dcm'}: modality is DX, not CT"
+    real = json.loads((results / "real" / "real_1" / "case.json").read_text())
+    assert real["side"] == "right" and real["clinical"] == {"dxa_abmd_right": 0.83}
+    demo = json.loads((results / "tiny" / "demo_000" / "case.json").read_text())
+    truth = json.loads((results / "tiny" / "demo_input" / "demo_000" / "truth.json").read_text())
+    assert demo["clinical"]["dxa_abmd_left"] == truth["clinical"]["dxa_abmd_left"]
+    assert json.loads((results / "tiny" / "demo_001" / "case.json").read_text())["xray"]["pixel_mm"] == [4.8, 4.8]
+
+
+def test_no_identifying_value_reaches_results_or_logs(workdir, run):
+    identities = set(PHI.values())
+    for dx in (workdir / "results" / "tiny" / "demo_input").rglob("xray.dcm"):
+        ds = pydicom.dcmread(dx)
+        identities |= {str(ds.PatientName), str(ds.PatientID), str(ds.PatientBirthDate), str(ds.StudyInstanceUID)}
+    checked = 0
+    for p in list((workdir / "results").rglob("*")) + list((workdir / ".snakemake" / "log").rglob("*")):
+        if not p.is_file() or "demo_input" in p.parts:  # demo_input holds the "hospital's" own files
+            continue
+        data = p.read_bytes()
+        data = gzip.decompress(data) if p.suffix == ".gz" else data
+        for value in identities:
+            assert value.encode() not in data, (p, value)
+        checked += 1
+    assert checked >= 12
+
+
+def test_rerun_has_nothing_to_do_but_the_bad_case(workdir, run):
+    result = snakemake(workdir, "-n")
+    out = result.stdout + result.stderr
+    assert "demo_patient" not in out and any(line.split()[:2] == ["ingest", "1"] for line in out.splitlines())
+
+
+def test_bad_samplesheet_stops_before_any_job(tmp_path):
+    (tmp_path / "bad.tsv").write_text(f"case_id\tct\txray\n../x\t{REAL_CT}\t{REAL_CT}\n")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"cohorts": {"hosp": {"samples": "bad.tsv"}}}))
+    result = snakemake(tmp_path)
+    assert result.returncode != 0
+    assert ("config error: cohort 'hosp', sample sheet bad.tsv line 2 (case '../x'), field 'case_id': "
+            "'../x' is not a valid case id (letters, digits, _ and - only)") in result.stderr
+    assert not (tmp_path / "results").exists()
