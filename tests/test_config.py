@@ -36,7 +36,7 @@ def test_default_config_is_valid_and_lists_the_demo_cases():
     assert list(cases) == ["demo"]
     assert list(cases["demo"])[:2] == ["demo_000", "demo_001"]
     assert len(cases["demo"]) == config["cohorts"]["demo"]["demo"]["n_patients"]
-    assert config["cohorts"]["demo"]["xray"]["pixel_mm"] == [1.2, 1.2]
+    assert config["cohorts"]["demo"]["xray"]["pixel_mm"] == [1.4, 1.4]
 
 
 @pytest.mark.parametrize("config, message", [

@@ -11,7 +11,7 @@ from bonedrr.demo.projector import project
 from bonedrr.demo.xray_physics import mass_attenuation, primary_transmission, spectrum
 from bonedrr.geometry import Geometry, ap_pose
 from bonedrr.images import world_axis_grid
-from bonedrr.labels import CANONICAL_LABELS
+from bonedrr.labels import CANONICAL_LABELS, proximal_femur_mask
 
 
 def test_spectrum_and_attenuation():
@@ -104,14 +104,17 @@ def test_demo_case_files_and_truth(demo_cases):
         for side in ("left", "right"):
             assert 0.2 < truth["dxa_total_hip_abmd_g_cm2"][side] < 1.6
             assert 60 < truth["qct_vbmd_mg_cm3"][side] < 500
-        # The true pose puts both femoral heads inside the radiograph.
+        # The true pose puts both proximal femurs (the BMD regions) inside the radiograph.
         g = Geometry.from_dict(truth["geometry"])
         labels = sitk.ReadImage(str(folder / truth["case_id"] / "labels.nii.gz"))
         arr = sitk.GetArrayFromImage(labels)
-        for name in ("femur_left", "femur_right"):
-            kji = np.argwhere(arr == CANONICAL_LABELS[name]).mean(0)
-            rc = g.project(np.array(labels.TransformContinuousIndexToPhysicalPoint(kji[::-1].tolist())))
-            assert 0 < rc[0] < g.rows and 0 < rc[1] < g.cols
+        for side in ("left", "right"):
+            region = proximal_femur_mask(arr, side, world_axis_grid(labels, 2), truth["proximal_femur_cut_mm"])
+            points = np.array([labels.TransformIndexToPhysicalPoint(idx[::-1].tolist())
+                               for idx in np.argwhere(region)])
+            rc = g.project(points)
+            assert rc[:, 0].min() > 0 and rc[:, 0].max() < g.rows - 1
+            assert rc[:, 1].min() > 0 and rc[:, 1].max() < g.cols - 1
         assert truth["clinical"]["side"] == "both"
 
 

@@ -36,8 +36,8 @@ def workdir(tmp_path_factory) -> Path:
                                 f"real_1\t{REAL_CT}\tdata/real.dcm\tright\t0.83\n"
                                 "swapped\tdata/real.dcm\tdata/real.dcm\tleft\t\n")
     config = {"cohorts": {
-        "tiny": {"demo": {"n_patients": 2, "seed": 5, "rows": 48, "cols": 64, "nifti_png_every": 2},
-                 "xray": {"sdd_mm": 1100, "pixel_mm": [4.8, 4.8]}},
+        "tiny": {"demo": {"n_patients": 2, "seed": 5, "rows": 48, "cols": 72, "nifti_png_every": 2},
+                 "xray": {"sdd_mm": 1100, "pixel_mm": [5.6, 5.6]}},
         "real": {"samples": "real.tsv"},
     }}
     (d / "config.yaml").write_text(yaml.safe_dump(config))
@@ -79,7 +79,7 @@ def test_run_makes_every_case_and_reports_the_bad_one(workdir, run):
     demo = json.loads((results / "tiny" / "demo_000" / "case.json").read_text())
     truth = json.loads((results / "tiny" / "demo_input" / "demo_000" / "truth.json").read_text())
     assert demo["clinical"]["dxa_abmd_left"] == truth["clinical"]["dxa_abmd_left"]
-    assert json.loads((results / "tiny" / "demo_001" / "case.json").read_text())["xray"]["pixel_mm"] == [4.8, 4.8]
+    assert json.loads((results / "tiny" / "demo_001" / "case.json").read_text())["xray"]["pixel_mm"] == [5.6, 5.6]
 
 
 def test_no_identifying_value_reaches_results_or_logs(workdir, run):

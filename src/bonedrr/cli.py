@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from bonedrr import __version__
+from bonedrr.demo.naming import DEFAULTS as DEMO
 from bonedrr.errors import BonedrrError
 
 log = logging.getLogger("bonedrr")
@@ -94,14 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8, help="number of patients (for the sample sheet)")
     p.add_argument("--cases", type=int, nargs="+", help="make only these case indices (no sample sheet)")
     p.add_argument("--samplesheet-only", action="store_true", help="only write samples.tsv for existing cases")
-    p.add_argument("--seed", type=int, default=2026, help="cohort seed; case i draws from (seed, i)")
-    p.add_argument("--rows", type=int, default=192, help="radiograph rows")
-    p.add_argument("--cols", type=int, default=288, help="radiograph columns")
-    p.add_argument("--pixel-mm", type=float, nargs=2, default=[1.2, 1.2], metavar=("ROW", "COL"),
+    p.add_argument("--seed", type=int, default=DEMO["seed"], help="cohort seed; case i draws from (seed, i)")
+    p.add_argument("--rows", type=int, default=DEMO["rows"], help="radiograph rows")
+    p.add_argument("--cols", type=int, default=DEMO["cols"], help="radiograph columns")
+    p.add_argument("--pixel-mm", type=float, nargs=2, default=list(DEMO["pixel_mm"]), metavar=("ROW", "COL"),
                    help="detector pixel size, mm")
-    p.add_argument("--sdd-mm", type=float, default=1100.0, help="nominal source-to-detector distance, mm")
-    p.add_argument("--nifti-png-every", type=int, default=5, help="every n-th case as NIfTI + PNG/JPEG (0: none)")
-    p.add_argument("--abmd-range", type=float, nargs=2, default=[0.45, 1.15], metavar=("LO", "HI"),
+    p.add_argument("--sdd-mm", type=float, default=DEMO["sdd_mm"], help="nominal source-to-detector distance, mm")
+    p.add_argument("--nifti-png-every", type=int, default=DEMO["nifti_png_every"],
+                   help="every n-th case as NIfTI + PNG/JPEG (0: none)")
+    p.add_argument("--abmd-range", type=float, nargs=2, default=list(DEMO["abmd_range"]), metavar=("LO", "HI"),
                    help="DXA total-hip aBMD range to draw from, g/cm2")
     p.add_argument("--cut-mm", type=float, default=80.0, help="proximal femur length below the head's top, mm")
     p.add_argument("--template", help="template folder (ct.nii.gz + TotalSegmentator labels.nii.gz)")

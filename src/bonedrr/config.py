@@ -25,12 +25,11 @@ import yaml
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
+from bonedrr.demo.naming import DEFAULTS as DEMO
 from bonedrr.errors import ConfigError
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "workflow" / "schemas"
 NUMERIC_COLUMNS = ("dxa_abmd_left", "dxa_abmd_right", "qct_vbmd_left", "qct_vbmd_right")
-DEMO_DEFAULTS = {"rows": 192, "cols": 288, "nifti_png_every": 5, "abmd_range": [0.45, 1.15], "template": None}
-XRAY_DEFAULTS = {"sdd_mm": 1100.0, "pixel_mm": [1.2, 1.2]}
 
 
 def _schema(name: str) -> dict:
@@ -81,10 +80,11 @@ def validate_config(config: dict) -> dict:
     config.setdefault("device", "auto")
     config.setdefault("proximal_femur_cut_mm", 80.0)
     for cohort in config["cohorts"].values():
-        cohort["xray"] = {**XRAY_DEFAULTS, **cohort.get("xray", {})}
+        cohort["xray"] = {"sdd_mm": DEMO["sdd_mm"], "pixel_mm": list(DEMO["pixel_mm"]), **cohort.get("xray", {})}
         cohort.setdefault("calibration", {"method": "phantom"})
         if "demo" in cohort:
-            cohort["demo"] = {**DEMO_DEFAULTS, **cohort["demo"]}
+            defaults = {k: DEMO[k] for k in ("rows", "cols", "nifti_png_every", "template")}
+            cohort["demo"] = {**defaults, "abmd_range": list(DEMO["abmd_range"]), **cohort["demo"]}
     return config
 
 
@@ -171,6 +171,7 @@ def load_config(path: str | Path) -> dict:
 def demo_case_ids(cohort_config: dict) -> list[str]:
     """Case ids of a demo cohort (known before its files exist)."""
     from bonedrr.demo.naming import case_id
+
     return [case_id(i) for i in range(cohort_config["demo"]["n_patients"])]
 
 

@@ -33,7 +33,7 @@ from PIL import Image
 from bonedrr import __version__
 from bonedrr.dicom import write_ct_series, write_radiograph_dicom
 from bonedrr.demo import virtual_patient as vp
-from bonedrr.demo.naming import case_files, case_id  # noqa: F401 (re-exported)
+from bonedrr.demo.naming import DEFAULTS, case_files, case_id  # noqa: F401 (re-exported)
 from bonedrr.demo.projector import project
 from bonedrr.demo.xray_physics import XrayExposure, simulate_radiograph
 from bonedrr.geometry import Geometry, ap_pose
@@ -60,15 +60,15 @@ class DemoSettings:
         template: Folder with the template CT and labels (None: the vendored one).
     """
 
-    seed: int = 2026
-    rows: int = 192
-    cols: int = 288
-    pixel_mm: tuple[float, float] = (1.2, 1.2)
-    sdd_mm: float = 1100.0
-    nifti_png_every: int = 5
-    abmd_range: tuple[float, float] = (0.45, 1.15)
+    seed: int = DEFAULTS["seed"]
+    rows: int = DEFAULTS["rows"]
+    cols: int = DEFAULTS["cols"]
+    pixel_mm: tuple[float, float] = DEFAULTS["pixel_mm"]
+    sdd_mm: float = DEFAULTS["sdd_mm"]
+    nifti_png_every: int = DEFAULTS["nifti_png_every"]
+    abmd_range: tuple[float, float] = DEFAULTS["abmd_range"]
     proximal_femur_cut_mm: float = 80.0
-    template: str | None = None
+    template: str | None = DEFAULTS["template"]
 
 
 _TEMPLATES: dict = {}
@@ -162,8 +162,8 @@ def _mkdir(p: Path) -> Path:
 
 
 def _view_centre(patient: vp.Materials, geometry: Geometry, sod: float) -> list[float]:
-    """Central-ray point: between the femoral heads in x and depth; in z as low as the scan allows
-    (the template ends at the greater trochanters) while the lowest row still sees the CT."""
+    """Central-ray point: between the femurs in x and depth; in z, 40 mm below the femoral heads' top
+    unless that would let the lowest rows (cone divergence, pose) look past the end of the scan."""
     from bonedrr.images import index_to_world
     femurs = np.isin(patient.labels, [CANONICAL_LABELS["femur_left"], CANONICAL_LABELS["femur_right"]])
     kji = np.argwhere(femurs)
@@ -171,7 +171,7 @@ def _view_centre(patient: vp.Materials, geometry: Geometry, sod: float) -> list[
     world = ijk @ index_to_world(patient.grid)[:3, :3].T + index_to_world(patient.grid)[:3, 3]
     z_bottom = index_to_world(patient.grid)[2, 3]  # identity direction: slice 0 is the lowest
     half_height = geometry.rows * geometry.pixel_mm[0] / 2 * sod / geometry.sdd_mm
-    z = max(float(world[:, 2].max()) - 20.0, z_bottom + half_height + 40.0)
+    z = max(float(world[:, 2].max()) - 40.0, z_bottom + half_height + 40.0)
     return [float(world[:, 0].mean()), float(world[:, 1].mean()), z]
 
 

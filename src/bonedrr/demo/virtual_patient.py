@@ -36,10 +36,11 @@ METAL_HU = 2200.0  # above any bone at 3 mm voxels; the template's screw is abov
 PHANTOM_RODS_MG_CM3 = (0.0, 100.0, 200.0, 400.0, 800.0)
 PHANTOM_ROD_DIAMETER_MM = 18.0
 POSTERIOR_PAD_MM = 75.0  # room under the patient for the calibration phantom
-#: The template scan ends at the greater trochanters. It is extended below by repeating its last
-#: slice (thighs and the top of the femoral shaft), so that radiographs centred on the hips do not
-#: show where the scan ends. Virtual patients' labels and truth include the extension.
-INFERIOR_EXTENSION_MM = 36.0
+#: The template scan ends at the greater trochanters, 57 mm below the femoral heads' top. It is
+#: extended below by repeating its last slice (thighs and a stand-in for the femoral shaft), so that
+#: a radiograph centred on the hips holds the whole proximal femur (80 mm) and never shows where the
+#: scan ends. Virtual patients' labels and truth include the extension.
+INFERIOR_EXTENSION_MM = 100.0
 
 #: Virtual scanners: their nominal calibration (true HU -> scanner HU) is documented in the demo
 #: config as per-scanner coefficients; each scan drifts a little from it, which only the phantom sees.
