@@ -37,7 +37,7 @@ PHANTOM_RODS_MG_CM3 = (0.0, 100.0, 200.0, 400.0, 800.0)
 PHANTOM_ROD_DIAMETER_MM = 18.0
 POSTERIOR_PAD_MM = 75.0  # room under the patient for the calibration phantom
 #: The template scan ends at the greater trochanters, 57 mm below the femoral heads' top. It is
-#: extended below by repeating its last slice (thighs and a stand-in for the femoral shaft), so that
+#: extended below (thighs and a stand-in for the femoral shafts, see :func:`_extend_below`), so that
 #: a radiograph centred on the hips holds the whole proximal femur (80 mm) and never shows where the
 #: scan ends. Virtual patients' labels and truth include the extension.
 INFERIOR_EXTENSION_MM = 100.0
@@ -87,17 +87,59 @@ def load_template(folder: str | Path | None = None) -> Materials:
         raise InputError("template folder lacks ct.nii.gz and labels.nii.gz", folder)
     ct = sitk.DICOMOrient(sitk.Cast(read_volume(folder / "ct.nii.gz"), sitk.sitkFloat32), "LPS")
     seg = sitk.DICOMOrient(read_volume(folder / "labels.nii.gz"), "LPS")
-    below = (0, 0, int(round(INFERIOR_EXTENSION_MM / ct.GetSpacing()[2])))
-    ct, seg = sitk.ZeroFluxNeumannPad(ct, below, (0, 0, 0)), sitk.ZeroFluxNeumannPad(seg, below, (0, 0, 0))
     pad = int(np.ceil(POSTERIOR_PAD_MM / ct.GetSpacing()[1]))
     ct = sitk.ConstantPad(ct, (0, 0, 0), (0, pad, 0), -1024.0)
     seg = sitk.ConstantPad(seg, (0, 0, 0), (0, pad, 0), 0)
-    hu = sitk.GetArrayFromImage(ct).astype(np.float32)
-    labels = remap(sitk.GetArrayFromImage(seg), PRESETS["totalsegmentator_v2"])
-    hu = _inpaint_metal(hu, labels)
+    hu = _inpaint_metal(sitk.GetArrayFromImage(ct).astype(np.float32),
+                        remap(sitk.GetArrayFromImage(seg), PRESETS["totalsegmentator_v2"]))
+    hu, labels, grid = _extend_below(hu, remap(sitk.GetArrayFromImage(seg), PRESETS["totalsegmentator_v2"]), ct,
+                                     INFERIOR_EXTENSION_MM)
     bone = np.isin(labels, [CANONICAL_LABELS[n] for n in BONE_LABELS])
     mineral = np.where(bone, np.clip(hu, 0, None) / HA_HU_PER_MG, 0).astype(np.float32)
-    return Materials(mineral, (hu - HA_HU_PER_MG * mineral).astype(np.float32), labels, ct)
+    return Materials(mineral, (hu - HA_HU_PER_MG * mineral).astype(np.float32), labels, grid)
+
+
+SHAFT_CORTEX_HU, MARROW_HU, SHAFT_RADIUS_MM = 1300.0, 60.0, 14.0
+
+
+def _extend_below(hu: np.ndarray, labels: np.ndarray, grid: sitk.Image, length_mm: float):
+    """Continue the body ``length_mm`` below the scan's last slice: soft tissue and muscles as in that
+    slice; the pelvic bones end; each femur narrows within 30 mm from its last cross-section to a
+    shaft (a disc of SHAFT_RADIUS_MM about that cross-section's centre: a cortical ring around
+    marrow). Returns (hu, labels, grid)."""
+    n = int(round(length_mm / grid.GetSpacing()[2]))
+    if n == 0:
+        return hu, labels, grid
+    sx, sy, sz = grid.GetSpacing()
+    base_hu, base_labels = hu[0].copy(), labels[0].copy()
+    femurs = [CANONICAL_LABELS["femur_left"], CANONICAL_LABELS["femur_right"]]
+    ends = np.isin(base_labels, [CANONICAL_LABELS[b] for b in BONE_LABELS]) & ~np.isin(base_labels, femurs)
+    base_hu[ends], base_labels[ends] = MUSCLE_HU, 0
+    ext_hu = np.repeat(base_hu[None], n, axis=0)
+    ext_labels = np.repeat(base_labels[None], n, axis=0)
+    yy, xx = np.meshgrid(np.arange(hu.shape[1]) * sy, np.arange(hu.shape[2]) * sx, indexing="ij")
+    for femur in femurs:
+        base = base_labels == femur
+        if not base.any():
+            continue
+        cy, cx = np.argwhere(base).mean(0) * (sy, sx)
+        distance = np.hypot(yy - cy, xx - cx)
+        widest = float(distance[base].max())
+        for e in range(n):  # e = 0 is the slice just below the scan
+            blend = min((e + 1) * sz / 30.0, 1.0)
+            shaft = base & (distance <= widest + blend * (SHAFT_RADIUS_MM - widest))
+            ring = shaft & ~ndimage.binary_erosion(shaft)
+            inner = shaft & ~ring
+            gone = base & ~shaft
+            ext_hu[e][gone], ext_labels[e][gone] = MUSCLE_HU, 0
+            ext_hu[e][ring] = (1 - blend) * base_hu[ring] + blend * SHAFT_CORTEX_HU
+            ext_hu[e][inner] = (1 - blend) * base_hu[inner] + blend * MARROW_HU
+    extended = sitk.GetImageFromArray(np.concatenate([ext_hu[::-1], hu]))
+    extended.SetSpacing(grid.GetSpacing())
+    extended.SetDirection(grid.GetDirection())
+    extended.SetOrigin(grid.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, -float(n))))
+    return (sitk.GetArrayFromImage(extended).astype(np.float32),
+            np.concatenate([ext_labels[::-1], labels]).astype(np.uint8), extended)
 
 
 def _inpaint_metal(hu: np.ndarray, labels: np.ndarray, iterations: int = 40) -> np.ndarray:
