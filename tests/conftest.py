@@ -44,7 +44,7 @@ def demo_cases(tmp_path_factory):
     from bonedrr.demo.naming import case_id
 
     out = tmp_path_factory.mktemp("demo")
-    settings = DemoSettings(seed=7, rows=96, cols=144, pixel_mm=(2.8, 2.8), nifti_png_every=2)
+    settings = DemoSettings(seed=7, rows=96, cols=160, pixel_mm=(2.8, 2.8), nifti_png_every=2)
     truths = [make_case(out / case_id(i), case_id(i), i, settings) for i in range(2)]
     return out, settings, truths
 

@@ -66,16 +66,18 @@ def test_template_has_no_metal_and_materials_rebuild_its_hu(template):
     assert not template.mineral[~bone].any()
 
 
-def test_bone_factor_moves_dxa_and_qct_together(template):
+def test_drawn_dxa_comes_true_and_qct_follows(template):
     rng = np.random.default_rng(3)
     params = vp.draw_params(rng, {"left": 0.7, "right": 0.5})
     values = []
-    for factor in (0.5, 1.0, 1.5):
-        params.bone_factor = factor
+    for target in (0.5, 0.8, 1.1):
+        params.side_dxa_abmd = {"left": target, "right": target * 1.05}
         patient = vp.make_patient(template, params)
-        values.append((vp.dxa_abmd(patient, "right", 80.0), vp.qct_vbmd(patient, "right", 80.0)))
-    dxa, qct = np.array(values).T
-    assert np.all(np.diff(dxa) > 0) and np.all(np.diff(qct) > 0)
+        assert vp.dxa_abmd(patient, "left", 80.0) == pytest.approx(target, rel=1e-4)
+        assert vp.dxa_abmd(patient, "right", 80.0) == pytest.approx(target * 1.05, rel=1e-4)
+        values.append(vp.qct_vbmd(patient, "left", 80.0))
+    assert values[0] < values[1] < values[2]
+    assert 0.5 < values[0] / values[2] * 1.1 / 0.5 < 1.5  # vBMD grows about in proportion
 
 
 def test_phantom_recovers_the_scanner_calibration(template):

@@ -36,7 +36,7 @@ def workdir(tmp_path_factory) -> Path:
                                 f"real_1\t{REAL_CT}\tdata/real.dcm\tright\t0.83\n"
                                 "swapped\tdata/real.dcm\tdata/real.dcm\tleft\t\n")
     config = {"cohorts": {
-        "tiny": {"demo": {"n_patients": 2, "seed": 5, "rows": 48, "cols": 72, "nifti_png_every": 2},
+        "tiny": {"demo": {"n_patients": 2, "seed": 5, "rows": 48, "cols": 80, "nifti_png_every": 2},
                  "xray": {"sdd_mm": 1100, "pixel_mm": [5.6, 5.6]}},
         "real": {"samples": "real.tsv"},
     }}

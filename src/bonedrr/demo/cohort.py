@@ -74,12 +74,12 @@ class DemoSettings:
 _TEMPLATES: dict = {}
 
 
-def _template(settings: DemoSettings) -> tuple[vp.Materials, dict[str, float]]:
-    """The template's materials and its aBMD per side at factor 1 (cached per process)."""
+def _template(settings: DemoSettings) -> tuple[vp.Materials, dict[str, float], float]:
+    """The template's materials, its aBMD per side at factor 1 and its trabecular share (cached)."""
     key = (settings.template, settings.proximal_femur_cut_mm)
     if key not in _TEMPLATES:
-        t = vp.load_template(settings.template)
-        _TEMPLATES[key] = (t, {s: vp.dxa_abmd(t, s, settings.proximal_femur_cut_mm) for s in SIDES})
+        t, cut = vp.load_template(settings.template), settings.proximal_femur_cut_mm
+        _TEMPLATES[key] = (t, {s: vp.dxa_abmd(t, s, cut) for s in SIDES}, vp.trabecular_share(t, cut))
     return _TEMPLATES[key]
 
 
@@ -87,8 +87,9 @@ def make_case(out_dir: str | Path, case: str, index: int, settings: DemoSettings
     """Make one virtual patient and write its folder. Returns its truth (as in truth.json)."""
     out_dir = Path(out_dir)
     rng = np.random.default_rng([settings.seed, index])
-    template, template_abmd = _template(settings)
-    params = vp.draw_params(rng, template_abmd, settings.abmd_range)
+    template, template_abmd, share = _template(settings)
+    params = vp.draw_params(rng, template_abmd, settings.abmd_range, trabecular_share=share,
+                            proximal_femur_cut_mm=settings.proximal_femur_cut_mm)
     patient = vp.make_patient(template, params)
     files = case_files(index, settings.nifti_png_every)
     raster = files["xray"] != "xray.dcm"

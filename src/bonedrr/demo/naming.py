@@ -4,9 +4,9 @@ imports: the Snakefile and the config loader use this)."""
 from __future__ import annotations
 
 #: Defaults of a demo cohort's settings (config keys ``demo.*`` and ``xray.*``). The detector sees
-#: 330 x 220 mm at the hips (magnification about 1.2): both proximal femurs with margin.
+#: 370 x 220 mm at the hips (magnification about 1.2): both proximal femurs with margin.
 DEFAULTS = {
-    "seed": 2026, "rows": 192, "cols": 288, "pixel_mm": (1.4, 1.4), "sdd_mm": 1100.0,
+    "seed": 2026, "rows": 192, "cols": 320, "pixel_mm": (1.4, 1.4), "sdd_mm": 1100.0,
     "nifti_png_every": 5, "abmd_range": (0.45, 1.15), "template": None,
 }
 

@@ -189,13 +189,16 @@ class PatientParams:
     pose_rotvec_deg: list[float] = field(default_factory=list)
     pose_shift_mm: list[float] = field(default_factory=list)
     deformation_seed: int = 0
+    side_dxa_abmd: dict[str, float] = field(default_factory=dict)
+    proximal_femur_cut_mm: float = 80.0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def draw_params(rng: np.random.Generator, template_abmd: dict[str, float], abmd_range=(0.45, 1.15),
-                deformation_mm: float = 4.0) -> PatientParams:
+                deformation_mm: float = 4.0, trabecular_share: float = 0.9,
+                proximal_femur_cut_mm: float = 80.0) -> PatientParams:
     """Draw one patient.
 
     Args:
@@ -205,6 +208,8 @@ def draw_params(rng: np.random.Generator, template_abmd: dict[str, float], abmd_
             patient are drawn around the same target.
         abmd_range: Range of the target DXA total-hip aBMD, g/cm2.
         deformation_mm: RMS of the smooth random displacement.
+        trabecular_share: The template's :func:`trabecular_share`.
+        proximal_femur_cut_mm: The DXA region (see ``labels.proximal_femur_mask``).
     """
     target = float(rng.uniform(*abmd_range))
     body_scale = float(rng.uniform(0.93, 1.07))
@@ -213,10 +218,10 @@ def draw_params(rng: np.random.Generator, template_abmd: dict[str, float], abmd_
     regions = {n: float(np.clip(rng.normal(1.0, 0.05), 0.88, 1.12)) for n in BONE_LABELS}
     mean_abmd = float(np.mean(list(template_abmd.values())))
     for side, value in template_abmd.items():
-        regions[f"femur_{side}"] *= _factor_for(mean_abmd, value)
+        regions[f"femur_{side}"] *= _factor_for(mean_abmd, value, trabecular_share)
     return PatientParams(
         target_dxa_abmd=target,
-        bone_factor=_factor_for(target / body_scale, mean_abmd),
+        bone_factor=_factor_for(target / body_scale, mean_abmd, trabecular_share),
         region_factors=regions,
         body_scale=body_scale,
         deformation_mm=float(deformation_mm),
@@ -229,30 +234,43 @@ def draw_params(rng: np.random.Generator, template_abmd: dict[str, float], abmd_
         pose_rotvec_deg=[float(v) for v in rng.uniform(-4, 4, 3)],
         pose_shift_mm=[float(v) for v in rng.uniform(-8, 8, 3)],
         deformation_seed=int(rng.integers(2**31)),
+        side_dxa_abmd={s: target * float(np.clip(rng.normal(1.0, 0.04), 0.9, 1.1)) for s in template_abmd},
+        proximal_femur_cut_mm=float(proximal_femur_cut_mm),
     )
 
 
-def _factor_for(target_abmd: float, template_abmd: float) -> float:
-    """Global mineral factor giving ``target_abmd``, inverting the linear model of :func:`_mineral_factor`.
-
-    aBMD(f) ~= template * (TRABECULAR_SHARE * f + (1 - TRABECULAR_SHARE) * (0.4 + 0.6 f)).
-    """
-    share = TRABECULAR_SHARE
+def _factor_for(target_abmd: float, template_abmd: float, share: float) -> float:
+    """Global mineral factor giving ``target_abmd``, inverting the linear model of :func:`_mineral_factor`:
+    aBMD(f) = template * (share * f + (1 - share) * (0.4 + 0.6 f))."""
     return float(np.clip((target_abmd / template_abmd - (1 - share) * 0.4) / (share + (1 - share) * 0.6),
                          0.15, 2.5))
 
 
-TRABECULAR_SHARE = 0.9  # share of the template's proximal-femur mineral weighted as trabecular (measured)
+def trabecular_share(template: Materials, cut_mm: float) -> float:
+    """Share of the proximal femurs' mineral that :func:`_mineral_factor` treats as trabecular."""
+    z = world_axis_grid(template.grid, 2)
+    region = proximal_femur_mask(template.labels, "left", z, cut_mm) | proximal_femur_mask(
+        template.labels, "right", z, cut_mm)
+    m = template.mineral[region]
+    return float(((1 - _cortical_weight(m)) * m).sum() / max(m.sum(), 1e-9))
+
+
+def _cortical_weight(mineral: np.ndarray) -> np.ndarray:
+    return np.clip((mineral - 300.0) / 400.0, 0.0, 1.0)
 
 
 def _mineral_factor(mineral: np.ndarray, factor: float) -> np.ndarray:
     """Trabecular bone (low mineral) takes the whole factor, cortical bone 60 % of its change."""
-    cortical = np.clip((mineral - 300.0) / 400.0, 0.0, 1.0)
+    cortical = _cortical_weight(mineral)
     return (1 - cortical) * factor + cortical * (1 + 0.6 * (factor - 1))
 
 
 def make_patient(template: Materials, params: PatientParams) -> Materials:
-    """The virtual patient's body on the template's grid."""
+    """The virtual patient's body on the template's grid.
+
+    Bone mineral is first scaled by the patient's factors (trabecular more than cortical), then each
+    femur by the one factor that makes its simulated DXA aBMD equal ``params.side_dxa_abmd`` (the
+    deformation and body size would otherwise shift it)."""
     mineral = template.mineral.copy()
     for name in BONE_LABELS:
         region = template.labels == CANONICAL_LABELS[name]
@@ -264,8 +282,13 @@ def make_patient(template: Materials, params: PatientParams) -> Materials:
     labels = ndimage.map_coordinates(template.labels, coords, order=0, mode="nearest")
     shape = template.labels.shape
     body = _add_layer(soft.reshape(shape), template.grid, params.layer_mm, params.layer_fat_fraction)
-    return Materials(warped_mineral.reshape(shape).astype(np.float32), body,
-                     labels.reshape(shape).astype(np.uint8), template.grid)
+    patient = Materials(warped_mineral.reshape(shape).astype(np.float32), body,
+                        labels.reshape(shape).astype(np.uint8), template.grid)
+    for side, target in params.side_dxa_abmd.items():
+        actual = dxa_abmd(patient, side, params.proximal_femur_cut_mm)
+        if np.isfinite(actual) and actual > 0:
+            patient.mineral[patient.labels == CANONICAL_LABELS[f"femur_{side}"]] *= target / actual
+    return patient
 
 
 def _warp_coordinates(template: Materials, params: PatientParams) -> np.ndarray:
