@@ -23,6 +23,8 @@ import SimpleITK as sitk
 from bonedrr.errors import BonedrrError, InputError
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def suffix_of(path: str | Path) -> str:
@@ -48,6 +50,7 @@ def atomic_path(path: str | Path):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix_of(path), dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are shared like any other file
     try:
         yield tmp
         os.replace(tmp, path)
