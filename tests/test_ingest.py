@@ -146,3 +146,21 @@ def test_cli_error_is_one_line_without_traceback(tmp_path, dx):
                              "--xray", str(dx), "--out", str(tmp_path / "a")], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"bonedrr ingest: error: {dx}: modality is DX, not CT"]
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
+def test_mha_and_nrrd_cts(tmp_path, real_ct, suffix):
+    path = tmp_path / f"ct{suffix}"
+    sitk.WriteImage(real_ct, str(path))
+    image, meta = read_ct(path)
+    assert meta == {"format": suffix[1:]}
+    np.testing.assert_array_equal(hu_array(image), hu_array(real_ct))
+    np.testing.assert_allclose(image.GetDirection(), real_ct.GetDirection())
+
+
+def test_nan_in_mha_is_caught(tmp_path, real_ct):
+    a = hu_array(real_ct)
+    a[5, 5, 5] = np.nan
+    path = write_volume(tmp_path, a, real_ct, "ct.mha")
+    with pytest.raises(InputError, match="CT has 1 NaN or infinite voxels"):
+        read_ct(path)

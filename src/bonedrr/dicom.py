@@ -120,7 +120,7 @@ def read_ct_series(folder: str | Path, min_slices: int = 3) -> tuple[sitk.Image,
     files = dicom_files(folder)
     if not files:
         raise InputError("folder holds no DICOM files", folder)
-    headers = [(f, _read(f, stop_before_pixels=True)) for f in files]
+    headers = [(f, _read(f)) for f in files]  # one read per file: the pixel data is decoded later
     series: dict[str, list] = {}
     for f, ds in headers:
         series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
@@ -168,8 +168,7 @@ def read_ct_series(folder: str | Path, min_slices: int = 3) -> tuple[sitk.Image,
             raise InputError(f"uneven slice spacing: {gap:.2f} mm {where}, {step:.2f} mm elsewhere", folder)
 
     slices = []
-    for f, _ in headers:
-        ds = _read(f)
+    for f, ds in headers:
         stored = _pixels(ds, f)
         if stored.ndim != 2:
             raise InputError("CT slice is not a single 2D frame", f)
