@@ -42,8 +42,9 @@ POSTERIOR_PAD_MM = 75.0  # room under the patient for the calibration phantom
 #: scan ends. Virtual patients' labels and truth include the extension.
 INFERIOR_EXTENSION_MM = 100.0
 
-#: Virtual scanners: their nominal calibration (true HU -> scanner HU) is documented in the demo
-#: config as per-scanner coefficients; each scan drifts a little from it, which only the phantom sees.
+#: Virtual scanners: scanner HU = intercept + slope * true HU. Their nominal QCT lines
+#: (HU = intercept + slope * HA_HU_PER_MG * mg/cm3) are documented in the demo config as per-scanner
+#: coefficients; each scan drifts a little from them, which only the phantom sees.
 SCANNERS = {
     "demo_scanner_a": {"slope": 0.97, "intercept": -12.0},
     "demo_scanner_b": {"slope": 1.04, "intercept": 18.0},
@@ -226,7 +227,7 @@ def draw_params(rng: np.random.Generator, template_abmd: dict[str, float], abmd_
         body_scale=body_scale,
         deformation_mm=float(deformation_mm),
         layer_mm=float(rng.uniform(0.0, 24.0)),
-        layer_fat_fraction=float(rng.uniform(0.6, 1.0)),
+        layer_fat_fraction=float(rng.uniform(0.85, 1.0)),
         scanner=scanner,
         scanner_slope=float(nominal["slope"] * rng.normal(1.0, 0.005)),
         scanner_intercept=float(nominal["intercept"] + rng.normal(0.0, 2.0)),
