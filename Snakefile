@@ -29,6 +29,8 @@ wildcard_constraints:
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/ingest.smk"
+include: "workflow/rules/calibrate.smk"
+include: "workflow/rules/drr.smk"
 
 
 rule all:

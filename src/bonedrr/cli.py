@@ -69,6 +69,53 @@ def _ingest(args) -> None:
              record["geometry_prior"]["sdd_mm"])
 
 
+def _ingest_labels(args) -> None:
+    import SimpleITK as sitk
+
+    from bonedrr.images import write_image
+    from bonedrr.ingest import read_labels
+
+    write_image(read_labels(args.labels, sitk.ReadImage(str(args.ct))), args.out)
+
+
+def _calibrate(args) -> None:
+    from bonedrr.calibrate import calibrate_case
+
+    settings = {"method": args.method, "reference_ha_hu_per_mg_cm3": args.reference_ha,
+                "internal_fat_hu": args.fat_hu, "internal_muscle_hu": args.muscle_hu,
+                "phantom_background_mg_cm3": args.resin, "phantom_min_r2": args.min_r2}
+    if args.rods:
+        settings["phantom_rods_mg_cm3"] = args.rods
+    if args.scanners:
+        settings["scanners"] = json.loads(args.scanners)
+    scanner = args.scanner
+    if scanner is None and args.case:
+        scanner = json.loads(Path(args.case).read_text()).get("clinical", {}).get("scanner")
+    record = calibrate_case(args.ct, args.labels, args.out, settings, scanner=scanner, cut_mm=args.cut_mm)
+    log.info("calibration (%s): HU = %.2f + %.4f x mg/cm3 HA; proximal femur vBMD %s mg/cm3", record["method"],
+             record["intercept_hu"], record["slope_hu_per_mg_cm3"],
+             {k: (round(v, 1) if v is not None else None) for k, v in record["qct_vbmd_mg_cm3"].items()})
+
+
+def _drr(args) -> None:
+    import SimpleITK as sitk
+
+    from bonedrr.drr import contact_sheet, render_case, write_drr
+    from bonedrr.geometry import Geometry
+
+    data = json.loads(Path(args.geometry).read_text())
+    geometry = Geometry.from_dict(data.get("geometry", data))
+    channels = json.loads(args.channels) if args.channels else None
+    result = render_case(args.density, args.labels, geometry, channels=channels, method=args.method,
+                         step_mm=args.step_mm, device=args.device, cut_mm=args.cut_mm)
+    write_drr(args.out, result)
+    if args.png:
+        radiograph = sitk.GetArrayFromImage(sitk.ReadImage(str(args.xray))) if args.xray else None
+        contact_sheet(args.png, result, radiograph)
+    log.info("DRR %dx%d, %d channels (%s, %s): bone max %.3f g/cm2", geometry.rows, geometry.cols,
+             len(result["channels"]), result["method"], result["device"], float(result["drr"][0].max()))
+
+
 def _ingest_overview(args) -> None:
     from bonedrr.ingest import ingest_overview
 
@@ -125,6 +172,44 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + key.replace("_", "-"), type=float, dest=key)
     p.add_argument("--scanner")
     p.set_defaults(func=_ingest)
+
+    p = sub.add_parser("ingest-labels", help="check manual labels against the ingested CT and copy them")
+    p.add_argument("--labels", required=True, help="labels on the CT's grid (canonical ids)")
+    p.add_argument("--ct", required=True, help="the ingested ct.nii.gz")
+    p.add_argument("--out", required=True, help="labels.nii.gz to write")
+    p.set_defaults(func=_ingest_labels)
+
+    p = sub.add_parser("calibrate", help="HU to density (mg/cm3): phantom, per-scanner or internal calibration")
+    p.add_argument("--ct", required=True, help="ct.nii.gz (HU)")
+    p.add_argument("--labels", required=True, help="canonical labels on the CT's grid")
+    p.add_argument("--out", required=True, help="folder for density.nii.gz, calibration.json, calibration.png")
+    p.add_argument("--method", required=True, choices=["phantom", "scanner", "internal"])
+    p.add_argument("--rods", type=float, nargs="+", help="phantom rod densities, mg/cm3 HA")
+    p.add_argument("--resin", type=float, default=0.0, help="phantom resin density, mg/cm3 HA")
+    p.add_argument("--min-r2", type=float, default=0.995, help="poorest acceptable phantom fit")
+    p.add_argument("--scanner", help="this CT's scanner (method scanner; default: from --case)")
+    p.add_argument("--case", help="the case's case.json (its sample-sheet scanner)")
+    p.add_argument("--scanners", help='JSON {"name": {"slope": ..., "intercept": ...}} (method scanner)')
+    p.add_argument("--fat-hu", type=float, default=-100.0, help="reference fat CT number (method internal)")
+    p.add_argument("--muscle-hu", type=float, default=45.0, help="reference muscle CT number (method internal)")
+    p.add_argument("--reference-ha", type=float, default=1.15, help="reference HU per mg/cm3 HA")
+    p.add_argument("--cut-mm", type=float, default=80.0, help="proximal femur length below the head's top, mm")
+    p.set_defaults(func=_calibrate)
+
+    p = sub.add_parser("drr", help="per-structure DRRs (g/cm2) of a density volume at a geometry")
+    p.add_argument("--density", required=True, help="density.nii.gz (mg/cm3)")
+    p.add_argument("--labels", required=True, help="canonical labels on the same grid")
+    p.add_argument("--geometry", required=True,
+                   help="geometry.json, or any JSON with a 'geometry' object (pose.json, the demo's truth.json)")
+    p.add_argument("--out", required=True, help="drr.h5 to write")
+    p.add_argument("--png", help="contact sheet of the channels to write")
+    p.add_argument("--xray", help="xray.nii.gz to show first in the contact sheet")
+    p.add_argument("--method", choices=["siddon", "trilinear"], default="siddon")
+    p.add_argument("--step-mm", type=float, help="trilinear sampling step (default: half the smallest voxel)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--channels", help='JSON {"channel": ["structure", ...]} (default: bonedrr.drr.DEFAULT_CHANNELS)')
+    p.add_argument("--cut-mm", type=float, default=80.0, help="proximal femur length below the head's top, mm")
+    p.set_defaults(func=_drr)
 
     p = sub.add_parser("ingest-overview", help="a cohort's ingested cases: a table and a contact sheet")
     p.add_argument("--cases", nargs="+", required=True, help="case results folders (with case.json)")

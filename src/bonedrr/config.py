@@ -79,6 +79,7 @@ def validate_config(config: dict) -> dict:
     config = copy.deepcopy(config)
     config.setdefault("device", "auto")
     config.setdefault("proximal_femur_cut_mm", 80.0)
+    config["drr"] = {"method": "siddon", "step_mm": None, **config.get("drr", {})}
     for cohort in config["cohorts"].values():
         cohort["xray"] = {"sdd_mm": DEMO["sdd_mm"], "pixel_mm": list(DEMO["pixel_mm"]), **cohort.get("xray", {})}
         cohort.setdefault("calibration", {"method": "phantom"})

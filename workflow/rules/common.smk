@@ -1,6 +1,9 @@
 # Configuration loading and input functions shared by the rules. The heavy lifting is in the
 # bonedrr package (bonedrr.config): this file only adapts it to Snakemake.
 
+import json
+import shlex
+
 from bonedrr.config import cohort_cases, validate_config
 from bonedrr.demo.naming import case_files
 from bonedrr.errors import ConfigError
@@ -42,6 +45,10 @@ def all_outputs():
             outputs.append(f"results/{cohort}/demo_input/samples.tsv")
         outputs += [f"results/{cohort}/{case}/case.json" for case in cases]
         outputs.append(f"results/{cohort}/qc/ingest.png")
+        labelled = [case for case in cases if has_reference_labels(cohort, case)]
+        outputs += [f"results/{cohort}/{case}/calibration.json" for case in labelled]
+        if is_demo(cohort):  # a known pose: the demo's truth (until registration exists)
+            outputs += [f"results/{cohort}/{case}/drr.h5" for case in labelled]
     return outputs
 
 
@@ -49,12 +56,13 @@ def demo_args(wildcards):
     """Command-line settings of a demo cohort (config keys demo.* and xray.*)."""
     c = CONFIG["cohorts"][wildcards.cohort]
     d, x = c["demo"], c["xray"]
+    template = f" --template '{d['template']}'" if d["template"] else ""
     return (
         f"--n {d['n_patients']} --seed {d['seed']} --rows {d['rows']} --cols {d['cols']} "
         f"--pixel-mm {x['pixel_mm'][0]} {x['pixel_mm'][1]} --sdd-mm {x['sdd_mm']} "
         f"--nifti-png-every {d['nifti_png_every']} --abmd-range {d['abmd_range'][0]} {d['abmd_range'][1]} "
         f"--cut-mm {CONFIG['proximal_femur_cut_mm']}"
-        + (f" --template '{d['template']}'" if d["template"] else "")
+        f"{template}"
     )
 
 
@@ -88,4 +96,56 @@ def ingest_args(wildcards):
     for key in ("side", "dxa_abmd_left", "dxa_abmd_right", "qct_vbmd_left", "qct_vbmd_right", "scanner"):
         if key in row:
             args.append(f"--{key.replace('_', '-')} '{row[key]}'")
+    return " ".join(args)
+
+
+def has_reference_labels(cohort, case):
+    return is_demo(cohort) or "labels" in CASES[cohort][case]
+
+
+def reference_labels_path(wildcards):
+    if is_demo(wildcards.cohort):
+        return f"{demo_case_dir(wildcards.cohort, wildcards.case)}/labels.nii.gz"
+    return shlex.quote(CASES[wildcards.cohort][wildcards.case]["labels"])
+
+
+def reference_labels_inputs(wildcards):
+    if is_demo(wildcards.cohort):
+        return {"case_dir": demo_case_dir(wildcards.cohort, wildcards.case)}
+    return {"labels": CASES[wildcards.cohort][wildcards.case]["labels"]}
+
+
+def calibrate_args(wildcards):
+    """`bonedrr calibrate` options from the cohort's calibration settings and the case's scanner."""
+    c = CONFIG["cohorts"][wildcards.cohort]["calibration"]
+    args = [f"--method {c['method']}", f"--cut-mm {CONFIG['proximal_femur_cut_mm']}"]
+    if "phantom_rods_mg_cm3" in c:
+        rods = " ".join(str(v) for v in c["phantom_rods_mg_cm3"])
+        args.append(f"--rods {rods}")
+    for key, flag in (("phantom_background_mg_cm3", "--resin"), ("phantom_min_r2", "--min-r2"),
+                      ("internal_fat_hu", "--fat-hu"), ("internal_muscle_hu", "--muscle-hu"),
+                      ("reference_ha_hu_per_mg_cm3", "--reference-ha")):
+        if key in c:
+            args.append(f"{flag} {c[key]}")
+    if "scanners" in c:
+        args.append(f"--scanners {shlex.quote(json.dumps(c['scanners']))}")
+    return " ".join(args)
+
+
+def drr_geometry_inputs(wildcards):
+    return {"geometry_source": demo_case_dir(wildcards.cohort, wildcards.case)}
+
+
+def drr_geometry_path(wildcards):
+    """The demo's true geometry (truth.json); registration's pose.json once it exists."""
+    return f"{demo_case_dir(wildcards.cohort, wildcards.case)}/truth.json"
+
+
+def drr_args(wildcards):
+    d = CONFIG["drr"]
+    args = [f"--method {d['method']}", f"--device {CONFIG['device']}", f"--cut-mm {CONFIG['proximal_femur_cut_mm']}"]
+    if d.get("step_mm"):
+        args.append(f"--step-mm {d['step_mm']}")
+    if d.get("channels"):
+        args.append(f"--channels {shlex.quote(json.dumps(d['channels']))}")
     return " ".join(args)

@@ -1,0 +1,141 @@
+"""The ``drr`` stage: per-structure DRRs of a calibrated CT at a radiograph's geometry, in g/cm2.
+
+Channels are named groups of structures (config ``drr.channels``); a structure is a canonical label
+name, a derived ``proximal_femur_left/right`` (the BMD region), or ``unlabelled`` (everything with
+no label: soft tissue, fat, air, organs). One pass of the renderer projects every structure
+separately (:data:`STRUCTURES`); a channel is the sum of its structures, so channels made of
+disjoint structures that cover everything (``bone`` + ``muscle`` + ``soft_tissue`` by default) sum to
+the total DRR.
+
+Output: ``drr.h5`` with dataset ``drr`` (channels, rows, cols) float32 in g/cm2 and attributes
+``channels`` (names), ``units``, ``method``, ``geometry`` (JSON), ``structures`` (JSON: each
+channel's structures); and a contact sheet of the channels (``--png``).
+
+Example:
+    >>> from bonedrr.drr import channel_matrix, DEFAULT_CHANNELS
+    >>> channel_matrix({"bone": DEFAULT_CHANNELS["bone"]}).shape
+    (1, 16)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from bonedrr.errors import InputError
+from bonedrr.geometry import Geometry
+from bonedrr.images import atomic_path, index_to_world, world_axis_grid
+from bonedrr.labels import CANONICAL_LABELS, SIDES, proximal_femur_mask
+from bonedrr.render import Renderer
+
+#: What the renderer projects separately: index = its channel in the renderer.
+STRUCTURES: tuple[str, ...] = ("unlabelled", *CANONICAL_LABELS, "proximal_femur_left", "proximal_femur_right")
+_BONES = ["femur_left", "femur_right", "hip_left", "hip_right", "other_bone", "proximal_femur_left",
+          "proximal_femur_right"]
+_MUSCLES = [n for n in CANONICAL_LABELS if n.startswith(("gluteus", "iliopsoas"))]
+
+#: Default channels. ``femur_*`` includes its proximal part; ``bone`` + ``muscle`` + ``soft_tissue``
+#: is a partition of the body.
+DEFAULT_CHANNELS: dict[str, list[str]] = {
+    "bone": _BONES,
+    "muscle": _MUSCLES,
+    "soft_tissue": ["unlabelled"],
+    "pelvis": ["hip_left", "hip_right"],
+    "femur_left": ["femur_left", "proximal_femur_left"],
+    "femur_right": ["femur_right", "proximal_femur_right"],
+    "proximal_femur_left": ["proximal_femur_left"],
+    "proximal_femur_right": ["proximal_femur_right"],
+}
+
+
+def structure_volume(labels: np.ndarray, superior_mm: np.ndarray, cut_mm: float) -> np.ndarray:
+    """Per-voxel structure index (:data:`STRUCTURES`): canonical labels, with each femur's proximal
+    part split off as its own structure."""
+    structures = labels.astype(np.uint8).copy()  # canonical id i is STRUCTURES[i]; 0 = unlabelled
+    for side in SIDES:
+        structures[proximal_femur_mask(labels, side, superior_mm, cut_mm)] = STRUCTURES.index(
+            f"proximal_femur_{side}")
+    return structures
+
+
+def channel_matrix(channels: dict[str, list[str]]) -> np.ndarray:
+    """(n_channels, n_structures) 0/1 matrix: which structures each channel sums."""
+    m = np.zeros((len(channels), len(STRUCTURES)), np.float32)
+    for c, (name, members) in enumerate(channels.items()):
+        for s in members:
+            if s not in STRUCTURES:
+                raise ValueError(f"channel {name!r}: unknown structure {s!r} (known: {', '.join(STRUCTURES)})")
+            m[c, STRUCTURES.index(s)] = 1.0
+    return m
+
+
+def render_case(density_path: str | Path, labels_path: str | Path, geometry: Geometry, *,
+                channels: dict[str, list[str]] | None = None, method: str = "siddon",
+                step_mm: float | None = None, device: str = "auto", cut_mm: float = 80.0) -> dict:
+    """Render one case's channels. Returns ``{"drr": (C, rows, cols), "channels": names, ...}``."""
+    channels = channels or DEFAULT_CHANNELS
+    density_image = sitk.ReadImage(str(density_path), sitk.sitkFloat32)
+    labels_image = sitk.ReadImage(str(labels_path))
+    if labels_image.GetSize() != density_image.GetSize():
+        raise InputError(f"label grid {labels_image.GetSize()} differs from the density's "
+                         f"{density_image.GetSize()}", labels_path)
+    labels = sitk.GetArrayFromImage(labels_image)
+    structures = structure_volume(labels, world_axis_grid(labels_image, 2), cut_mm)
+    renderer = Renderer(sitk.GetArrayFromImage(density_image), structures, index_to_world(density_image),
+                        n_channels=len(STRUCTURES), method=method, step_mm=step_mm, device=device)
+    per_structure = renderer.render(geometry)
+    drr = np.tensordot(channel_matrix(channels), per_structure, axes=1).astype(np.float32)
+    return {"drr": drr, "channels": list(channels), "structures": channels, "method": method,
+            "device": renderer.device, "geometry": geometry.to_dict(), "units": "g/cm2"}
+
+
+def write_drr(path: str | Path, result: dict) -> None:
+    """Write a :func:`render_case` result as HDF5, atomically."""
+    import h5py
+
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("drr", data=result["drr"], compression="gzip", compression_opts=4)
+            f.attrs["channels"] = json.dumps(result["channels"])
+            f.attrs["structures"] = json.dumps(result["structures"])
+            f.attrs["units"] = result["units"]
+            f.attrs["method"] = result["method"]
+            f.attrs["geometry"] = json.dumps(result["geometry"])
+
+
+def read_drr(path: str | Path) -> dict:
+    """Read ``drr.h5`` back: ``{"drr", "channels", "structures", "units", "method", "geometry"}``."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return {"drr": f["drr"][...], "channels": json.loads(f.attrs["channels"]),
+                "structures": json.loads(f.attrs["structures"]), "units": str(f.attrs["units"]),
+                "method": str(f.attrs["method"]), "geometry": json.loads(f.attrs["geometry"])}
+
+
+def contact_sheet(path: str | Path, result: dict, radiograph: np.ndarray | None = None) -> None:
+    """One panel per channel (own grey scale, g/cm2 colour bar), the radiograph first if given."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = ([("radiograph", radiograph, None)] if radiograph is not None else []) + [
+        (name, image, "g/cm2") for name, image in zip(result["channels"], result["drr"])]
+    cols = min(len(panels), 5)
+    rows = -(-len(panels) // cols)
+    aspect = result["geometry"]["pixel_mm"][0] / result["geometry"]["pixel_mm"][1]
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (name, image, unit) in zip(axes.ravel(), panels):
+        shown = ax.imshow(image, cmap="gray", aspect=aspect)
+        ax.set_title(name if unit is None else f"{name} (max {image.max():.2f} {unit})", fontsize=8)
+        if unit:
+            fig.colorbar(shown, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=70)
+    plt.close(fig)

@@ -1,0 +1,40 @@
+# Labels until segmentation exists (the sample sheet's or the demo's manual labels), and density
+# calibration (bonedrr.calibrate).
+
+
+rule reference_labels:
+    input:
+        unpack(reference_labels_inputs),
+        ct="results/{cohort}/{case}/ct.nii.gz",
+    output:
+        "results/{cohort}/{case}/labels.nii.gz",
+    log:
+        "results/{cohort}/logs/reference_labels/{case}.log",
+    params:
+        cli=BONEDRR,
+        labels=reference_labels_path,
+    conda:
+        "../../envs/ingest.yaml"
+    shell:
+        "{params.cli} ingest-labels --labels {params.labels} --ct {input.ct} --out {output} 2> {log}"
+
+
+rule calibrate:
+    input:
+        ct="results/{cohort}/{case}/ct.nii.gz",
+        labels="results/{cohort}/{case}/labels.nii.gz",
+        case="results/{cohort}/{case}/case.json",
+    output:
+        density="results/{cohort}/{case}/density.nii.gz",
+        calibration="results/{cohort}/{case}/calibration.json",
+        png="results/{cohort}/{case}/calibration.png",
+    log:
+        "results/{cohort}/logs/calibrate/{case}.log",
+    params:
+        cli=BONEDRR,
+        args=calibrate_args,
+    conda:
+        "../../envs/calibrate.yaml"
+    shell:
+        "{params.cli} calibrate --ct {input.ct} --labels {input.labels} --case {input.case} "
+        "--out results/{wildcards.cohort}/{wildcards.case} {params.args} 2> {log}"
