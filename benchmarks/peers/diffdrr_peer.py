@@ -33,14 +33,16 @@ Mapping between our conventions (``bonedrr.geometry``) and DiffDRR's, as impleme
   ``pose = inv(W) @ inv(world_to_camera) @ F`` as a 4x4 matrix.
 * Units. DiffDRR integrates ``subject.density`` over millimetres; we render our density in g/cm3
   (replacing the 0..1 HU mapping ``read`` makes) and divide by 10 to get g/cm2.
-* Where the volume ends. Siddon treats voxels as constant cells ending half a voxel past the edge
-  voxel centres; trilinear uses ``grid_sample`` with zero padding, so the volume falls linearly to
-  zero one voxel past the edge centres. Our reference projector falls to zero half a voxel past them.
-  Zero-padding the volume by ``pad_voxels`` (default 2) makes the trilinear renderers agree exactly
-  at the edges; it does not change the line integrals of the volume itself.
+* Where the volume ends. Siddon treats voxels as constant cells (nearest-voxel look-up unless
+  ``mode="bilinear"`` is passed) ending half a voxel past the edge voxel centres; trilinear uses
+  ``grid_sample`` with zero padding, so the volume falls linearly to zero one voxel past the edge
+  centres, but it samples only between DiffDRR's approximate box entry and exit. Our reference
+  projector falls to zero half a voxel past them. Zero-padding the volume by ``pad_voxels``
+  (default 2) makes the trilinear renderers agree exactly at the edges and adds nothing to Siddon's.
+* 2D points. ``DRR.perspective_projection`` returns (x, y) = (col + 0.5, row + 0.5) of our pixels.
 * Labels. ``mask_to_channels=True`` splits each ray's integral by the (nearest-neighbour) label of
   every sample; the channel index is the label value. We remap labels to 0..n-1 (sorted label ids,
-  0 always first) so that sparse ids (e.g. TotalSegmentator's) do not create empty channels.
+  0 always included) so that sparse ids (e.g. TotalSegmentator's) do not create empty channels.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from bonedrr.geometry import Geometry, translation
+from bonedrr.geometry import Geometry, check_rigid, translation
 from bonedrr.images import index_to_world
 
 #: Flips x and y: LPS <-> RAS, and DiffDRR's detector frame -> our camera frame (both proper rotations).
@@ -98,7 +100,7 @@ class DiffDRRPeer:
             labels = np.asarray(labels)
             if labels.shape != density.shape:
                 raise ValueError(f"labels shape {labels.shape} differs from density shape {density.shape}")
-            ids = np.union1d(np.unique(labels), [0])  # 0 first, so the padding falls in channel 0
+            ids = np.union1d(labels, [0])  # sorted ids; the padding (label 0) needs a channel too
             self.label_ids = [int(v) for v in ids]
             labelmap = LabelMap(tensor=to_torchio(np.searchsorted(ids, labels).astype(np.int64)), affine=affine_ras)
 
@@ -115,7 +117,7 @@ class DiffDRRPeer:
 
     def pose(self, world_to_camera: np.ndarray | None = None) -> np.ndarray:
         """DiffDRR's pose (its detector frame -> its world, 4x4) for our ``world_to_camera``."""
-        w2c = self.geometry.world_to_camera if world_to_camera is None else np.asarray(world_to_camera, float)
+        w2c = self.geometry.world_to_camera if world_to_camera is None else check_rigid(world_to_camera)
         return np.linalg.inv(self.world_from_diffdrr) @ np.linalg.inv(w2c) @ FLIP_XY
 
     @torch.no_grad()
@@ -157,8 +159,8 @@ def diffdrr_drr(density: np.ndarray, grid: sitk.Image, geometry: Geometry, rende
     Returns:
         Without ``labels``: float64 (rows, cols) line integrals in g/cm2 on our pixel grid. With
         ``labels``: ``(channels, label_ids)``, channels float64 (len(label_ids), rows, cols), where
-        ``label_ids`` lists the label values present (0 always included, first), ascending, in
-        channel order.
+        ``label_ids`` lists the label values present (0 always included), ascending, in channel
+        order.
     """
     peer = DiffDRRPeer(density, grid, geometry, renderer, labels, pad_voxels, device, **drr_kwargs)
     img = peer.render()
