@@ -148,14 +148,20 @@ def phantom_calibration(hu: np.ndarray, rods_mg_cm3, background_mg_cm3: float, r
     footprint = phantom[inner].mean(axis=0) > 0.99
     mean_image = np.where(phantom[inner], hu[inner], 0).sum(0) / np.maximum(phantom[inner].sum(0), 1)
     core = ndimage.binary_erosion(footprint, iterations=1)
+    if core.sum() < 10:
+        raise InputError("no calibration phantom found (the largest object apart from the patient does not "
+                         "run the length of the scan)", path)
     background = float(np.median(mean_image[core]))
     noise = 1.4826 * float(np.median(np.abs(mean_image[core] - background)))
     blobs, n_blobs = ndimage.label(core & (np.abs(mean_image - background) > max(6 * noise, 20.0)))
     areas = ndimage.sum_labels(np.ones_like(blobs), blobs, index=np.arange(1, n_blobs + 1))
     candidates = [i + 1 for i, a in enumerate(areas) if a >= 4]
+    if not candidates:
+        raise InputError("no calibration phantom found (the largest object apart from the patient, a table "
+                         "perhaps, holds no rods)", path)
     if len(candidates) != len(visible):
         raise InputError(f"calibration phantom: found {len(candidates)} rods differing from the resin, expected "
-                         f"{len(visible)} (rods {list(rods)} mg/cm3, resin {background_mg_cm3} mg/cm3)", path)
+                         f"{len(visible)} (rods {rods.tolist()} mg/cm3, resin {background_mg_cm3} mg/cm3)", path)
     measured = []
     for blob in candidates:
         roi2d = ndimage.binary_erosion(blobs == blob, iterations=1)

@@ -1,0 +1,154 @@
+"""Density calibration on virtual patients (truth known) and the DRR stage's files."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from bonedrr.calibrate import calibrate, calibrate_case, density_volume, phantom_calibration
+from bonedrr.drr import (DEFAULT_CHANNELS, STRUCTURES, channel_matrix, read_drr, render_case, structure_volume,
+                         write_drr)
+from bonedrr.errors import InputError
+from bonedrr.geometry import Geometry
+from bonedrr.images import world_axis_grid
+from bonedrr.labels import CANONICAL_LABELS
+
+from conftest import REAL_CT
+
+SCANNERS = {"demo_scanner_a": {"slope": 1.1155, "intercept": -12.0},
+            "demo_scanner_b": {"slope": 1.196, "intercept": 18.0},
+            "demo_scanner_c": {"slope": 1.265, "intercept": 35.0}}
+PHANTOM = {"method": "phantom", "phantom_rods_mg_cm3": [0, 100, 200, 400, 800]}
+
+
+@pytest.fixture(scope="module")
+def cases(demo_cases):
+    folder, settings, truths = demo_cases
+    out = []
+    for truth in truths:
+        case = folder / truth["case_id"]
+        ct = case / "ct.nii.gz"
+        if not ct.exists():  # the DICOM case: read the series once into a NIfTI
+            from bonedrr.ingest import read_ct
+            sitk.WriteImage(read_ct(case / "ct")[0], str(case / "ct_ingested.nii.gz"))
+            ct = case / "ct_ingested.nii.gz"
+        out.append((ct, case / "labels.nii.gz", truth))
+    return out
+
+
+@pytest.mark.parametrize("settings, tolerance", [
+    (PHANTOM, 0.02),
+    ({"method": "scanner", "scanners": SCANNERS}, 0.04),  # scans drift from the documented lines
+    ({"method": "internal", "internal_fat_hu": -97, "internal_muscle_hu": 27}, 0.15),
+])
+def test_recovered_vbmd_matches_truth(tmp_path, cases, settings, tolerance):
+    for ct, labels, truth in cases:
+        record = calibrate_case(ct, labels, tmp_path / truth["case_id"], settings,
+                                scanner=truth["clinical"]["scanner"], cut_mm=truth["proximal_femur_cut_mm"])
+        for side in ("left", "right"):
+            assert record["qct_vbmd_mg_cm3"][side] == pytest.approx(truth["qct_vbmd_mg_cm3"][side], rel=tolerance)
+        assert sorted(p.name for p in (tmp_path / truth["case_id"]).iterdir()) == [
+            "calibration.json", "calibration.png", "density.nii.gz"]
+
+
+def test_phantom_fit_matches_the_scanner(cases):
+    ct, labels, truth = cases[0]
+    hu = sitk.GetArrayFromImage(sitk.ReadImage(str(ct), sitk.sitkFloat32))
+    cal = calibrate(hu, sitk.GetArrayFromImage(sitk.ReadImage(str(labels))), PHANTOM)
+    scanner = truth["scanner"]
+    assert cal.slope == pytest.approx(scanner["hu_slope"] * scanner["ha_hu_per_mg_cm3_ideal"], rel=0.005)
+    assert cal.intercept == pytest.approx(scanner["hu_intercept"], abs=2.0)
+    assert cal.details["r2"] > 0.9999 and len(cal.details["rods"]) == 4  # the 0 rod is resin-like
+    # Density: bone mineral where labelled bone, mass density (water ~1000) elsewhere.
+    density = density_volume(hu, sitk.GetArrayFromImage(sitk.ReadImage(str(labels))), cal)
+    assert density.min() >= 0 and 950 < np.median(density[(hu > 0) & (hu < 60)]) < 1080
+
+
+def test_phantom_errors(cases):
+    ct, labels, truth = cases[0]
+    hu = sitk.GetArrayFromImage(sitk.ReadImage(str(ct), sitk.sitkFloat32))
+    with pytest.raises(InputError, match=r"found 4 rods differing from the resin, expected 3"):
+        phantom_calibration(hu, [0, 100, 200, 400], 0.0, 1.15)
+    with pytest.raises(InputError, match=r"phantom fit is poor"):
+        phantom_calibration(hu, [0, 100, 200, 300, 350], 0.0, 1.15)
+    real = sitk.GetArrayFromImage(sitk.ReadImage(str(REAL_CT), sitk.sitkFloat32))
+    with pytest.raises(InputError, match="no calibration phantom found"):
+        phantom_calibration(real, [0, 100, 200], 0.0, 1.15)
+
+
+def test_scanner_method_needs_the_scanner(tmp_path, cases):
+    ct, labels, truth = cases[0]
+    with pytest.raises(InputError, match="needs the sample sheet's scanner column"):
+        calibrate_case(ct, labels, tmp_path, {"method": "scanner", "scanners": SCANNERS})
+    with pytest.raises(InputError, match="scanner 'ct9' has no coefficients"):
+        calibrate_case(ct, labels, tmp_path, {"method": "scanner", "scanners": SCANNERS}, scanner="ct9")
+
+
+def test_structures_and_channels():
+    assert all(STRUCTURES[i] == name for name, i in CANONICAL_LABELS.items())
+    m = channel_matrix(DEFAULT_CHANNELS)
+    partition = m[[list(DEFAULT_CHANNELS).index(c) for c in ("bone", "muscle", "soft_tissue")]]
+    np.testing.assert_array_equal(partition.sum(0), np.ones(len(STRUCTURES)))
+    with pytest.raises(ValueError, match="unknown structure 'spleen'"):
+        channel_matrix({"organs": ["spleen"]})
+    labels = np.zeros((30, 2, 2), np.uint8)
+    labels[:, 0, 0] = CANONICAL_LABELS["femur_left"]
+    z = np.arange(30, dtype=float)[:, None, None] * 5.0  # 5 mm slices, top at 145 mm
+    s = structure_volume(labels, np.broadcast_to(z, labels.shape), cut_mm=80.0)
+    assert (s[:, 0, 0] == STRUCTURES.index("proximal_femur_left")).sum() == 17  # 65..145 mm
+    assert (s[:, 0, 0] == CANONICAL_LABELS["femur_left"]).sum() == 13
+
+
+def test_drr_stage_on_a_virtual_patient(tmp_path, cases):
+    ct, labels, truth = cases[1]
+    calibrate_case(ct, labels, tmp_path, PHANTOM)
+    geometry = Geometry.from_dict(truth["geometry"])
+    result = render_case(tmp_path / "density.nii.gz", labels, geometry, device="cpu")
+    drr = dict(zip(result["channels"], result["drr"]))
+    total = drr["bone"] + drr["muscle"] + drr["soft_tissue"]
+    assert total.shape == (geometry.rows, geometry.cols)
+    # Femur = its proximal part + the rest; bone includes both femurs.
+    np.testing.assert_allclose(drr["femur_left"] >= drr["proximal_femur_left"], True)
+    assert drr["proximal_femur_left"].max() > 0.5 and drr["proximal_femur_right"].max() > 0.5
+    # The proximal femurs lie on the correct sides of the image (patient's left = larger columns).
+    cols = np.arange(geometry.cols)
+    left = np.average(cols, weights=drr["proximal_femur_left"].sum(0))
+    right = np.average(cols, weights=drr["proximal_femur_right"].sum(0))
+    assert left > geometry.cols / 2 > right
+    write_drr(tmp_path / "drr.h5", result)
+    back = read_drr(tmp_path / "drr.h5")
+    np.testing.assert_array_equal(back["drr"], result["drr"])
+    assert back["channels"] == list(DEFAULT_CHANNELS) and back["units"] == "g/cm2"
+    assert Geometry.from_dict(back["geometry"]).to_dict() == geometry.to_dict()
+
+
+def test_drr_cli_writes_h5_and_contact_sheet(tmp_path, cases):
+    ct, labels, truth = cases[1]
+    calibrate_case(ct, labels, tmp_path, PHANTOM)
+    geometry = tmp_path / "truth.json"
+    geometry.write_text(json.dumps(truth))
+    channels = json.dumps({"bone": ["femur_left", "femur_right", "hip_left", "hip_right", "other_bone",
+                                    "proximal_femur_left", "proximal_femur_right"], "rest": ["unlabelled"]})
+    result = subprocess.run([sys.executable, "-m", "bonedrr", "drr", "--density", str(tmp_path / "density.nii.gz"),
+                             "--labels", str(labels), "--geometry", str(geometry), "--out", str(tmp_path / "d.h5"),
+                             "--png", str(tmp_path / "d.png"), "--method", "trilinear", "--device", "cpu",
+                             "--channels", channels], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    back = read_drr(tmp_path / "d.h5")
+    assert back["channels"] == ["bone", "rest"] and back["method"] == "trilinear"
+    assert (tmp_path / "d.png").stat().st_size > 10_000
+    bad = subprocess.run([sys.executable, "-m", "bonedrr", "drr", "--density", str(tmp_path / "density.nii.gz"),
+                          "--labels", str(labels), "--geometry", str(geometry), "--out", str(tmp_path / "e.h5"),
+                          "--device", "cuda"], capture_output=True, text=True)
+    try:
+        import cupy  # noqa: F401
+        has_cuda = True
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        assert bad.returncode == 2
+        assert bad.stderr.strip().splitlines()[-1].startswith(
+            "bonedrr drr: error: --device cuda was asked for, but CuPy finds no CUDA device")
