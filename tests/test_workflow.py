@@ -53,7 +53,8 @@ def test_dry_run_shows_the_dag(workdir):
     result = snakemake(workdir, "-n")
     assert result.returncode == 0, result.stderr
     out = result.stdout + result.stderr
-    for rule, count in (("demo_patient", 2), ("demo_samplesheet", 1), ("ingest", 4)):
+    for rule, count in (("demo_patient", 2), ("demo_samplesheet", 1), ("ingest", 4), ("reference_labels", 2),
+                        ("calibrate", 2), ("drr", 2)):
         assert any(line.split()[:2] == [rule, str(count)] for line in out.splitlines()), out
 
 
@@ -80,6 +81,22 @@ def test_run_makes_every_case_and_reports_the_bad_one(workdir, run):
     truth = json.loads((results / "tiny" / "demo_input" / "demo_000" / "truth.json").read_text())
     assert demo["clinical"]["dxa_abmd_left"] == truth["clinical"]["dxa_abmd_left"]
     assert json.loads((results / "tiny" / "demo_001" / "case.json").read_text())["xray"]["pixel_mm"] == [5.6, 5.6]
+
+
+def test_demo_cases_are_calibrated_and_rendered(workdir, run):
+    from bonedrr.drr import read_drr
+
+    for case in ("demo_000", "demo_001"):
+        folder = workdir / "results" / "tiny" / case
+        truth = json.loads((workdir / "results" / "tiny" / "demo_input" / case / "truth.json").read_text())
+        calibration = json.loads((folder / "calibration.json").read_text())
+        assert calibration["method"] == "phantom"
+        for side in ("left", "right"):
+            assert abs(calibration["qct_vbmd_mg_cm3"][side] / truth["qct_vbmd_mg_cm3"][side] - 1) < 0.02
+        drr = read_drr(folder / "drr.h5")
+        assert drr["drr"].shape == (len(drr["channels"]), 48, 80) and drr["units"] == "g/cm2"
+        assert drr["geometry"] == truth["geometry"]
+        assert (folder / "drr.png").stat().st_size > 5_000 and (folder / "calibration.png").exists()
 
 
 def test_no_identifying_value_reaches_results_or_logs(workdir, run):

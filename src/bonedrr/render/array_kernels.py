@@ -7,6 +7,8 @@ kernels are tested against; on a GPU it is the CuPy path.
 
 from __future__ import annotations
 
+import numpy as np
+
 
 def trilinear(xp, density, channels, n_channels, origin, directions, t_enter, t_exit, step):
     """(rays, channels) line integrals, density x mm."""
@@ -51,7 +53,7 @@ def siddon(xp, density, channels, n_channels, origin, directions, t_enter, t_exi
     for r0 in range(0, n_rays, rays_per_chunk):
         d = directions[r0:r0 + rays_per_chunk]
         t0, t1 = t_enter[r0:r0 + rays_per_chunk], t_exit[r0:r0 + rays_per_chunk]
-        with xp.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"):  # (CuPy has no errstate and does not warn)
             crossings = [(planes[a][None, :] - origin[a]) / d[:, a:a + 1] for a in range(3)]
         t = xp.concatenate([t0[:, None], t1[:, None], *crossings], axis=1)
         t = xp.where(xp.isfinite(t), t, t0[:, None])

@@ -25,8 +25,8 @@ class Renderer:
         method: ``siddon`` (exact path lengths) or ``trilinear``.
         step_mm: Trilinear sampling step along a ray (default: half the smallest voxel spacing).
         device: ``auto``, ``cpu`` or ``cuda``.
-        backend: ``compiled`` (numba on the CPU) or ``array`` (the array-module path; the only one
-            on a GPU).
+        backend: ``compiled`` (numba kernels on the CPU, hand-written CUDA kernels on a GPU) or
+            ``array`` (the array-module path: NumPy or CuPy, vectorised over rays).
 
     Example:
         >>> import numpy as np
@@ -46,17 +46,21 @@ class Renderer:
         if density.shape != channels.shape or density.ndim != 3:
             raise ValueError(f"density {density.shape} and channels {channels.shape} must be one 3D grid")
         self.method = method
+        if backend not in ("compiled", "array"):
+            raise ValueError(f"unknown backend {backend!r} (compiled or array)")
         self.device = resolve_device(device)
-        self.backend = "array" if self.device == "cuda" else backend
+        self.backend = backend
         self.xp = array_module(self.device)
         self.n_channels = int(n_channels if n_channels is not None else int(channels.max()) + 1)
         self.index_to_world = np.asarray(index_to_world, float)
         self.world_to_index = np.linalg.inv(self.index_to_world)
         spacing = np.linalg.norm(self.index_to_world[:3, :3], axis=0)
         self.step_mm = float(step_mm) if step_mm else float(spacing.min()) / 2
-        channel_dtype = np.uint8 if self.n_channels <= 256 else np.int32
+        if self.n_channels > 256:
+            raise ValueError(f"at most 256 channels (structures) in one pass, got {self.n_channels}")
+        self.shape = density.shape
         density = np.ascontiguousarray(density, dtype=np.float32)
-        channels = np.ascontiguousarray(channels, dtype=channel_dtype)
+        channels = np.ascontiguousarray(channels, dtype=np.uint8)
         nz, ny, nx = density.shape
         if method == "siddon":  # the volume ends at its outer voxel faces
             self._box = (np.full(3, -0.5), np.array([nx, ny, nz], float) - 0.5)
@@ -72,7 +76,12 @@ class Renderer:
         origin, directions = index_rays(geometry, self.world_to_index)
         origin, directions = xp.asarray(origin), xp.asarray(directions)
         t_enter, t_exit = box_entry_exit(origin[None, :], directions, *self._box, xp=xp)
-        if self.backend == "compiled":
+        if self.backend == "compiled" and self.device == "cuda":
+            from bonedrr.render import cuda_kernels
+
+            out = cuda_kernels.render(self.method, self.density, self.channels, self.shape, self.n_channels,
+                                      origin, directions, t_enter, t_exit, self.step_mm)
+        elif self.backend == "compiled":
             from bonedrr.render import cpu_kernels
 
             out = np.zeros((directions.shape[0], self.n_channels), np.float64)

@@ -1,0 +1,79 @@
+"""GPU DRR throughput (run where an NVIDIA GPU and CuPy are present), with the CPU path beside it.
+
+A 512x512x400 CT (the real CT resampled), 256x256 DRRs at poses varying per frame, all 16 structures
+of the DRR stage in one pass. Reports DRRs per second for the hand-written CUDA kernels and the CuPy
+array path, and the physical limit: (bytes of the volume a DRR touches) / (memory bandwidth), where the
+bytes touched are estimated as (voxels crossed per ray x rays) x 5 bytes (float32 density + uint8
+channel), an upper bound on what caches can save.
+
+Run: python benchmarks/drr_gpu.py [--frames 200]
+Writes benchmarks/results/drr_gpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from bonedrr.device import cuda_available
+from bonedrr.geometry import Geometry, ap_pose
+from bonedrr.images import index_to_world
+from bonedrr.render import Renderer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=200)
+    args = parser.parse_args()
+    if not cuda_available():
+        raise SystemExit("no CUDA device: run this where a GPU is present")
+    import cupy
+
+    ct = sitk.ReadImage(str(REPO / "resources" / "totalseg_example" / "ct.nii.gz"), sitk.sitkFloat32)
+    size = (512, 512, 400)
+    spacing = [s * n / m for s, n, m in zip(ct.GetSpacing(), ct.GetSize(), size)]
+    big = sitk.Resample(ct, size, sitk.Transform(), sitk.sitkLinear, ct.GetOrigin(), spacing, ct.GetDirection(),
+                        -1000.0, sitk.sitkFloat32)
+    density = np.clip(1000.0 + sitk.GetArrayFromImage(big), 0, None).astype(np.float32)
+    channels = (np.arange(density.size, dtype=np.int64).reshape(density.shape) % 16).astype(np.uint8)
+    affine = index_to_world(big)
+    centre = affine[:3, :3] @ ((np.array(size) - 1) / 2) + affine[:3, 3]
+    rng = np.random.default_rng(0)
+    poses = [ap_pose(centre, 700.0, rng.uniform(-5, 5, 3), rng.uniform(-10, 10, 3)) for _ in range(args.frames)]
+    g = Geometry.centered(1000.0, 256, 256, (1.8, 1.8))
+    device = cupy.cuda.Device()
+    props = cupy.cuda.runtime.getDeviceProperties(device.id)
+    bandwidth = 2 * props["memoryClockRate"] * 1e3 * props["memoryBusWidth"] / 8  # bytes/s (DDR)
+    result = {"gpu": props["name"].decode(), "volume": list(size), "detector": [256, 256], "channels": 16,
+              "frames": args.frames, "peak_bandwidth_gb_s": round(bandwidth / 1e9, 1), "renderers": {}}
+    for method in ("siddon", "trilinear"):
+        for backend in ("compiled", "array"):
+            r = Renderer(density, channels, affine, n_channels=16, method=method, device="cuda", backend=backend)
+            r.render(g.with_pose(poses[0]))
+            frames = args.frames if backend == "compiled" else max(args.frames // 20, 3)
+            cupy.cuda.Stream.null.synchronize()
+            t = time.perf_counter()
+            for pose in poses[:frames]:
+                r.render(g.with_pose(pose))
+            cupy.cuda.Stream.null.synchronize()
+            per_second = frames / (time.perf_counter() - t)
+            result["renderers"][f"{method}_{backend}"] = {"drrs_per_second": round(per_second, 1)}
+        # Physical limit: voxels crossed per ray ~ (ray length in voxels) x 3 for Siddon, 8 per sample for trilinear.
+        voxels_per_ray = 3 * max(size) if method == "siddon" else 8 * 2 * max(size)
+        touched = 256 * 256 * voxels_per_ray * 5
+        result["renderers"][f"{method}_compiled"]["bound_drrs_per_second_at_peak_bandwidth"] = round(
+            bandwidth / touched, 1)
+    out = REPO / "benchmarks" / "results" / "drr_gpu.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
