@@ -25,16 +25,17 @@ PHANTOM = {"method": "phantom", "phantom_rods_mg_cm3": [0, 100, 200, 400, 800]}
 
 
 @pytest.fixture(scope="module")
-def cases(demo_cases):
+def cases(demo_cases, tmp_path_factory):
     folder, settings, truths = demo_cases
+    scratch = tmp_path_factory.mktemp("ingested")
     out = []
     for truth in truths:
         case = folder / truth["case_id"]
         ct = case / "ct.nii.gz"
         if not ct.exists():  # the DICOM case: read the series once into a NIfTI
             from bonedrr.ingest import read_ct
-            sitk.WriteImage(read_ct(case / "ct")[0], str(case / "ct_ingested.nii.gz"))
-            ct = case / "ct_ingested.nii.gz"
+            ct = scratch / f"{truth['case_id']}_ct.nii.gz"
+            sitk.WriteImage(read_ct(case / "ct")[0], str(ct))
         out.append((ct, case / "labels.nii.gz", truth))
     return out
 

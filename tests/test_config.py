@@ -26,8 +26,11 @@ def sheet(tmp_path, body: str, header: str = HEADER) -> Path:
     return p
 
 
+PHANTOM = {"method": "phantom", "phantom_rods_mg_cm3": [0, 100, 200]}
+
+
 def config_for(path: Path) -> dict:
-    return validate_config({"cohorts": {"hosp": {"samples": str(path)}}})
+    return validate_config({"cohorts": {"hosp": {"samples": str(path), "calibration": PHANTOM}}})
 
 
 def test_default_config_is_valid_and_lists_the_demo_cases():
@@ -60,6 +63,10 @@ def test_default_config_is_valid_and_lists_the_demo_cases():
      "config error: field 'device': 'tpu' is not one of ['auto', 'cpu', 'cuda']"),
     ({"cohorts": {}}, "config error: field 'cohorts': {} should be non-empty"),
     ({}, "config error: top level: 'cohorts' is required"),
+    ({"cohorts": {"hosp": {"samples": "a.tsv"}}},
+     "config error: cohort 'hosp': field 'calibration': method 'phantom' needs 'phantom_rods_mg_cm3'"),
+    ({"cohorts": {"hosp": {"samples": "a.tsv", "calibration": {"method": "scanner"}}}},
+     "config error: cohort 'hosp': field 'calibration': method 'scanner' needs 'scanners'"),
 ])
 def test_config_errors_name_cohort_and_field(config, message):
     with pytest.raises(ConfigError) as e:
@@ -121,8 +128,8 @@ def test_unknown_scanner_is_named(files):
 def test_missing_samplesheet_and_several_cohorts(files, tmp_path):
     p = sheet(files, "a\ta_ct.nii.gz\ta.dcm\tleft\t0.8\n")
     config = validate_config({"cohorts": {
-        "hosp": {"samples": str(p)}, "demo": {"demo": {"n_patients": 3, "seed": 1}},
-        "gone": {"samples": "nowhere.tsv"}}})
+        "hosp": {"samples": str(p), "calibration": PHANTOM}, "demo": {"demo": {"n_patients": 3, "seed": 1}},
+        "gone": {"samples": "nowhere.tsv", "calibration": PHANTOM}}})
     with pytest.raises(ConfigError, match="cohort 'gone': sample sheet not found"):
         cohort_cases(config, tmp_path)
     del config["cohorts"]["gone"]

@@ -38,7 +38,7 @@ def workdir(tmp_path_factory) -> Path:
     config = {"cohorts": {
         "tiny": {"demo": {"n_patients": 2, "seed": 5, "rows": 48, "cols": 80, "nifti_png_every": 2},
                  "xray": {"sdd_mm": 1100, "pixel_mm": [5.6, 5.6]}},
-        "real": {"samples": "real.tsv"},
+        "real": {"samples": "real.tsv", "calibration": {"method": "internal"}},
     }}
     (d / "config.yaml").write_text(yaml.safe_dump(config))
     return d
@@ -124,7 +124,8 @@ def test_rerun_has_nothing_to_do_but_the_bad_case(workdir, run):
 
 def test_bad_samplesheet_stops_before_any_job(tmp_path):
     (tmp_path / "bad.tsv").write_text(f"case_id\tct\txray\n../x\t{REAL_CT}\t{REAL_CT}\n")
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"cohorts": {"hosp": {"samples": "bad.tsv"}}}))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"cohorts": {"hosp": {
+        "samples": "bad.tsv", "calibration": {"method": "internal"}}}}))
     result = snakemake(tmp_path)
     assert result.returncode != 0
     assert ("config error: cohort 'hosp', sample sheet bad.tsv line 2 (case '../x'), field 'case_id': "

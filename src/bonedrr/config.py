@@ -80,9 +80,16 @@ def validate_config(config: dict) -> dict:
     config.setdefault("device", "auto")
     config.setdefault("proximal_femur_cut_mm", 80.0)
     config["drr"] = {"method": "siddon", "step_mm": None, **config.get("drr", {})}
-    for cohort in config["cohorts"].values():
+    for name, cohort in config["cohorts"].items():
         cohort["xray"] = {"sdd_mm": DEMO["sdd_mm"], "pixel_mm": list(DEMO["pixel_mm"]), **cohort.get("xray", {})}
-        cohort.setdefault("calibration", {"method": "phantom"})
+        if "demo" in cohort:  # the demo's scans carry its phantom
+            cohort["calibration"] = {"method": "phantom", "phantom_rods_mg_cm3": list(DEMO["phantom_rods_mg_cm3"]),
+                                     **cohort.get("calibration", {})}
+        calibration = cohort.setdefault("calibration", {"method": "phantom"})
+        needs = {"phantom": "phantom_rods_mg_cm3", "scanner": "scanners"}.get(calibration["method"])
+        if needs and needs not in calibration:
+            raise ConfigError(f"config error: cohort {name!r}: field 'calibration': method "
+                              f"{calibration['method']!r} needs {needs!r}")
         if "demo" in cohort:
             defaults = {k: DEMO[k] for k in ("rows", "cols", "nifti_png_every", "template")}
             cohort["demo"] = {**defaults, "abmd_range": list(DEMO["abmd_range"]), **cohort["demo"]}

@@ -26,6 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from bonedrr.demo.naming import DEFAULTS
 from bonedrr.errors import InputError
 from bonedrr.images import read_volume, world_axis_grid
 from bonedrr.labels import BONE_LABELS, CANONICAL_LABELS, LABEL_NAMES, PRESETS, proximal_femur_mask, remap
@@ -33,7 +34,7 @@ from bonedrr.labels import BONE_LABELS, CANONICAL_LABELS, LABEL_NAMES, PRESETS, 
 HA_HU_PER_MG = 1.15  # HU per mg/cm3 HA, ideal scanner
 FAT_HU, MUSCLE_HU = -100.0, 50.0
 METAL_HU = 2200.0  # above any bone at 3 mm voxels; the template's screw is above it
-PHANTOM_RODS_MG_CM3 = (0.0, 100.0, 200.0, 400.0, 800.0)
+PHANTOM_RODS_MG_CM3 = DEFAULTS["phantom_rods_mg_cm3"]
 PHANTOM_ROD_DIAMETER_MM = 18.0
 POSTERIOR_PAD_MM = 75.0  # room under the patient for the calibration phantom
 #: The template scan ends at the greater trochanters, 57 mm below the femoral heads' top. It is
