@@ -133,6 +133,9 @@ def calibrate_args(wildcards):
 
 
 def drr_geometry_inputs(wildcards):
+    if not is_demo(wildcards.cohort):
+        raise WorkflowError(f"DRRs of cohort {wildcards.cohort!r} need each radiograph's pose: registration "
+                            "(the register stage) is not available yet; only demo cohorts have a known pose")
     return {"geometry_source": demo_case_dir(wildcards.cohort, wildcards.case)}
 
 
