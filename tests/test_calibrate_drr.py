@@ -13,7 +13,6 @@ from bonedrr.drr import (DEFAULT_CHANNELS, STRUCTURES, channel_matrix, read_drr,
                          write_drr)
 from bonedrr.errors import InputError
 from bonedrr.geometry import Geometry
-from bonedrr.images import world_axis_grid
 from bonedrr.labels import CANONICAL_LABELS
 
 from conftest import REAL_CT

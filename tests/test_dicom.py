@@ -1,6 +1,5 @@
 """DICOM reading on the real CT written as a series, and each bad input with its exact message."""
 
-import shutil
 from pathlib import Path
 
 import numpy as np

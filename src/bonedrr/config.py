@@ -35,7 +35,7 @@ NUMERIC_COLUMNS = ("dxa_abmd_left", "dxa_abmd_right", "qct_vbmd_left", "qct_vbmd
 def _schema(name: str) -> dict:
     path = SCHEMA_DIR / f"{name}.schema.yaml"
     if not path.is_file():
-        raise ConfigError(f"schema not found (is the workflow folder complete?)", path)
+        raise ConfigError("schema not found (is the workflow folder complete?)", path)
     return yaml.safe_load(path.read_text())
 
 

@@ -37,7 +37,7 @@ from bonedrr.demo.naming import DEFAULTS, case_files, case_id  # noqa: F401 (re-
 from bonedrr.demo.projector import project
 from bonedrr.demo.xray_physics import XrayExposure, simulate_radiograph
 from bonedrr.geometry import Geometry, ap_pose
-from bonedrr.images import image_like, write_image, write_json
+from bonedrr.images import atomic_path, image_like, index_to_world, write_image, write_json
 from bonedrr.labels import CANONICAL_LABELS, SIDES
 
 DXA_PRECISION_CV = 0.01  # a DXA scanner's short-term precision (coefficient of variation)
@@ -133,7 +133,7 @@ def make_case(out_dir: str | Path, case: str, index: int, settings: DemoSettings
         ct_image = image_like(hu, patient.grid)
         if raster:
             write_image(sitk.Cast(sitk.Round(ct_image), sitk.sitkInt16), tmp / files["ct"])
-            _write_raster(tmp / files["xray"], image, index)
+            _write_raster(tmp / files["xray"], image)
         else:
             write_ct_series(tmp / files["ct"], ct_image, phi, key=f"{settings.seed}/{case}")
             bits = (12, 16, 12, 8)[index % 4]
@@ -165,7 +165,6 @@ def _mkdir(p: Path) -> Path:
 def _view_centre(patient: vp.Materials, geometry: Geometry, sod: float) -> list[float]:
     """Central-ray point: between the femurs in x and depth; in z, 40 mm below the femoral heads' top
     unless that would let the lowest rows (cone divergence, pose) look past the end of the scan."""
-    from bonedrr.images import index_to_world
     femurs = np.isin(patient.labels, [CANONICAL_LABELS["femur_left"], CANONICAL_LABELS["femur_right"]])
     kji = np.argwhere(femurs)
     ijk = kji[:, ::-1].astype(float)
@@ -176,7 +175,7 @@ def _view_centre(patient: vp.Materials, geometry: Geometry, sod: float) -> list[
     return [float(world[:, 0].mean()), float(world[:, 1].mean()), z]
 
 
-def _write_raster(path: Path, image: np.ndarray, index: int) -> None:
+def _write_raster(path: Path, image: np.ndarray) -> None:
     if path.suffix == ".jpg":
         Image.fromarray(np.round(image * 255).astype(np.uint8)).save(path, quality=85)
     else:
@@ -220,7 +219,6 @@ def _preview(path: Path, hu: np.ndarray, patient: vp.Materials, image: np.ndarra
 
 def write_samplesheet(path: str | Path, truths: list[dict], case_dirs: list[str]) -> None:
     """The demo cohort's sample sheet, as a user would write theirs (paths relative to the sheet)."""
-    from bonedrr.images import atomic_path
     path = Path(path)
     lines = ["case_id\tct\txray\tside\tlabels\tdxa_abmd_left\tdxa_abmd_right\tscanner"]
     for truth, case_dir in zip(truths, case_dirs):
