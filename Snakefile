@@ -30,6 +30,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/ingest.smk"
 include: "workflow/rules/calibrate.smk"
+include: "workflow/rules/register.smk"
 include: "workflow/rules/drr.smk"
 
 

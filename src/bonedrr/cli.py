@@ -116,6 +116,25 @@ def _drr(args) -> None:
              len(result["channels"]), result["method"], result["device"], float(result["drr"][0].max()))
 
 
+def _register(args) -> None:
+    from bonedrr.register import RegistrationSettings, register_case
+
+    settings = RegistrationSettings(min_gc=args.min_gc, seed=args.seed, init_shift_mm=args.init_shift_mm)
+    record = register_case(args.density, args.labels, args.xray, json.loads(Path(args.case).read_text()), args.out,
+                           args.overlay, settings=settings, device=args.device, sod_prior_mm=args.sod_mm)
+    log.info("registered: GC %.3f after %d DRRs, QA flags: %s", record["similarity_value"], record["evaluations"],
+             ", ".join(record["qa_flags"]) or "none")
+    if not record["converged"] and args.fail_on_qa:
+        raise BonedrrError(f"registration failed its QA ({', '.join(record['qa_flags'])}); see {args.overlay}",
+                           args.xray)
+
+
+def _registration_summary(args) -> None:
+    from bonedrr.register import registration_summary
+
+    registration_summary(args.cases, args.out)
+
+
 def _ingest_overview(args) -> None:
     from bonedrr.ingest import ingest_overview
 
@@ -210,6 +229,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", help='JSON {"channel": ["structure", ...]} (default: bonedrr.drr.DEFAULT_CHANNELS)')
     p.add_argument("--cut-mm", type=float, default=80.0, help="proximal femur length below the head's top, mm")
     p.set_defaults(func=_drr)
+
+    p = sub.add_parser("register", help="2D/3D registration: the CT's pose in its radiograph's camera")
+    p.add_argument("--density", required=True, help="density.nii.gz (mg/cm3)")
+    p.add_argument("--labels", required=True, help="canonical labels on the same grid (bones are registered)")
+    p.add_argument("--xray", required=True, help="xray.nii.gz (ingested radiograph)")
+    p.add_argument("--case", required=True, help="case.json (the radiograph's geometry prior)")
+    p.add_argument("--out", required=True, help="pose.json to write (detector geometry, pose, similarity, QA)")
+    p.add_argument("--overlay", help="overlay.png to write (DRR edges on the radiograph, checkerboard)")
+    p.add_argument("--sod-mm", type=float, help="source-to-patient prior where the radiograph has no tag")
+    p.add_argument("--min-gc", type=float, default=0.35, help="lowest acceptable gradient correlation")
+    p.add_argument("--init-shift-mm", type=float, default=60.0, help="half-width of the initial shift search")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--fail-on-qa", action="store_true", help="exit with an error when a QA flag is raised")
+    p.set_defaults(func=_register)
+
+    p = sub.add_parser("registration-summary", help="a cohort's registrations in one table (and errors vs truth)")
+    p.add_argument("--cases", nargs="+", required=True, help="case results folders (with pose.json)")
+    p.add_argument("--out", required=True, help="TSV to write")
+    p.set_defaults(func=_registration_summary)
 
     p = sub.add_parser("ingest-overview", help="a cohort's ingested cases: a table and a contact sheet")
     p.add_argument("--cases", nargs="+", required=True, help="case results folders (with case.json)")

@@ -80,6 +80,7 @@ def validate_config(config: dict) -> dict:
     config.setdefault("device", "auto")
     config.setdefault("proximal_femur_cut_mm", 80.0)
     config["drr"] = {"method": "siddon", "step_mm": None, **config.get("drr", {})}
+    config["register"] = {"min_gc": 0.35, "seed": 0, **config.get("register", {})}
     for name, cohort in config["cohorts"].items():
         cohort["xray"] = {"sdd_mm": DEMO["sdd_mm"], "pixel_mm": list(DEMO["pixel_mm"]), **cohort.get("xray", {})}
         if "demo" in cohort:  # the demo's scans carry its phantom

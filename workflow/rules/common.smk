@@ -45,10 +45,10 @@ def all_outputs():
             outputs.append(f"results/{cohort}/demo_input/samples.tsv")
         outputs += [f"results/{cohort}/{case}/case.json" for case in cases]
         outputs.append(f"results/{cohort}/qc/ingest.png")
-        labelled = [case for case in cases if has_reference_labels(cohort, case)]
-        outputs += [f"results/{cohort}/{case}/calibration.json" for case in labelled]
-        if is_demo(cohort):  # a known pose: the demo's truth (until registration exists)
-            outputs += [f"results/{cohort}/{case}/drr.h5" for case in labelled]
+        labelled = labelled_cases(cohort)
+        outputs += [f"results/{cohort}/{case}/drr.h5" for case in labelled]
+        if labelled:
+            outputs.append(f"results/{cohort}/qc/registration.tsv")
     return outputs
 
 
@@ -132,16 +132,16 @@ def calibrate_args(wildcards):
     return " ".join(args)
 
 
-def drr_geometry_inputs(wildcards):
-    if not is_demo(wildcards.cohort):
-        raise WorkflowError(f"DRRs of cohort {wildcards.cohort!r} need each radiograph's pose: registration "
-                            "(the register stage) is not available yet; only demo cohorts have a known pose")
-    return {"geometry_source": demo_case_dir(wildcards.cohort, wildcards.case)}
+def labelled_cases(cohort):
+    return [case for case in CASES[cohort] if has_reference_labels(cohort, case)]
 
 
-def drr_geometry_path(wildcards):
-    """The demo's true geometry (truth.json); registration's pose.json once it exists."""
-    return f"{demo_case_dir(wildcards.cohort, wildcards.case)}/truth.json"
+def register_args(wildcards):
+    r, x = CONFIG["register"], CONFIG["cohorts"][wildcards.cohort]["xray"]
+    args = [f"--min-gc {r['min_gc']}", f"--seed {r['seed']}", f"--device {CONFIG['device']}"]
+    if x.get("sod_mm"):
+        args.append(f"--sod-mm {x['sod_mm']}")
+    return " ".join(args)
 
 
 def drr_args(wildcards):

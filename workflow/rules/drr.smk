@@ -1,10 +1,9 @@
-# Per-structure DRRs at the radiograph's geometry (bonedrr.drr). Until registration exists, only
-# cohorts with a known pose (the demo's true pose) get them.
+# Per-structure DRRs at the radiograph's registered geometry (bonedrr.drr).
 
 
 rule drr:
     input:
-        unpack(drr_geometry_inputs),
+        pose="results/{cohort}/{case}/pose.json",
         density="results/{cohort}/{case}/density.nii.gz",
         labels="results/{cohort}/{case}/labels.nii.gz",
         xray="results/{cohort}/{case}/xray.nii.gz",
@@ -15,10 +14,9 @@ rule drr:
         "results/{cohort}/logs/drr/{case}.log",
     params:
         cli=BONEDRR,
-        geometry=drr_geometry_path,
         args=drr_args,
     conda:
         "../../envs/drr.yaml"
     shell:
-        "{params.cli} drr --density {input.density} --labels {input.labels} --geometry {params.geometry} "
+        "{params.cli} drr --density {input.density} --labels {input.labels} --geometry {input.pose} "
         "--xray {input.xray} --out {output.drr} --png {output.png} {params.args} 2> {log}"

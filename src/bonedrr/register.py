@@ -1,0 +1,300 @@
+"""The ``register`` stage: the pose of a CT in its radiograph's camera, by 2D/3D registration.
+
+Intensity-based, as the published pipeline: the radiograph is compared with DRRs of the CT's bones
+(the calibrated density inside the bone labels: soft tissue, tables and calibration phantoms are not in
+a radiograph the way they are in a CT) by gradient correlation (GC: the mean of the normalised
+cross-correlations of the two images' Sobel derivatives, insensitive to the radiograph's unknown
+exposure, windowing and tone curve). The pose is searched with CMA-ES (``cmaes``) over 6 degrees of
+freedom (rotation about the bones' centre, translation in camera axes), coarse to fine: each level's
+detector is binned by a factor, the coarsest first.
+
+Automatic initial pose for a standard AP hip/pelvis radiograph: the bones' centre on the central ray at
+the source-to-patient distance of the DICOM tags (else the cohort's prior), patient supine (AP), then an
+exhaustive search of the in-plane shift (up to ``init_shift_mm``) at the coarsest level.
+
+QA flags (``pose.json``): ``low_similarity`` (the final pose's GC, judged at ``qa_pixel_mm``, below
+``min_gc``), ``at_search_bound`` (the
+solution touches a level's search box), ``not_converged`` (the last level's step size did not shrink).
+``converged`` is true when no flag is raised.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+from scipy.spatial.transform import Rotation
+
+from bonedrr.geometry import Geometry, ap_pose, apply, rigid, translation
+from bonedrr.images import atomic_path, index_to_world, write_json
+from bonedrr.labels import BONE_LABELS, CANONICAL_LABELS
+from bonedrr.render import Renderer
+
+log = logging.getLogger(__name__)
+
+#: Units of the optimiser's parameters: degrees (rotation vector) and mm (camera x, y, depth z).
+PARAMETER_SCALE = np.array([5.0, 5.0, 5.0, 10.0, 10.0, 30.0])
+
+
+@dataclass(frozen=True)
+class RegistrationSettings:
+    """Args:
+        level_pixels_mm: Detector pixel size of each level (coarse to fine); the radiograph is binned
+            by the nearest integer factor.
+        generations: CMA-ES generations per level.
+        sigma: CMA-ES initial step per level, in units of ``PARAMETER_SCALE``.
+        population: CMA-ES population size.
+        init_shift_mm: Half-width of the initial in-plane shift search.
+        qa_pixel_mm: Detector pixel at which the final pose's GC is judged (finer levels are noisier).
+        min_gc: Lowest acceptable gradient correlation of the final pose at ``qa_pixel_mm``.
+        seed: Random seed of the optimiser.
+    """
+
+    level_pixels_mm: tuple[float, ...] = (11.2, 5.6, 2.8, 1.4)
+    generations: tuple[int, ...] = (40, 30, 25, 15)
+    sigma: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1)
+    qa_pixel_mm: float = 2.8
+    population: int = 12
+    init_shift_mm: float = 60.0
+    min_gc: float = 0.35
+    seed: int = 0
+
+
+def gradient_correlation(a: np.ndarray, b: np.ndarray, border: int = 2) -> float:
+    """Mean NCC of the Sobel derivatives of two images along rows and columns (-1..1)."""
+    inner = (slice(border, -border or None), slice(border, -border or None))
+    total = 0.0
+    for axis in (0, 1):
+        ga = ndimage.sobel(a, axis)[inner].ravel()
+        gb = ndimage.sobel(b, axis)[inner].ravel()
+        ga = ga - ga.mean()
+        gb = gb - gb.mean()
+        total += float(ga @ gb / np.sqrt((ga @ ga) * (gb @ gb) + 1e-12))
+    return total / 2
+
+
+def bin_image(image: np.ndarray, factor: int) -> np.ndarray:
+    """Mean of ``factor`` x ``factor`` blocks (the last partial blocks dropped)."""
+    r, c = image.shape[0] // factor * factor, image.shape[1] // factor * factor
+    return image[:r, :c].reshape(r // factor, factor, c // factor, factor).mean((1, 3))
+
+
+def binned_geometry(g: Geometry, factor: int) -> Geometry:
+    """The detector of ``g`` binned by ``factor`` (same physical extent and principal point)."""
+    pr, pc = g.principal_point_px
+    return Geometry(g.sdd_mm, g.rows // factor, g.cols // factor, (g.pixel_mm[0] * factor, g.pixel_mm[1] * factor),
+                    ((pr + 0.5) / factor - 0.5, (pc + 0.5) / factor - 0.5), g.world_to_camera)
+
+
+def perturb(pose: np.ndarray, x: np.ndarray, centre_world: np.ndarray) -> np.ndarray:
+    """``pose`` moved by ``x`` (rotation vector in degrees about ``centre_world``, then a shift in mm, both
+    in camera axes)."""
+    c = apply(pose, centre_world)
+    rotation = Rotation.from_rotvec(x[:3], degrees=True).as_matrix()
+    return translation(c + x[3:]) @ rigid(rotation) @ translation(-c) @ pose
+
+
+def reprojection_distance_mm(pose: np.ndarray, truth: np.ndarray, geometry: Geometry, points_world: np.ndarray) -> float:
+    """mPD: mean distance on the detector between the two poses' projections of the points, scaled to the
+    points' mean depth under ``truth`` (mm at the isocentre)."""
+    a = geometry.with_pose(pose).project(points_world)
+    b = geometry.with_pose(truth).project(points_world)
+    depth = apply(truth, points_world)[:, 2].mean()
+    return float(np.linalg.norm((a - b) * np.asarray(geometry.pixel_mm), axis=1).mean() * depth / geometry.sdd_mm)
+
+
+def target_registration_error_mm(pose: np.ndarray, truth: np.ndarray, points_world: np.ndarray) -> dict:
+    """mTRE: mean 3D distance (camera frame) of the points under the two poses, with its depth part."""
+    d = apply(pose, points_world) - apply(truth, points_world)
+    return {"mtre_mm": float(np.linalg.norm(d, axis=1).mean()), "mean_depth_error_mm": float(d[:, 2].mean()),
+            "in_plane_mm": float(np.linalg.norm(d[:, :2], axis=1).mean())}
+
+
+def rotation_error_deg(pose: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.degrees(np.linalg.norm(Rotation.from_matrix(pose[:3, :3] @ truth[:3, :3].T).as_rotvec())))
+
+
+class Registration:
+    """Register one CT (bones of a calibrated density volume) to one radiograph.
+
+    Args:
+        density: mg/cm3, [k, j, i].
+        labels: canonical labels, same grid.
+        index_to_world: the grid's 4x4 affine.
+        radiograph: (rows, cols), larger = more attenuation.
+        geometry: the radiograph's detector (its pose is ignored).
+        source_to_patient_mm: distance from the source to the bones' centre for the initial pose.
+        settings: :class:`RegistrationSettings`.
+        device: ``auto``, ``cpu`` or ``cuda``.
+    """
+
+    def __init__(self, density, labels, index_to_world_, radiograph, geometry: Geometry, source_to_patient_mm: float,
+                 settings: RegistrationSettings = RegistrationSettings(), device: str = "auto"):
+        bone = np.isin(labels, [CANONICAL_LABELS[n] for n in BONE_LABELS])
+        if not bone.any():
+            raise ValueError("no bone in the labels: nothing to register")
+        self.renderer = Renderer(np.where(bone, density, 0).astype(np.float32), np.zeros(labels.shape, np.uint8),
+                                 index_to_world_, method="siddon", device=device)
+        k, j, i = np.nonzero(bone)
+        points = np.stack([i, j, k], -1).astype(float)
+        self.bone_points = points[:: max(1, len(points) // 5000)] @ index_to_world_[:3, :3].T + index_to_world_[:3, 3]
+        self.centre = self.bone_points.mean(0)
+        self.radiograph = np.asarray(radiograph, float)
+        self.geometry = geometry
+        self.settings = settings
+        self.initial_pose = ap_pose(self.centre, source_to_patient_mm)
+        self.evaluations = 0
+
+    def _level(self, pixel_mm: float):
+        factor = max(1, int(round(pixel_mm / float(np.mean(self.geometry.pixel_mm)))))
+        return binned_geometry(self.geometry, factor), bin_image(self.radiograph, factor)
+
+    def similarity(self, pose: np.ndarray, level_geometry: Geometry, image: np.ndarray) -> float:
+        self.evaluations += 1
+        return gradient_correlation(image, self.renderer.render(level_geometry.with_pose(pose))[0])
+
+    def initial_search(self) -> np.ndarray:
+        """Best in-plane shift of the AP prior on a grid, at the coarsest level."""
+        g, image = self._level(self.settings.level_pixels_mm[0])
+        step = max(g.pixel_mm[0] * 2 * 0.8, 5.0)
+        shifts = np.arange(-self.settings.init_shift_mm, self.settings.init_shift_mm + 1e-6, step)
+        best = (-np.inf, self.initial_pose)
+        for dx in shifts:
+            for dy in shifts:
+                pose = perturb(self.initial_pose, np.array([0, 0, 0, dx, dy, 0.0]), self.centre)
+                value = self.similarity(pose, g, image)
+                if value > best[0]:
+                    best = (value, pose)
+        return best[1]
+
+    def run(self, start: np.ndarray | None = None) -> dict:
+        """Register from ``start`` (default: the automatic initial pose). Returns the pose record."""
+        from cmaes import CMA
+
+        s = self.settings
+        pose = self.initial_search() if start is None else np.asarray(start, float)
+        history = []
+        flags = []
+        for level, (pixel, generations, sigma) in enumerate(zip(s.level_pixels_mm, s.generations, s.sigma)):
+            g, image = self._level(pixel)
+            bound = 3.0
+            optimiser = CMA(mean=np.zeros(6), sigma=sigma, bounds=np.array([[-bound, bound]] * 6), seed=s.seed + level,
+                            population_size=s.population)
+            best_value, best_x = self.similarity(pose, g, image), np.zeros(6)
+            for _ in range(generations):
+                solutions = []
+                for _ in range(optimiser.population_size):
+                    x = optimiser.ask()
+                    value = self.similarity(perturb(pose, x * PARAMETER_SCALE, self.centre), g, image)
+                    if value > best_value:
+                        best_value, best_x = value, x
+                    solutions.append((x, -value))
+                optimiser.tell(solutions)
+                if optimiser.should_stop():
+                    break
+            pose = perturb(pose, best_x * PARAMETER_SCALE, self.centre)
+            history.append({"pixel_mm": float(g.pixel_mm[0]), "rows": g.rows, "cols": g.cols, "gc": best_value,
+                            "step": best_x.tolist(), "final_sigma": float(optimiser._sigma)})
+            if np.abs(best_x).max() > 0.98 * bound:
+                flags.append(f"at_search_bound (level {level})")
+        qa_geometry, qa_image = self._level(s.qa_pixel_mm)
+        qa_gc = self.similarity(pose, qa_geometry, qa_image)
+        if qa_gc < s.min_gc:
+            flags.append("low_similarity")
+        if history[-1]["final_sigma"] > s.sigma[-1]:
+            flags.append("not_converged")
+        return {"world_to_camera": pose.round(10).tolist(), "similarity": "gradient_correlation",
+                "similarity_value": qa_gc, "similarity_pixel_mm": float(qa_geometry.pixel_mm[0]), "converged": not flags, "qa_flags": flags,
+                "levels": history, "evaluations": self.evaluations, "rotation_centre_world_mm": self.centre.tolist()}
+
+
+def register_case(density_path, labels_path, xray_path, case_json: dict, out_pose, overlay_png=None,
+                  settings: RegistrationSettings = RegistrationSettings(), device: str = "auto",
+                  sod_prior_mm: float | None = None) -> dict:
+    """Register one ingested case and write pose.json (a full geometry: detector + pose) and overlay.png."""
+    density_image = sitk.ReadImage(str(density_path), sitk.sitkFloat32)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(labels_path)))
+    radiograph = sitk.GetArrayFromImage(sitk.ReadImage(str(xray_path))).astype(float)
+    prior = case_json["geometry_prior"]
+    geometry = Geometry(prior["sdd_mm"], prior["rows"], prior["cols"], prior["pixel_mm"], prior["principal_point_px"])
+    sod = prior.get("source_to_patient_mm") or sod_prior_mm or 0.82 * prior["sdd_mm"]
+    reg = Registration(sitk.GetArrayFromImage(density_image), labels, index_to_world(density_image), radiograph,
+                       geometry, sod, settings, device)
+    record = reg.run()
+    record["geometry"] = geometry.with_pose(np.asarray(record["world_to_camera"])).to_dict()
+    record["initial_source_to_patient_mm"] = float(sod)
+    if overlay_png:
+        overlay(overlay_png, radiograph, reg.renderer.render(Geometry.from_dict(record["geometry"]))[0], record)
+    write_json(out_pose, record)
+    return record
+
+
+def overlay(path, radiograph: np.ndarray, drr: np.ndarray, record: dict) -> None:
+    """The radiograph with the bone DRR's edges on it, and a checkerboard of the two (each normalised)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def normalise(im):
+        lo, hi = np.percentile(im, [1, 99])
+        return np.clip((im - lo) / max(hi - lo, 1e-9), 0, 1)
+
+    edges = np.hypot(ndimage.sobel(drr, 0), ndimage.sobel(drr, 1))
+    edges = edges > np.percentile(edges, 92)
+    tile = max(radiograph.shape) // 8
+    r, c = np.indices(radiograph.shape)
+    checker = np.where(((r // tile) + (c // tile)) % 2 == 0, normalise(radiograph), normalise(drr))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    axes[0].imshow(normalise(radiograph), cmap="gray")
+    shown = np.ma.masked_where(~edges, edges)
+    axes[0].imshow(shown, cmap="autumn", alpha=0.9)
+    axes[0].set_title(f"bone DRR edges on the radiograph (GC {record['similarity_value']:.3f})", fontsize=9)
+    axes[1].imshow(checker, cmap="gray")
+    flags = ", ".join(record["qa_flags"]) or "none"
+    axes[1].set_title(f"checkerboard: radiograph / bone DRR; QA flags: {flags}", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+
+
+def case_geometry(path: str | Path) -> Geometry:
+    """The full geometry of a pose.json, geometry.json or any JSON with a ``geometry`` object."""
+    import json
+
+    data = json.loads(Path(path).read_text())
+    return Geometry.from_dict(data.get("geometry", data))
+
+
+def registration_summary(case_dirs, out_tsv) -> None:
+    """One row per case: similarity and QA; where a demo truth.json is known (``truth`` in case.json's
+    folder's demo input), mPD, rotation error and mTRE (with its depth part) over the bones."""
+    import json
+
+    rows = ["case_id\tgc\tconverged\tqa_flags\tevaluations\tmpd_mm\trotation_error_deg\tmtre_mm\tdepth_error_mm"]
+    for d in map(Path, case_dirs):
+        record = json.loads((d / "pose.json").read_text())
+        truth_path = d.parent / "demo_input" / d.name / "truth.json"
+        errors = ["", "", "", ""]
+        if truth_path.exists():
+            truth = Geometry.from_dict(json.loads(truth_path.read_text())["geometry"])
+            labels_image = sitk.ReadImage(str(d / "labels.nii.gz"))
+            labels = sitk.GetArrayFromImage(labels_image)
+            a = index_to_world(labels_image)
+            k, j, i = np.nonzero(np.isin(labels, [CANONICAL_LABELS[n] for n in BONE_LABELS]))
+            points = np.stack([i, j, k], -1)[:: max(1, len(i) // 5000)] @ a[:3, :3].T + a[:3, 3]
+            pose = np.asarray(record["world_to_camera"])
+            tre = target_registration_error_mm(pose, truth.world_to_camera, points)
+            errors = [f"{reprojection_distance_mm(pose, truth.world_to_camera, truth, points):.3f}",
+                      f"{rotation_error_deg(pose, truth.world_to_camera):.3f}", f"{tre['mtre_mm']:.3f}",
+                      f"{tre['mean_depth_error_mm']:.3f}"]
+        rows.append("\t".join([d.name, f"{record['similarity_value']:.4f}", str(record["converged"]),
+                               ",".join(record["qa_flags"]) or "-", str(record["evaluations"]), *errors]))
+    with atomic_path(out_tsv) as tmp:
+        tmp.write_text("\n".join(rows) + "\n")

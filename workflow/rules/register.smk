@@ -1,0 +1,38 @@
+# 2D/3D registration of each CT to its radiograph (bonedrr.register).
+
+
+rule register:
+    input:
+        density="results/{cohort}/{case}/density.nii.gz",
+        labels="results/{cohort}/{case}/labels.nii.gz",
+        xray="results/{cohort}/{case}/xray.nii.gz",
+        case="results/{cohort}/{case}/case.json",
+    output:
+        pose="results/{cohort}/{case}/pose.json",
+        overlay=report("results/{cohort}/{case}/overlay.png", category="register"),
+    log:
+        "results/{cohort}/logs/register/{case}.log",
+    params:
+        cli=BONEDRR,
+        args=register_args,
+    conda:
+        "../../envs/register.yaml"
+    shell:
+        "{params.cli} register --density {input.density} --labels {input.labels} --xray {input.xray} "
+        "--case {input.case} --out {output.pose} --overlay {output.overlay} {params.args} 2> {log}"
+
+
+rule registration_summary:
+    input:
+        lambda wc: expand("results/{{cohort}}/{case}/pose.json", case=labelled_cases(wc.cohort)),
+    output:
+        "results/{cohort}/qc/registration.tsv",
+    log:
+        "results/{cohort}/logs/registration_summary.log",
+    params:
+        cli=BONEDRR,
+        cases=lambda wc, input: " ".join(str(Path(p).parent) for p in input),
+    conda:
+        "../../envs/register.yaml"
+    shell:
+        "{params.cli} registration-summary --cases {params.cases} --out {output} 2> {log}"
