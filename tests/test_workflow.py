@@ -54,7 +54,7 @@ def test_dry_run_shows_the_dag(workdir):
     assert result.returncode == 0, result.stderr
     out = result.stdout + result.stderr
     for rule, count in (("demo_patient", 2), ("demo_samplesheet", 1), ("ingest", 4), ("reference_labels", 2),
-                        ("calibrate", 2), ("drr", 2)):
+                        ("calibrate", 2), ("register", 2), ("drr", 2), ("registration_summary", 1)):
         assert any(line.split()[:2] == [rule, str(count)] for line in out.splitlines()), out
 
 
@@ -95,8 +95,19 @@ def test_demo_cases_are_calibrated_and_rendered(workdir, run):
             assert abs(calibration["qct_vbmd_mg_cm3"][side] / truth["qct_vbmd_mg_cm3"][side] - 1) < 0.02
         drr = read_drr(folder / "drr.h5")
         assert drr["drr"].shape == (len(drr["channels"]), 48, 80) and drr["units"] == "g/cm2"
-        assert drr["geometry"] == truth["geometry"]
+        pose = json.loads((folder / "pose.json").read_text())
+        assert drr["geometry"] == pose["geometry"]  # rendered at the registered pose
+        assert (folder / "overlay.png").exists()
         assert (folder / "drr.png").stat().st_size > 5_000 and (folder / "calibration.png").exists()
+
+
+def test_registration_table_lists_errors_against_truth(workdir, run):
+    lines = (workdir / "results" / "tiny" / "qc" / "registration.tsv").read_text().splitlines()
+    header = lines[0].split("\t")
+    rows = [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+    assert [r["case_id"] for r in rows] == ["demo_000", "demo_001"]
+    for r in rows:  # 5.6 mm pixels in this tiny run: a few mm at most
+        assert float(r["mpd_mm"]) < 3.0 and float(r["rotation_error_deg"]) < 3.0
 
 
 def test_no_identifying_value_reaches_results_or_logs(workdir, run):
