@@ -27,7 +27,7 @@ rule calibrate:
     output:
         density="results/{cohort}/{case}/density.nii.gz",
         calibration="results/{cohort}/{case}/calibration.json",
-        png="results/{cohort}/{case}/calibration.png",
+        png=report("results/{cohort}/{case}/calibration.png", category="calibrate"),
     log:
         "results/{cohort}/logs/calibrate/{case}.log",
     params:

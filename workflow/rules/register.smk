@@ -26,7 +26,8 @@ rule registration_summary:
     input:
         lambda wc: expand("results/{{cohort}}/{case}/pose.json", case=labelled_cases(wc.cohort)),
     output:
-        "results/{cohort}/qc/registration.tsv",
+        report("results/{cohort}/qc/registration.tsv", category="register",
+               caption="../report/registration.rst"),
     log:
         "results/{cohort}/logs/registration_summary.log",
     params:
