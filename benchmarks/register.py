@@ -33,9 +33,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bonedrr.geometry import Geometry, ap_pose  # noqa: E402
 from bonedrr.images import index_to_world  # noqa: E402
-from bonedrr.labels import BONE_LABELS, CANONICAL_LABELS, PRESETS, remap  # noqa: E402
-from bonedrr.register import (Registration, perturb, reprojection_distance_mm, rotation_error_deg,  # noqa: E402
-                              target_registration_error_mm)
+from bonedrr.labels import PRESETS, remap  # noqa: E402
+from bonedrr.register import (Registration, bone_points, perturb, reprojection_distance_mm,  # noqa: E402
+                              rotation_error_deg, target_registration_error_mm)
 
 SHARED = REPO.parent / "shared" / "data" / "totalseg-example"
 DATA = SHARED if SHARED.is_dir() else REPO / "resources" / "totalseg_example"
@@ -61,11 +61,6 @@ def evaluate(reg: Registration, truth: Geometry, start: np.ndarray, points: np.n
             "depth_error_mm": round(tre["mean_depth_error_mm"], 3), "success": bool(mpd < 0.5 and rot < 1.0),
             "flagged": not result["converged"], "qa_flags": result["qa_flags"],
             "seconds": round(time.perf_counter() - t, 1), "drrs": result["evaluations"]}
-
-
-def bone_points(labels, affine):
-    k, j, i = np.nonzero(np.isin(labels, [CANONICAL_LABELS[n] for n in BONE_LABELS]))
-    return np.stack([i, j, k], -1)[:: max(1, len(i) // 5000)] @ affine[:3, :3].T + affine[:3, 3]
 
 
 def summary(runs: list[dict]) -> dict:

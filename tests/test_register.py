@@ -29,7 +29,7 @@ def case(demo_cases, tmp_path_factory):
     return out, folder / "demo_001" / "labels.nii.gz", record, truth
 
 
-def bone_points(labels_path):
+def pelvis_and_femur_points(labels_path):
     image = sitk.ReadImage(str(labels_path))
     labels = sitk.GetArrayFromImage(image)
     a = index_to_world(image)
@@ -52,7 +52,7 @@ def test_registers_a_virtual_patient_from_the_automatic_start(tmp_path, case):
                          tmp_path / "overlay.png", device="cpu")
     truth_geometry = Geometry.from_dict(truth["geometry"])
     found = np.asarray(pose["world_to_camera"])
-    points = bone_points(labels)
+    points = pelvis_and_femur_points(labels)
     assert pose["converged"] and pose["qa_flags"] == []
     # 2.8 mm pixels in this small test (the demo's are 1.4 mm): sub-pixel, under a degree.
     assert reprojection_distance_mm(found, truth_geometry.world_to_camera, truth_geometry, points) < 1.0

@@ -64,6 +64,13 @@ class RegistrationSettings:
     seed: int = 0
 
 
+def bone_points(labels: np.ndarray, index_to_world_: np.ndarray, max_points: int = 5000) -> np.ndarray:
+    """World coordinates (mm) of up to ``max_points`` evenly drawn bone voxels (the registered body)."""
+    k, j, i = np.nonzero(np.isin(labels, [CANONICAL_LABELS[n] for n in BONE_LABELS]))
+    points = np.stack([i, j, k], -1)[:: max(1, len(i) // max_points)].astype(float)
+    return points @ index_to_world_[:3, :3].T + index_to_world_[:3, 3]
+
+
 def gradient_correlation(a: np.ndarray, b: np.ndarray, border: int = 2) -> float:
     """Mean NCC of the Sobel derivatives of two images along rows and columns (-1..1)."""
     inner = (slice(border, -border or None), slice(border, -border or None))
@@ -139,9 +146,7 @@ class Registration:
             raise ValueError("no bone in the labels: nothing to register")
         self.renderer = Renderer(np.where(bone, density, 0).astype(np.float32), np.zeros(labels.shape, np.uint8),
                                  index_to_world_, method="siddon", device=device)
-        k, j, i = np.nonzero(bone)
-        points = np.stack([i, j, k], -1).astype(float)
-        self.bone_points = points[:: max(1, len(points) // 5000)] @ index_to_world_[:3, :3].T + index_to_world_[:3, 3]
+        self.bone_points = bone_points(labels, index_to_world_)
         self.centre = self.bone_points.mean(0)
         self.radiograph = np.asarray(radiograph, float)
         self.geometry = geometry
@@ -285,10 +290,7 @@ def registration_summary(case_dirs, out_tsv) -> None:
         if truth_path.exists():
             truth = Geometry.from_dict(json.loads(truth_path.read_text())["geometry"])
             labels_image = sitk.ReadImage(str(d / "labels.nii.gz"))
-            labels = sitk.GetArrayFromImage(labels_image)
-            a = index_to_world(labels_image)
-            k, j, i = np.nonzero(np.isin(labels, [CANONICAL_LABELS[n] for n in BONE_LABELS]))
-            points = np.stack([i, j, k], -1)[:: max(1, len(i) // 5000)] @ a[:3, :3].T + a[:3, 3]
+            points = bone_points(sitk.GetArrayFromImage(labels_image), index_to_world(labels_image))
             pose = np.asarray(record["world_to_camera"])
             tre = target_registration_error_mm(pose, truth.world_to_camera, points)
             errors = [f"{reprojection_distance_mm(pose, truth.world_to_camera, truth, points):.3f}",
