@@ -152,3 +152,31 @@ def test_drr_cli_writes_h5_and_contact_sheet(tmp_path, cases):
         assert bad.returncode == 2
         assert bad.stderr.strip().splitlines()[-1].startswith(
             "bonedrr drr: error: --device cuda was asked for, but CuPy finds no CUDA device")
+
+
+def test_cli_errors_for_bad_geometry_and_boneless_labels(tmp_path, cases):
+    ct, labels, truth = cases[1]
+    calibrate_case(ct, labels, tmp_path, PHANTOM)
+    bad = tmp_path / "geometry.json"
+    bad.write_text(json.dumps({"sdd_mm": 1000, "rows": 4}))
+    result = subprocess.run([sys.executable, "-m", "bonedrr", "drr", "--density", str(tmp_path / "density.nii.gz"),
+                             "--labels", str(labels), "--geometry", str(bad), "--out", str(tmp_path / "d.h5")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"bonedrr drr: error: {bad}: not a projection geometry: missing cols, pixel_mm, principal_point_px, "
+        "world_to_camera")
+    empty = tmp_path / "empty_labels.nii.gz"
+    blank = sitk.Image(sitk.ReadImage(str(labels)).GetSize(), sitk.sitkUInt8)  # all background
+    blank.CopyInformation(sitk.ReadImage(str(labels)))
+    sitk.WriteImage(blank, str(empty))
+    case_json = tmp_path / "case.json"
+    case_json.write_text(json.dumps({"geometry_prior": {"sdd_mm": 1100, "rows": 96, "cols": 160, "pixel_mm": [2.8, 2.8],
+                                                        "principal_point_px": [47.5, 79.5]}}))
+    sitk.WriteImage(sitk.Image(160, 96, sitk.sitkFloat32), str(tmp_path / "xray.nii.gz"))
+    result = subprocess.run([sys.executable, "-m", "bonedrr", "register", "--density", str(tmp_path / "density.nii.gz"),
+                             "--labels", str(empty), "--xray", str(tmp_path / "xray.nii.gz"), "--case", str(case_json),
+                             "--out", str(tmp_path / "pose.json")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"bonedrr register: error: {empty}: no bone in the labels: nothing to register"
+    assert not (tmp_path / "pose.json").exists()

@@ -103,8 +103,10 @@ def _drr(args) -> None:
     from bonedrr.drr import contact_sheet, render_case, write_drr
     from bonedrr.geometry import Geometry
 
-    data = json.loads(Path(args.geometry).read_text())
-    geometry = Geometry.from_dict(data.get("geometry", data))
+    try:
+        geometry = Geometry.load(args.geometry)
+    except (OSError, ValueError) as e:
+        raise BonedrrError(str(e), args.geometry) from e
     channels = json.loads(args.channels) if args.channels else None
     result = render_case(args.density, args.labels, geometry, channels=channels, method=args.method,
                          step_mm=args.step_mm, device=args.device, cut_mm=args.cut_mm)

@@ -134,7 +134,21 @@ class Geometry:
 
     @classmethod
     def load(cls, path: str | Path) -> "Geometry":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read ``geometry.json``, or any JSON holding a ``geometry`` object (pose.json, truth.json).
+
+        Raises:
+            ValueError: the file is not JSON or holds no valid geometry (the message says what is wrong).
+        """
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not JSON ({e})") from e
+        data = data.get("geometry", data) if isinstance(data, dict) else data
+        missing = [k for k in ("sdd_mm", "rows", "cols", "pixel_mm", "principal_point_px", "world_to_camera")
+                   if not isinstance(data, dict) or k not in data]
+        if missing:
+            raise ValueError(f"not a projection geometry: missing {', '.join(missing)}")
+        return cls.from_dict(data)
 
     # -- rays and projection ------------------------------------------------------------------
     def pixel_centers_camera(self) -> np.ndarray:

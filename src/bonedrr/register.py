@@ -29,6 +29,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from bonedrr.errors import InputError
 from bonedrr.geometry import Geometry, ap_pose, apply, rigid, translation
 from bonedrr.images import atomic_path, index_to_world, write_json
 from bonedrr.labels import BONE_LABELS, CANONICAL_LABELS
@@ -143,7 +144,7 @@ class Registration:
                  settings: RegistrationSettings = RegistrationSettings(), device: str = "auto"):
         bone = np.isin(labels, [CANONICAL_LABELS[n] for n in BONE_LABELS])
         if not bone.any():
-            raise ValueError("no bone in the labels: nothing to register")
+            raise InputError("no bone in the labels: nothing to register")
         self.renderer = Renderer(np.where(bone, density, 0).astype(np.float32), np.zeros(labels.shape, np.uint8),
                                  index_to_world_, method="siddon", device=device)
         self.bone_points = bone_points(labels, index_to_world_)
@@ -202,6 +203,8 @@ class Registration:
                 if optimiser.should_stop():
                     break
             pose = perturb(pose, best_x * PARAMETER_SCALE, self.centre)
+            log.info("level %d/%d (%.1f mm pixels, %dx%d): GC %.4f after %d DRRs", level + 1,
+                     len(s.level_pixels_mm), g.pixel_mm[0], g.rows, g.cols, best_value, self.evaluations)
             history.append({"pixel_mm": float(g.pixel_mm[0]), "rows": g.rows, "cols": g.cols, "gc": best_value,
                             "step": best_x.tolist(), "final_sigma": float(optimiser._sigma)})
             if np.abs(best_x).max() > 0.98 * bound:
@@ -227,8 +230,11 @@ def register_case(density_path, labels_path, xray_path, case_json: dict, out_pos
     prior = case_json["geometry_prior"]
     geometry = Geometry(prior["sdd_mm"], prior["rows"], prior["cols"], prior["pixel_mm"], prior["principal_point_px"])
     sod = prior.get("source_to_patient_mm") or sod_prior_mm or 0.82 * prior["sdd_mm"]
-    reg = Registration(sitk.GetArrayFromImage(density_image), labels, index_to_world(density_image), radiograph,
-                       geometry, sod, settings, device)
+    try:
+        reg = Registration(sitk.GetArrayFromImage(density_image), labels, index_to_world(density_image), radiograph,
+                           geometry, sod, settings, device)
+    except InputError as e:
+        raise InputError(e.message, labels_path) from e
     record = reg.run()
     record["geometry"] = geometry.with_pose(np.asarray(record["world_to_camera"])).to_dict()
     record["initial_source_to_patient_mm"] = float(sod)
@@ -269,12 +275,6 @@ def overlay(path, radiograph: np.ndarray, drr: np.ndarray, record: dict) -> None
     plt.close(fig)
 
 
-def case_geometry(path: str | Path) -> Geometry:
-    """The full geometry of a pose.json, geometry.json or any JSON with a ``geometry`` object."""
-    import json
-
-    data = json.loads(Path(path).read_text())
-    return Geometry.from_dict(data.get("geometry", data))
 
 
 def registration_summary(case_dirs, out_tsv) -> None:
