@@ -66,6 +66,18 @@ def evaluate(reg: Registration, truth: Geometry, start: np.ndarray, points: np.n
             "seconds": round(time.perf_counter() - t, 1), "drrs": result["evaluations"]}
 
 
+def demo_case(case: Path):
+    """A registered demo case's true geometry, radiograph, a Registration of it, and its bone points."""
+    truth = Geometry.from_dict(json.loads((case.parent / "demo_input" / case.name / "truth.json").read_text())[
+        "geometry"])
+    density = sitk.ReadImage(str(case / "density.nii.gz"), sitk.sitkFloat32)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "labels.nii.gz")))
+    xray = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "xray.nii.gz")))
+    reg = Registration(sitk.GetArrayFromImage(density), labels, index_to_world(density), xray, truth, 900.0,
+                       device="cpu")
+    return truth, xray, reg, bone_points(labels, index_to_world(density))
+
+
 def summary(runs: list[dict]) -> dict:
     n = len(runs)
     return {"runs": n, "success_rate": round(sum(r["success"] for r in runs) / n, 3),
@@ -79,14 +91,7 @@ def summary(runs: list[dict]) -> dict:
 def demo_cohort(n_cases: int, starts: int) -> dict:
     runs = []
     for case in sorted((REPO / "results" / "demo").glob("demo_[0-9]*"))[:n_cases]:
-        truth = Geometry.from_dict(json.loads((REPO / "results" / "demo" / "demo_input" / case.name /
-                                               "truth.json").read_text())["geometry"])
-        density = sitk.ReadImage(str(case / "density.nii.gz"), sitk.sitkFloat32)
-        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "labels.nii.gz")))
-        xray = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "xray.nii.gz")))
-        reg = Registration(sitk.GetArrayFromImage(density), labels, index_to_world(density), xray, truth, 900.0,
-                           device="cpu")
-        points = bone_points(labels, index_to_world(density))
+        truth, xray, reg, points = demo_case(case)
         rng = np.random.default_rng(abs(hash(case.name)) % 2**32)
         for s in range(starts):
             start = perturb(truth.world_to_camera, random_offset(rng), reg.centre)
@@ -124,14 +129,7 @@ def elastix_side_by_side(n_cases: int) -> dict:
 
     runs = []
     for case in sorted((REPO / "results" / "demo").glob("demo_[0-9]*"))[:n_cases]:
-        truth = Geometry.from_dict(json.loads((REPO / "results" / "demo" / "demo_input" / case.name /
-                                               "truth.json").read_text())["geometry"])
-        density = sitk.ReadImage(str(case / "density.nii.gz"), sitk.sitkFloat32)
-        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "labels.nii.gz")))
-        xray = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "xray.nii.gz")))
-        reg = Registration(sitk.GetArrayFromImage(density), labels, index_to_world(density), xray, truth, 900.0,
-                           device="cpu")
-        points = bone_points(labels, index_to_world(density))
+        truth, xray, reg, points = demo_case(case)
         rng = np.random.default_rng(1000 + len(runs))
         start = perturb(truth.world_to_camera, random_offset(rng), reg.centre)
         ours = evaluate(reg, truth, start, points)
