@@ -48,7 +48,14 @@ def test_ingest_real_ct_nifti(tmp_path, real_ct, dx):
                                        "principal_point_px": [19.5, 24.5], "source_to_patient_mm": 930.0}
     assert saved["ct"]["hu_range"] == [-1207.0, 3382.0] and saved["ct"]["format"] == "nii.gz"
     assert saved["side"] == "right" and saved["clinical"] == {"dxa_abmd_right": 0.8}
+    assert saved["patient_id"] == "real_1"  # default: the case id
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case.json", "ct.nii.gz", "xray.nii.gz"]
+
+
+def test_patient_id_groups_cases(tmp_path, dx):
+    record = ingest_case("real_1_visit2", REAL_CT, dx, tmp_path / "out", sdd_mm=1000,
+                         clinical={"patient_id": "P17", "scanner": "a"})
+    assert record["patient_id"] == "P17" and record["clinical"] == {"scanner": "a"}
 
 
 def test_ingest_checks_labels_against_the_ct_grid(tmp_path, real_ct, dx):

@@ -54,7 +54,7 @@ def _ingest(args) -> None:
     clinical = {}
     if args.clinical_from:
         clinical = json.loads(Path(args.clinical_from).read_text()).get("clinical", {})
-    for key in ("dxa_abmd_left", "dxa_abmd_right", "qct_vbmd_left", "qct_vbmd_right", "scanner"):
+    for key in ("dxa_abmd_left", "dxa_abmd_right", "qct_vbmd_left", "qct_vbmd_right", "scanner", "patient_id"):
         if getattr(args, key) is not None:
             clinical[key] = getattr(args, key)
     side = args.side or clinical.pop("side", None) or "both"
@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     for key in ("dxa_abmd_left", "dxa_abmd_right", "qct_vbmd_left", "qct_vbmd_right"):
         p.add_argument("--" + key.replace("_", "-"), type=float, dest=key)
     p.add_argument("--scanner")
+    p.add_argument("--patient-id", dest="patient_id",
+                   help="pseudonymous patient id shared by a patient's cases (default: the case id)")
     p.set_defaults(func=_ingest)
 
     p = sub.add_parser("ingest-labels", help="check manual labels against the ingested CT and copy them")

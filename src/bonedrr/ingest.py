@@ -125,7 +125,8 @@ def ingest_case(case_id: str, ct: str | Path, xray: str | Path, out_dir: str | P
             where they are; ``case.json`` records that the case has them).
         pixel_mm: The cohort's default detector pixel [row, col] for radiographs without spacing.
         sdd_mm: The cohort's default source-to-detector distance for radiographs without it.
-        clinical: Sample-sheet values to carry along (DXA/QCT BMD, scanner).
+        clinical: Sample-sheet values to carry along (DXA/QCT BMD, scanner, and ``patient_id``, which
+            becomes the record's top-level ``patient_id``; default the case id).
         cohort: The cohort's name.
 
     Raises:
@@ -144,8 +145,10 @@ def ingest_case(case_id: str, ct: str | Path, xray: str | Path, out_dir: str | P
     xray_image.SetSpacing((radiograph.pixel_mm[1], radiograph.pixel_mm[0]))
 
     hu = sitk.GetArrayViewFromImage(ct_image)
+    clinical = dict(clinical or {})
     record = {
-        "case_id": case_id, "cohort": cohort, "side": side, "clinical": clinical or {},
+        "case_id": case_id, "patient_id": clinical.pop("patient_id", case_id), "cohort": cohort, "side": side,
+        "clinical": clinical,
         "ct": {"size": list(ct_image.GetSize()), "spacing_mm": list(ct_image.GetSpacing()),
                "origin_mm": list(ct_image.GetOrigin()), "direction": list(ct_image.GetDirection()),
                "hu_range": [float(hu.min()), float(hu.max())], **ct_meta},
