@@ -73,15 +73,65 @@ def _read(path: Path, stop_before_pixels: bool = False) -> Dataset:
         raise InputError(f"unreadable or truncated DICOM ({type(e).__name__}: {e})", path) from e
 
 
+def _numbers(ds: Dataset, keyword: str, path: Path, *, count: int | None = None, positive: bool = False,
+             integer: bool = False) -> tuple | None:
+    """A numeric element's values, checked (``None`` when absent or empty).
+
+    pydicom parses element values lazily, so a damaged header only fails when a value is used: each
+    value the readers use goes through here, and any failure names the element.
+    """
+    try:
+        raw = ds.get(keyword)
+        if raw is None or raw == "":
+            return None
+        values = list(raw) if isinstance(raw, (pydicom.multival.MultiValue, list, tuple)) else [raw]
+        converted = tuple((int(str(v).strip()) if integer else float(v)) for v in values)
+    except Exception:
+        raise InputError(f"malformed {keyword} ({_shown(ds, keyword)})", path) from None
+    if count is not None and len(converted) != count:
+        raise InputError(f"malformed {keyword}: {len(converted)} values, expected {count}", path)
+    if not all(np.isfinite(converted)) or (positive and min(converted) <= 0):
+        raise InputError(f"implausible {keyword} ({_shown(ds, keyword)})", path)
+    return converted
+
+
+def _number(ds: Dataset, keyword: str, path: Path, default=None, **kwargs):
+    values = _numbers(ds, keyword, path, count=None, **kwargs)
+    if values is None:
+        return default
+    if len(values) != 1:
+        raise InputError(f"malformed {keyword}: {len(values)} values, expected 1", path)
+    return values[0]
+
+
+def _shown(ds: Dataset, keyword: str) -> str:
+    """An element's raw value for an error message, short (only technical elements are ever shown)."""
+    try:
+        text = repr(ds.get(keyword))
+    except Exception:
+        text = "unparseable"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _pixels(ds: Dataset, path: Path) -> np.ndarray:
     """Stored pixel values, after checking that the pixel data is present and complete."""
     if "PixelData" not in ds:
         raise InputError("DICOM file has no pixel data", path)
-    if ds.file_meta.TransferSyntaxUID.is_compressed is False:
-        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) \
-            * int(ds.get("NumberOfFrames", 1) or 1) * (int(ds.BitsAllocated) // 8)
-        if len(ds.PixelData) < expected:
-            raise InputError(f"truncated DICOM: pixel data has {len(ds.PixelData)} of {expected} bytes", path)
+    rows, cols = _number(ds, "Rows", path, positive=True, integer=True), \
+        _number(ds, "Columns", path, positive=True, integer=True)
+    bits = _number(ds, "BitsAllocated", path, positive=True, integer=True)
+    if rows is None or cols is None or bits is None:
+        raise InputError("DICOM image lacks Rows, Columns or BitsAllocated", path)
+    try:
+        compressed = ds.file_meta.TransferSyntaxUID.is_compressed
+        pixel_bytes = len(ds.PixelData)
+    except Exception as e:
+        raise InputError(f"malformed transfer syntax or pixel data ({type(e).__name__})", path) from None
+    if compressed is False:
+        expected = rows * cols * (_number(ds, "SamplesPerPixel", path, 1, positive=True, integer=True)) \
+            * (_number(ds, "NumberOfFrames", path, 1, positive=True, integer=True)) * (bits // 8)
+        if pixel_bytes < expected:
+            raise InputError(f"truncated DICOM: pixel data has {pixel_bytes} of {expected} bytes", path)
     try:
         return ds.pixel_array
     except Exception as e:
@@ -117,6 +167,15 @@ def read_ct_series(folder: str | Path, min_slices: int = 3) -> tuple[sitk.Image,
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError("CT folder not found", folder)
+    try:
+        return _read_ct_series(folder, min_slices)
+    except InputError:
+        raise
+    except Exception as e:  # a damaged header that no specific check caught: still the input's fault
+        raise InputError(f"malformed DICOM series ({type(e).__name__}: {e})", folder) from None
+
+
+def _read_ct_series(folder: Path, min_slices: int) -> tuple[sitk.Image, dict]:
     files = dicom_files(folder)
     if not files:
         raise InputError("folder holds no DICOM files", folder)
@@ -135,22 +194,31 @@ def read_ct_series(folder: str | Path, min_slices: int = 3) -> tuple[sitk.Image,
     if len(files) < min_slices:
         raise InputError(f"a single 2D image ({len(files)} file), not a CT volume", folder)
 
+    geometry = []  # per slice: orientation (6), position (3), pixel spacing (2), rows, columns
     for f, ds in headers:
         for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
             if tag not in ds:
                 raise InputError(f"CT slice lacks {tag}", f)
-    iop = np.asarray(headers[0][1].ImageOrientationPatient, float)
+        geometry.append((np.asarray(_numbers(ds, "ImageOrientationPatient", f, count=6)),
+                         np.asarray(_numbers(ds, "ImagePositionPatient", f, count=3)),
+                         _numbers(ds, "PixelSpacing", f, count=2, positive=True),
+                         _number(ds, "Rows", f, positive=True, integer=True),
+                         _number(ds, "Columns", f, positive=True, integer=True)))
+    iop = geometry[0][0]
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
-    for f, ds in headers:
-        if not np.allclose(np.asarray(ds.ImageOrientationPatient, float), iop, atol=1e-4):
+    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
+        raise InputError(f"ImageOrientationPatient {list(iop)} is not two orthogonal unit vectors", headers[0][0])
+    for (f, _), g in zip(headers, geometry):
+        if not np.allclose(g[0], iop, atol=1e-4):
             raise InputError("slice orientation differs from the rest of the series", f)
-        if (ds.Rows, ds.Columns) != (headers[0][1].Rows, headers[0][1].Columns):
+        if g[3:] != geometry[0][3:]:
             raise InputError("slice size differs from the rest of the series", f)
 
-    positions = np.array([np.dot(np.asarray(ds.ImagePositionPatient, float), normal) for _, ds in headers])
+    positions = np.array([np.dot(g[1], normal) for g in geometry])
     order = np.argsort(positions)
     headers = [headers[i] for i in order]
+    geometry = [geometry[i] for i in order]
     positions = positions[order]
     gaps = np.diff(positions)
     step = float(np.median(gaps))
@@ -172,13 +240,15 @@ def read_ct_series(folder: str | Path, min_slices: int = 3) -> tuple[sitk.Image,
         stored = _pixels(ds, f)
         if stored.ndim != 2:
             raise InputError("CT slice is not a single 2D frame", f)
-        slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
+        slope, intercept = _number(ds, "RescaleSlope", f, 1.0), _number(ds, "RescaleIntercept", f, 0.0)
         slices.append(stored.astype(np.float32) * slope + intercept)
     first = headers[0][1]
+    if any(s.shape != slices[0].shape for s in slices):
+        raise InputError("slice pixel data size differs from the rest of the series", folder)
     image = sitk.GetImageFromArray(np.stack(slices))
-    spacing_rc = [float(v) for v in first.PixelSpacing]
+    spacing_rc = geometry[0][2]
     image.SetSpacing((spacing_rc[1], spacing_rc[0], step))
-    image.SetOrigin(tuple(float(v) for v in first.ImagePositionPatient))
+    image.SetOrigin(tuple(float(v) for v in geometry[0][1]))
     image.SetDirection(tuple(np.stack([row_dir, col_dir, normal], axis=1).ravel()))
     return image, technical_metadata(first)
 
@@ -229,35 +299,55 @@ def read_radiograph(path: str | Path, default_pixel_mm=None) -> Radiograph:
         raise InputError("radiograph file not found", path)
     if path.suffix.lower() in RASTER_SUFFIXES:
         return _read_raster(path, default_pixel_mm)
+    try:
+        return _read_radiograph_dicom(path, default_pixel_mm)
+    except InputError:
+        raise
+    except Exception as e:  # a damaged header that no specific check caught: still the file's fault
+        raise InputError(f"malformed DICOM header ({type(e).__name__}: {e})", path) from None
+
+
+def _read_radiograph_dicom(path: Path, default_pixel_mm) -> Radiograph:
     ds = _read(path)
     modality = str(ds.get("Modality", "")).upper()
     if modality not in RADIOGRAPH_MODALITIES:
         raise InputError(f"modality is {modality or 'missing'}, not a radiograph ({'/'.join(RADIOGRAPH_MODALITIES)})",
                          path)
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+    if _number(ds, "NumberOfFrames", path, 1, integer=True) > 1:
         raise InputError("multi-frame DICOM: a radiograph must be a single frame", path)
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
+    if _number(ds, "SamplesPerPixel", path, 1, integer=True) != 1:
         raise InputError("colour DICOM: a radiograph must be greyscale", path)
-    stored = _pixels(ds, path).astype(np.float32)
+    stored = _pixels(ds, path)
+    if stored.ndim != 2:
+        raise InputError(f"pixel data has shape {stored.shape}, not one 2D frame", path)
+    stored = stored.astype(np.float32)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric == "MONOCHROME1":
-        bits = int(ds.get("BitsStored", ds.BitsAllocated))
-        lo = -(2 ** (bits - 1)) if int(ds.get("PixelRepresentation", 0)) else 0
+        bits = _number(ds, "BitsStored", path, None, positive=True, integer=True) or \
+            _number(ds, "BitsAllocated", path, positive=True, integer=True)
+        if not 1 <= bits <= 32:
+            raise InputError(f"implausible BitsStored ({bits})", path)
+        lo = -(2 ** (bits - 1)) if _number(ds, "PixelRepresentation", path, 0, integer=True) else 0
         stored = (lo + 2 ** bits - 1) - stored + lo
     elif photometric != "MONOCHROME2":
         raise InputError(f"photometric interpretation {photometric}: a radiograph must be MONOCHROME1/2", path)
-    pixels = stored * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
-    if "ImagerPixelSpacing" in ds:
-        pixel_mm, source = tuple(float(v) for v in ds.ImagerPixelSpacing), "ImagerPixelSpacing"
-    elif "PixelSpacing" in ds:
-        pixel_mm, source = tuple(float(v) for v in ds.PixelSpacing), "PixelSpacing"
+    pixels = stored * _number(ds, "RescaleSlope", path, 1.0) + _number(ds, "RescaleIntercept", path, 0.0)
+    imager = _numbers(ds, "ImagerPixelSpacing", path, count=2, positive=True)
+    plain = None if imager else _numbers(ds, "PixelSpacing", path, count=2, positive=True)
+    if imager:
+        pixel_mm, source = imager, "ImagerPixelSpacing"
+    elif plain:
+        pixel_mm, source = plain, "PixelSpacing"
     elif default_pixel_mm is not None:
         pixel_mm, source = tuple(float(v) for v in default_pixel_mm), "config"
     else:
         raise InputError("radiograph has no ImagerPixelSpacing or PixelSpacing and the cohort config sets "
                          "no xray.pixel_mm default", path)
-    sdd = float(ds.DistanceSourceToDetector) if ds.get("DistanceSourceToDetector") else None
-    sod = float(ds.DistanceSourceToPatient) if ds.get("DistanceSourceToPatient") else None
+    sdd = _number(ds, "DistanceSourceToDetector", path, positive=True)
+    sod = _number(ds, "DistanceSourceToPatient", path, positive=True)
+    if sdd is not None and sod is not None and sod >= sdd:
+        raise InputError(f"DistanceSourceToPatient ({sod:g} mm) is not shorter than DistanceSourceToDetector "
+                         f"({sdd:g} mm)", path)
     return Radiograph(pixels.astype(np.float32), pixel_mm, source, sdd, sod, technical_metadata(ds))
 
 
