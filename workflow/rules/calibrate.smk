@@ -10,6 +10,10 @@ rule reference_labels:
         "results/{cohort}/{case}/labels.nii.gz",
     log:
         "results/{cohort}/logs/reference_labels/{case}.log",
+    threads: 1
+    resources:
+        mem_mb=mem_mb(1000, 12),
+        runtime=5,
     params:
         cli=BONEDRR,
         labels=reference_labels_path,
@@ -30,6 +34,10 @@ rule calibrate:
         png=report("results/{cohort}/{case}/calibration.png", category="calibrate"),
     log:
         "results/{cohort}/logs/calibrate/{case}.log",
+    threads: 1
+    resources:
+        mem_mb=mem_mb(1500, 16),
+        runtime=15,
     params:
         cli=BONEDRR,
         args=calibrate_args,

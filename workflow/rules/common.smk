@@ -152,3 +152,15 @@ def drr_args(wildcards):
     if d.get("channels"):
         args.append(f"--channels {shlex.quote(json.dumps(d['channels']))}")
     return " ".join(args)
+
+
+# Resources of the heavy per-case jobs. Memory grows with the job's input (a CT's voxels) and with
+# each retry (`attempt`, profiles/slurm retries), so a job killed for memory comes back with more.
+def mem_mb(base_mb, per_input_mb=0):
+    return lambda wildcards, input, attempt: int((base_mb + per_input_mb * input.size_mb) * attempt)
+
+
+def gpus():
+    """GPUs a GPU-capable job asks the scheduler for: one with `device: cuda`, none otherwise (with
+    `auto` a job uses a GPU only where the scheduler happens to give it one)."""
+    return 1 if CONFIG["device"] == "cuda" else 0

@@ -6,6 +6,10 @@ rule demo_patient:
         directory("results/{cohort}/demo_input/{case}"),
     log:
         "results/{cohort}/logs/demo_patient/{case}.log",
+    threads: 1
+    resources:
+        mem_mb=mem_mb(2000),
+        runtime=10,
     params:
         cli=BONEDRR,
         settings=demo_args,
@@ -24,6 +28,10 @@ rule demo_samplesheet:
         "results/{cohort}/demo_input/samples.tsv",
     log:
         "results/{cohort}/logs/demo_samplesheet.log",
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
     params:
         cli=BONEDRR,
         settings=demo_args,

@@ -12,6 +12,11 @@ rule drr:
         png=report("results/{cohort}/{case}/drr.png", category="drr"),
     log:
         "results/{cohort}/logs/drr/{case}.log",
+    threads: 2
+    resources:
+        mem_mb=mem_mb(2000, 16),
+        runtime=15,
+        gpu=gpus(),
     params:
         cli=BONEDRR,
         args=drr_args,

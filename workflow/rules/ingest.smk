@@ -10,6 +10,10 @@ rule ingest:
         case="results/{cohort}/{case}/case.json",
     log:
         "results/{cohort}/logs/ingest/{case}.log",
+    threads: 1
+    resources:
+        mem_mb=mem_mb(1500, 12),
+        runtime=15,
     params:
         cli=BONEDRR,
         args=ingest_args,
@@ -28,6 +32,10 @@ rule ingest_overview:
         table="results/{cohort}/qc/ingest.tsv",
     log:
         "results/{cohort}/logs/ingest_overview.log",
+    threads: 1
+    resources:
+        mem_mb=mem_mb(1000, 2),
+        runtime=10,
     params:
         cli=BONEDRR,
         cases=lambda wc, input: " ".join(str(Path(p).parent) for p in input),

@@ -12,6 +12,11 @@ rule register:
         overlay=report("results/{cohort}/{case}/overlay.png", category="register"),
     log:
         "results/{cohort}/logs/register/{case}.log",
+    threads: 2
+    resources:
+        mem_mb=mem_mb(2000, 16),
+        runtime=30,
+        gpu=gpus(),
     params:
         cli=BONEDRR,
         args=register_args,
@@ -30,6 +35,10 @@ rule registration_summary:
                caption="../report/registration.rst"),
     log:
         "results/{cohort}/logs/registration_summary.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
     params:
         cli=BONEDRR,
         cases=lambda wc, input: " ".join(str(Path(p).parent) for p in input),

@@ -7,9 +7,15 @@ same memory.
 from __future__ import annotations
 
 import math
+import os
 
 import numba
 import numpy as np
+
+# A scheduler's thread budget (Snakemake and SLURM jobs set OMP_NUM_THREADS to the job's threads):
+# numba would otherwise start one thread per core of the node and oversubscribe it.
+if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+    numba.set_num_threads(max(1, min(int(os.environ["OMP_NUM_THREADS"]), numba.config.NUMBA_NUM_THREADS)))
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
