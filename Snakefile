@@ -32,6 +32,7 @@ include: "workflow/rules/ingest.smk"
 include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/register.smk"
 include: "workflow/rules/drr.smk"
+include: "workflow/rules/outcome.smk"
 
 
 rule all:

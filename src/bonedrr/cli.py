@@ -152,10 +152,35 @@ def _check_config(args) -> None:
         print(f"{cohort}: {len(rows)} cases")
 
 
+def _accept_staged(args) -> None:
+    from bonedrr.outcome import accept_staged
+
+    accept_staged(args.staged, args.out, args.names)
+
+
+def _case_outcome(args) -> None:
+    from bonedrr.images import write_json
+    from bonedrr.outcome import case_outcome
+
+    record = case_outcome(args.case_id, args.ingest_status, args.pose)
+    write_json(args.out, record)
+    log.info("%s: %s", args.case_id, "ok" if record["ok"] else f"failed at {record['stage']}: {record['reason']}")
+
+
+def _failures(args) -> None:
+    from bonedrr.outcome import failures_table
+
+    failed = failures_table(args.outcomes, args.out)
+    log.info("%d of %d cases failed", len(failed), len(args.outcomes))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bonedrr", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"bonedrr {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--status", metavar="JSON",
+                        help="record the outcome in this file; an input or config error is then recorded "
+                             "(and logged) and the exit status is 0, so a workflow can go on without the case")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo-cohort", help="make virtual patients (CT + radiograph + truth) from the template CT")
@@ -260,6 +285,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", required=True, help="TSV to write")
     p.set_defaults(func=_ingest_overview)
 
+    p = sub.add_parser("accept-staged", help="move a checked stage's files from staging into the case folder")
+    p.add_argument("--staged", required=True, help="the staging folder")
+    p.add_argument("--out", required=True, help="the case folder")
+    p.add_argument("names", nargs="+", help="file names to move")
+    p.set_defaults(func=_accept_staged)
+
+    p = sub.add_parser("case-outcome", help="whether a case reached the training data, or where and why it failed")
+    p.add_argument("--case-id", required=True)
+    p.add_argument("--ingest-status", required=True, help="status/ingest.json")
+    p.add_argument("--pose", help="pose.json (registration QA)")
+    p.add_argument("--out", required=True, help="outcome.json to write")
+    p.set_defaults(func=_case_outcome)
+
+    p = sub.add_parser("failures", help="a cohort's failed cases and their reasons, one TSV")
+    p.add_argument("--outcomes", nargs="+", required=True, help="outcome.json of every case")
+    p.add_argument("--out", required=True, help="failures.tsv to write")
+    p.set_defaults(func=_failures)
+
     p = sub.add_parser("check-config", help="validate a config and its sample sheets")
     p.add_argument("config")
     p.add_argument("--base-dir", default=".", help="folder that relative sample-sheet paths start from")
@@ -277,7 +320,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"bonedrr {args.command}: error: {e}", file=sys.stderr)
+        if args.status:
+            from bonedrr.outcome import write_status
+
+            write_status(args.status, args.command, e)
+            return 0
         return 2
+    if args.status:
+        from bonedrr.outcome import write_status
+
+        write_status(args.status, args.command, None)
     return 0
 
 

@@ -38,18 +38,48 @@ def demo_case_dir(cohort, case):
 
 
 def all_outputs():
-    """The targets of the default rule: each stage's final per-case and per-cohort files."""
+    """The targets of the default rule: each case's outcome (which pulls in its stages, or records
+    why it failed) and each cohort's summaries."""
     outputs = []
     for cohort, cases in CASES.items():
         if is_demo(cohort):
             outputs.append(f"results/{cohort}/demo_input/samples.tsv")
-        outputs += [f"results/{cohort}/{case}/case.json" for case in cases]
-        outputs.append(f"results/{cohort}/qc/ingest.png")
-        labelled = labelled_cases(cohort)
-        outputs += [f"results/{cohort}/{case}/drr.h5" for case in labelled]
-        if labelled:
+        outputs += [f"results/{cohort}/{case}/outcome.json" for case in cases]
+        outputs += [f"results/{cohort}/qc/ingest.png", f"results/{cohort}/qc/failures.tsv"]
+        if labelled_cases(cohort):
             outputs.append(f"results/{cohort}/qc/registration.tsv")
     return outputs
+
+
+def staging_dir(wildcards):
+    return f"results/{wildcards.cohort}/{wildcards.case}/.staged"
+
+
+def ingest_ok(cohort, case):
+    """Whether the case's input passed ingest (waits for its ingest_check checkpoint)."""
+    status = checkpoints.ingest_check.get(cohort=cohort, case=case).output.status
+    with open(status) as f:
+        return json.load(f)["ok"]
+
+
+def ingested_cases(cohort):
+    return [case for case in CASES[cohort] if ingest_ok(cohort, case)]
+
+
+def registrable_cases(cohort):
+    return [case for case in labelled_cases(cohort) if ingest_ok(cohort, case)]
+
+
+def case_outcome_inputs(wildcards):
+    """A case's outcome needs its ingest record and, when ingest passed, its last stages."""
+    cohort, case = wildcards.cohort, wildcards.case
+    inputs = {"status": checkpoints.ingest_check.get(cohort=cohort, case=case).output.status}
+    if ingest_ok(cohort, case):
+        inputs["case"] = f"results/{cohort}/{case}/case.json"
+        if has_reference_labels(cohort, case):
+            inputs["pose"] = f"results/{cohort}/{case}/pose.json"
+            inputs["drr"] = f"results/{cohort}/{case}/drr.h5"
+    return inputs
 
 
 def demo_args(wildcards):

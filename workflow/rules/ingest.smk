@@ -1,13 +1,19 @@
 # Ingest: each case's CT and radiograph, checked and converted (bonedrr.ingest).
+#
+# A checkpoint: a case whose input cannot be used is recorded (status/ingest.json, ok false, with the
+# reason) instead of failing the job, so the workflow goes on with the other cases and leaves this
+# one out of everything downstream (bonedrr.outcome). Files of a good case are written to a staging
+# folder and moved into place by the ingest rule.
+
+localrules:
+    ingest,
 
 
-rule ingest:
+checkpoint ingest_check:
     input:
         unpack(ingest_inputs),
     output:
-        ct="results/{cohort}/{case}/ct.nii.gz",
-        xray="results/{cohort}/{case}/xray.nii.gz",
-        case="results/{cohort}/{case}/case.json",
+        status="results/{cohort}/{case}/status/ingest.json",
     log:
         "results/{cohort}/logs/ingest/{case}.log",
     threads: 1
@@ -17,16 +23,36 @@ rule ingest:
     params:
         cli=BONEDRR,
         args=ingest_args,
+        staged=staging_dir,
     conda:
         "../../envs/ingest.yaml"
     shell:
-        "{params.cli} ingest --case-id {wildcards.case} --cohort {wildcards.cohort} "
-        "--out results/{wildcards.cohort}/{wildcards.case} {params.args} 2> {log}"
+        "{params.cli} --status {output.status} ingest --case-id {wildcards.case} "
+        "--cohort {wildcards.cohort} --out {params.staged} {params.args} 2> {log}"
+
+
+rule ingest:
+    input:
+        status="results/{cohort}/{case}/status/ingest.json",
+    output:
+        ct="results/{cohort}/{case}/ct.nii.gz",
+        xray="results/{cohort}/{case}/xray.nii.gz",
+        case="results/{cohort}/{case}/case.json",
+    log:
+        "results/{cohort}/logs/ingest_accept/{case}.log",
+    params:
+        cli=BONEDRR,
+        staged=staging_dir,
+    conda:
+        "../../envs/ingest.yaml"
+    shell:
+        "{params.cli} accept-staged --staged {params.staged} --out results/{wildcards.cohort}/{wildcards.case} "
+        "ct.nii.gz xray.nii.gz case.json 2> {log}"
 
 
 rule ingest_overview:
     input:
-        lambda wc: expand("results/{{cohort}}/{case}/case.json", case=CASES[wc.cohort]),
+        lambda wc: expand("results/{{cohort}}/{case}/case.json", case=ingested_cases(wc.cohort)),
     output:
         png=report("results/{cohort}/qc/ingest.png", category="ingest"),
         table="results/{cohort}/qc/ingest.tsv",
