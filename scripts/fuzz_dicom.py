@@ -35,7 +35,8 @@ RESULTS = REPO / "benchmarks" / "results" / "fuzz_dicom.json"
 
 
 def one(kind: str, seed: int, seeds: dict, work: Path) -> str:
-    """Fuzz one mutant; returns "read" or "refused", raises on a crash."""
+    """Fuzz one mutant; returns "read" or "refused", raises on a crash of the reader (a failure of
+    the mutator itself is a bug of this harness and stops the run)."""
     if kind.startswith("dx"):
         path = work / "x.dcm"
         path.write_bytes(mutant(seeds[kind], seed))
@@ -47,11 +48,28 @@ def one(kind: str, seed: int, seeds: dict, work: Path) -> str:
         victim = sorted(folder.iterdir())[seed % 4]
         victim.write_bytes(mutant(victim.read_bytes(), seed))
         target = lambda: read_ct_series(folder)  # noqa: E731
+    return run_reader(target)
+
+
+class ReaderCrash(Exception):
+    pass
+
+
+def run_reader(target) -> str:
     try:
         target()
         return "read"
     except InputError:
         return "refused"
+    except Exception as e:
+        raise ReaderCrash(f"{type(e).__name__}: {e}") from e
+
+
+def _where(error: BaseException) -> str:
+    """The innermost project frame of a traceback (file:line function)."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if "bonedrr" in f.filename]
+    f = (frames or traceback.extract_tb(error.__traceback__))[-1]
+    return f"{Path(f.filename).name}:{f.lineno} {f.name}"
 
 
 def main() -> int:
@@ -82,10 +100,10 @@ def main() -> int:
             for kind in kinds:
                 try:
                     counts[kind][one(kind, seed, seeds, work)] += 1
-                except Exception as e:
+                except ReaderCrash as e:
                     counts[kind]["crashed"] += 1
-                    crashes.append({"reader": kind, "seed": seed, "error": f"{type(e).__name__}: {e}"[:300],
-                                    "where": traceback.format_exc().strip().splitlines()[-3].strip()})
+                    crashes.append({"reader": kind, "seed": seed, "error": str(e)[:300],
+                                    "where": _where(e.__cause__)})
             seed += 1
     run = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "minutes": round((time.monotonic() - t0) / 60, 2),
            "seeds": [start_seed, seed], "mutants": sum(sum(c.values()) for c in counts.values()),

@@ -82,7 +82,7 @@ def mutate_elements(data: bytes, rng: random.Random, n_edits: int = 3) -> bytes:
 def _as_us(value: str) -> int | str:
     try:
         return int(float(value)) % 65536
-    except ValueError:
+    except (ValueError, OverflowError):  # "nan", "inf", "abc"
         return 0
 
 

@@ -2,6 +2,7 @@
 # bonedrr package (bonedrr.config): this file only adapts it to Snakemake.
 
 import json
+import os
 import shlex
 
 from bonedrr.config import cohort_cases, validate_config
@@ -13,6 +14,39 @@ try:
     CASES = cohort_cases(CONFIG, base_dir=Path.cwd())
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
+
+
+# A run killed with SIGKILL (or by a node failure) leaves Snakemake's lock behind, and the next run of the
+# same command would refuse to start. The lock is stale when the Snakemake process that took it (its
+# PID is recorded below, at the start of every run) is gone: then it is released here, before this run
+# takes its own. A live run keeps its lock.
+RUN_PID = Path(".snakemake") / "bonedrr_run.pid"
+
+
+def release_stale_lock():
+    locks = list((Path(".snakemake") / "locks").glob("*.lock"))
+    if not locks or not RUN_PID.exists():
+        return
+    try:
+        os.kill(int(RUN_PID.read_text().split()[0]), 0)  # signal 0: only asks whether the process exists
+        alive = True
+    except PermissionError:  # it exists, under another user
+        alive = True
+    except (OSError, ValueError, IndexError):
+        alive = False
+    if not alive:
+        for lock in locks:
+            lock.unlink(missing_ok=True)
+        RUN_PID.unlink(missing_ok=True)
+        print("bonedrr: released the lock of an interrupted run (its Snakemake process is gone)", file=sys.stderr)
+
+
+release_stale_lock()
+
+
+onstart:
+    RUN_PID.parent.mkdir(exist_ok=True)
+    RUN_PID.write_text(f"{os.getpid()}\n")
 
 
 def bonedrr_command():
