@@ -280,7 +280,7 @@ def find_trainer_class(name: str):
 
 
 def train_segmenter(cases: list[tuple[str, str | Path, str | Path]], workdir: str | Path, model_out: str | Path,
-                    settings: TrainSettings | None = None) -> dict:
+                    settings: TrainSettings | None = None, keep_workdir: bool = False) -> dict:
     """Train an nnU-Net v2 model on labelled CTs; leave a standard model folder at ``model_out``.
 
     Args:
@@ -289,6 +289,8 @@ def train_segmenter(cases: list[tuple[str, str | Path, str | Path]], workdir: st
             (results/<cohort>/segmenter/work in the workflow); emptied first.
         model_out: The trained model folder to write (replaced atomically).
         settings: Trainer, epochs, fold, device, plans; default nnU-Net's own.
+        keep_workdir: Keep nnU-Net's raw and preprocessed data (default: delete them once the model
+            folder is written; the model folder holds all that prediction needs).
 
     Returns:
         The training record (also ``model_out/training.json``): cases, settings, plans summary,
@@ -370,9 +372,20 @@ def train_segmenter(cases: list[tuple[str, str | Path, str | Path]], workdir: st
     if model_out.exists():
         shutil.rmtree(model_out)
     os.replace(tmp, model_out)
+    if not keep_workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
     log.info("trained %s on %d cases in %.0f s; pseudo Dice %s", record["nnunet"]["trainer"], len(cases),
              sum(timings.values()), {k: round(v, 3) for k, v in record["pseudo_dice"].items()})
     return record
+
+
+def copy_progress_png(model_dir: str | Path, record: dict, out: str | Path) -> None:
+    """nnU-Net's training curves (``fold_X/progress.png``: losses, pseudo Dice, learning rate), copied."""
+    source = Path(model_dir) / f"fold_{record['nnunet']['fold']}" / "progress.png"
+    if not source.is_file():
+        raise InputError("nnU-Net wrote no progress.png", source.parent)
+    with atomic_path(out) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 @contextlib.contextmanager

@@ -49,6 +49,7 @@ def all_outputs():
         outputs += [f"results/{cohort}/{case}/drr.h5" for case in labelled]
         if labelled:
             outputs.append(f"results/{cohort}/qc/registration.tsv")
+            outputs.append(f"results/{cohort}/qc/segmentation.tsv")
     return outputs
 
 
@@ -133,7 +134,9 @@ def calibrate_args(wildcards):
 
 
 def labelled_cases(cohort):
-    return [case for case in CASES[cohort] if has_reference_labels(cohort, case)]
+    """The cases that get labels.nii.gz (from the segment rule) and so go downstream: every case of a
+    cohort with a `segmentation` block (demo cohorts always have one), none of a cohort without."""
+    return list(CASES[cohort]) if "segmentation" in CONFIG["cohorts"][cohort] else []
 
 
 def register_args(wildcards):
@@ -151,4 +154,102 @@ def drr_args(wildcards):
         args.append(f"--step-mm {d['step_mm']}")
     if d.get("channels"):
         args.append(f"--channels {shlex.quote(json.dumps(d['channels']))}")
+    return " ".join(args)
+
+
+def segmentation_config(cohort):
+    return CONFIG["cohorts"][cohort]["segmentation"]
+
+
+def segmenter_training_cases(cohort):
+    """Cases whose reference labels train the cohort's model (`segmentation.training_cases`)."""
+    wanted = segmentation_config(cohort).get("training_cases")
+    labelled = [case for case in CASES[cohort] if has_reference_labels(cohort, case)]
+    if wanted is None:
+        chosen = labelled
+    elif isinstance(wanted, int):
+        chosen = labelled[:wanted]
+    else:
+        missing = [case for case in wanted if case not in labelled]
+        if missing:
+            raise WorkflowError(f"config error: cohort {cohort!r}: field 'segmentation.training_cases': "
+                                f"{', '.join(missing)} are not cases with reference labels")
+        chosen = list(wanted)
+    if not chosen:
+        raise WorkflowError(f"config error: cohort {cohort!r}: field 'segmentation.model': 'train' needs cases "
+                            "with reference labels (the sample sheet's labels column)")
+    return chosen
+
+
+def reference_labels_file(cohort, case):
+    """A case's reference labels (demo: its true labels; real: the sample sheet's), or None."""
+    if is_demo(cohort):
+        return f"{demo_case_dir(cohort, case)}/labels.nii.gz"
+    return CASES[cohort][case].get("labels")
+
+
+def segmentation_model(cohort):
+    """The cohort's nnU-Net model folder: trained by the workflow, or the one named in config."""
+    model = segmentation_config(cohort)["model"]
+    return f"results/{cohort}/segmenter/model" if model == "train" else model
+
+
+def reference_labels_dependency(cohort, case):
+    """What a job reading a case's reference labels depends on: a demo case's folder (a directory
+    output of demo_patient), or the sample sheet's labels file."""
+    return demo_case_dir(cohort, case) if is_demo(cohort) else reference_labels_file(cohort, case)
+
+
+def train_segmenter_inputs(wildcards):
+    cases = segmenter_training_cases(wildcards.cohort)
+    return {"ct": [f"results/{wildcards.cohort}/{case}/ct.nii.gz" for case in cases],
+            "references": [reference_labels_dependency(wildcards.cohort, case) for case in cases]}
+
+
+def train_segmenter_labels(wildcards):
+    return " ".join(shlex.quote(reference_labels_file(wildcards.cohort, case))
+                    for case in segmenter_training_cases(wildcards.cohort))
+
+
+def train_segmenter_args(wildcards, threads):
+    """`bonedrr train-segmenter` options from the cohort's `segmentation` block."""
+    s = segmentation_config(wildcards.cohort)
+    args = [f"--case-ids {' '.join(segmenter_training_cases(wildcards.cohort))}", f"--trainer {s['trainer']}",
+            f"--fold {s['fold']}", f"--configuration {s['configuration']}", f"--device {s['device']}",
+            f"--processes {max(1, threads - 1)}", f"--threads {threads}"]
+    for key in ("epochs", "iterations_per_epoch", "val_iterations_per_epoch"):
+        if s.get(key) is not None:
+            args.append(f"--{key.replace('_', '-')} {s[key]}")
+    for key, value in (s.get("plans") or {}).items():
+        if value is not None:
+            value = " ".join(map(str, value)) if isinstance(value, list) else value
+            args.append(f"--{key.replace('_', '-')} {value}")
+    return " ".join(args)
+
+
+def segment_inputs(wildcards):
+    inputs = {"ct": f"results/{wildcards.cohort}/{wildcards.case}/ct.nii.gz",
+              "case": f"results/{wildcards.cohort}/{wildcards.case}/case.json",
+              "model": segmentation_model(wildcards.cohort)}
+    if reference_labels_file(wildcards.cohort, wildcards.case):
+        inputs["reference"] = reference_labels_dependency(wildcards.cohort, wildcards.case)
+    return inputs
+
+
+def segment_args(wildcards):
+    """`bonedrr segment` options: preset, fold, device, reference labels, split, checks."""
+    s = segmentation_config(wildcards.cohort)
+    preset = s["preset"] if isinstance(s["preset"], str) else json.dumps(s["preset"])
+    args = [f"--preset {shlex.quote(preset)}", f"--fold {s['fold']}", f"--device {s['device']}",
+            f"--labels-downstream {s['labels_downstream']}"]
+    reference = reference_labels_file(wildcards.cohort, wildcards.case)
+    if reference:
+        args.append(f"--reference {shlex.quote(reference)}")
+    if s["model"] == "train":
+        training = wildcards.case in segmenter_training_cases(wildcards.cohort)
+        args.append(f"--split {'train' if training else 'test'}")
+    elif reference:
+        args.append("--split test")
+    if s.get("plausible_volume_cm3"):
+        args.append(f"--plausible-volume-cm3 {shlex.quote(json.dumps(s['plausible_volume_cm3']))}")
     return " ".join(args)
