@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="folder for nnU-Net's raw/preprocessed/results and temp files")
     p.add_argument("--out", required=True, help="the trained model folder to write")
     p.add_argument("--progress-png", help="copy of nnU-Net's training curves to write")
-    p.add_argument("--trainer", default="nnUNetTrainer", help="nnU-Net trainer class name")
+    p.add_argument("--trainer", default="nnUNetTrainerNoMirroring",
+                   help="nnU-Net trainer class name (nnU-Net's, or bonedrr's nnUNetTrainerBonedrr)")
     p.add_argument("--epochs", type=int, help="epochs (default: the trainer's, 1000)")
     p.add_argument("--iterations-per-epoch", type=int, help="training iterations per epoch (default: 250)")
     p.add_argument("--val-iterations-per-epoch", type=int, help="validation iterations per epoch (default: 50)")

@@ -32,7 +32,7 @@ from bonedrr.errors import ConfigError
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "workflow" / "schemas"
 #: Defaults of a cohort's ``segmentation`` block (None: nnU-Net's own choice).
 SEGMENTATION_DEFAULTS = {
-    "preset": "canonical", "trainer": "nnUNetTrainer", "epochs": None, "iterations_per_epoch": None,
+    "preset": "canonical", "trainer": "nnUNetTrainerNoMirroring", "epochs": None, "iterations_per_epoch": None,
     "val_iterations_per_epoch": None, "fold": "all", "configuration": "3d_fullres", "plans": {},
     "labels_downstream": "predicted", "plausible_volume_cm3": {},
 }

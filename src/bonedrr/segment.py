@@ -67,8 +67,8 @@ DATASET_NAME = f"Dataset{DATASET_ID:03d}_bonedrr"
 PLAUSIBLE_VOLUME_CM3: dict[str, tuple[float, float]] = {"femur": (20.0, 1500.0), "hip": (40.0, 1200.0)}
 #: Structures whose Dice and surface distance are reported (every canonical label).
 STRUCTURES = tuple(CANONICAL_LABELS)
-_NNUNET_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA",
-                     "nnUNet_def_n_proc", "nnUNet_compile", "TMPDIR", "TMP", "TEMP")
+#: bonedrr's nnU-Net trainers (``nnUNetTrainerBonedrr``), found by nnU-Net through ``nnUNet_extTrainer``.
+TRAINERS_DIR = Path(__file__).resolve().parent / "nnunet_trainers"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -80,6 +80,7 @@ def nnunet_environment(workdir: str | Path, processes: int = 1):
     """Point nnU-Net's folders and every temporary file at ``workdir`` while the block runs.
 
     Sets ``nnUNet_raw``, ``nnUNet_preprocessed``, ``nnUNet_results`` (``workdir/nnUNet_*``),
+    ``nnUNet_extTrainer`` (:data:`TRAINERS_DIR`, so that nnU-Net finds bonedrr's trainers by name),
     ``TMPDIR``/``TMP``/``TEMP`` and Python's :data:`tempfile.tempdir` (``workdir/tmp``), the number of
     data-augmentation and preprocessing processes, and disables ``torch.compile`` (slow to start, and
     unsupported on CPU). nnU-Net 2.8 reads its path variables when it uses them, so setting them here
@@ -100,9 +101,9 @@ def nnunet_environment(workdir: str | Path, processes: int = 1):
                "results": workdir / "nnUNet_results", "tmp": workdir / "tmp"}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
-    saved = {k: os.environ.get(k) for k in _NNUNET_VARIABLES}
+    saved = dict(os.environ)  # nnU-Net also sets variables of its own (KMP_*) when imported
     saved_tempdir = tempfile.tempdir
-    os.environ.update({"nnUNet_raw": str(folders["raw"]), "nnUNet_preprocessed": str(folders["preprocessed"]),
+    os.environ.update({"nnUNet_extTrainer": str(TRAINERS_DIR),"nnUNet_raw": str(folders["raw"]), "nnUNet_preprocessed": str(folders["preprocessed"]),
                        "nnUNet_results": str(folders["results"]), "nnUNet_n_proc_DA": str(processes),
                        "nnUNet_def_n_proc": str(max(processes, 1)), "nnUNet_compile": "false",
                        "TMPDIR": str(folders["tmp"]), "TMP": str(folders["tmp"]), "TEMP": str(folders["tmp"])})
@@ -110,11 +111,9 @@ def nnunet_environment(workdir: str | Path, processes: int = 1):
     try:
         yield folders
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        for k in set(os.environ) - set(saved):
+            del os.environ[k]
+        os.environ.update(saved)
         tempfile.tempdir = saved_tempdir
 
 
@@ -164,8 +163,9 @@ class TrainSettings:
     """How nnU-Net trains. ``None`` keeps nnU-Net's own choice (the defaults for a real cohort).
 
     Attributes:
-        trainer: An nnU-Net trainer class name (found by nnU-Net's lookup, e.g. ``nnUNetTrainer``,
-            ``nnUNetTrainer_250epochs``, ``nnUNetTrainerNoMirroring``).
+        trainer: An nnU-Net trainer class name, found by nnU-Net's lookup (nnU-Net's own, e.g.
+            ``nnUNetTrainerNoMirroring``, the default: nnU-Net's trainer without mirroring, which lateral
+            labels need; or bonedrr's ``nnUNetTrainerBonedrr``).
         epochs: Epochs (nnUNetTrainer: 1000).
         iterations_per_epoch: Training iterations per epoch (nnUNetTrainer: 250).
         val_iterations_per_epoch: Validation iterations per epoch (nnUNetTrainer: 50).
@@ -183,7 +183,7 @@ class TrainSettings:
         threads: torch CPU threads (default: torch's, one per core).
     """
 
-    trainer: str = "nnUNetTrainer"
+    trainer: str = "nnUNetTrainerNoMirroring"
     epochs: int | None = None
     iterations_per_epoch: int | None = None
     val_iterations_per_epoch: int | None = None

@@ -1,0 +1,34 @@
+"""nnU-Net trainers of bonedrr, found by nnU-Net through ``nnUNet_extTrainer`` (set to this folder by
+:func:`bonedrr.segment.nnunet_environment`; set it yourself to use a model trained with them from
+nnU-Net's own command line, e.g. ``nnUNet_extTrainer=src/bonedrr/nnunet_trainers nnUNetv2_predict ...``).
+
+This folder is searched by file, not imported as part of the bonedrr package: keep it to trainer
+classes that only import nnU-Net and torch.
+"""
+
+import torch
+from torch.optim import AdamW
+
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring import (
+    nnUNetTrainerNoMirroring)
+
+
+class nnUNetTrainerBonedrr(nnUNetTrainerNoMirroring):
+    """nnU-Net's trainer without mirroring, with AdamW at 1e-3: for a few hundred CPU iterations.
+
+    No mirroring: the labels are lateral (femur_left/right, ...), and a mirrored patch would teach the
+    network that a left femur may look like a right one (nnU-Net's ``nnUNetTrainerNoMirroring``, as
+    TotalSegmentator trains). AdamW at 1e-3 (as nnU-Net's ``nnUNetTrainerAdam1en3``): it reaches useful
+    Dice within a few hundred iterations, where nnU-Net's SGD schedule is tuned for 250 000 of them.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-3
+
+    def configure_optimizers(self):
+        optimizer = AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay,
+                          amsgrad=True)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
