@@ -562,7 +562,8 @@ def segment_case(ct_path: str | Path, model_dir: str | Path, out_labels: str | P
         record_path: segmentation.json to write.
         overlay: segmentation.png to write.
         use_reference_downstream: Write the reference (not the prediction) as ``out_labels`` when there
-            is one (the prediction is still made and measured).
+            is one (the prediction is still made, measured and checked; an implausible prediction is
+            then recorded and logged, and the reference is what must pass the checks).
         threads: torch CPU threads (default: torch's).
         split: ``train`` or ``test``: whether the case trained the model (recorded for the summary).
 
@@ -602,24 +603,25 @@ def segment_case(ct_path: str | Path, model_dir: str | Path, out_labels: str | P
             raise InputError(f"reference labels {ref_array.shape[::-1]} are not on the CT's grid "
                              f"{array.shape[::-1]}", reference)
         record["metrics"] = compare_labels(array, ref_array, ct.GetSpacing()[::-1])
-    problem = None
     try:
         check_plausible(volumes, side, plausible_volume_cm3)
     except InputError as e:
-        problem = e
         record.update(plausible=False, problem=e.message)
+    downstream_is_reference = use_reference_downstream and ref_array is not None
+    if downstream_is_reference:
+        record["labels_downstream"] = "reference"
+        labels = sitk.GetImageFromArray(ref_array.astype(np.uint8))
+        labels.CopyInformation(ct)
+        if record["problem"]:
+            log.warning("the prediction is implausible (%s), but the reference labels go downstream", record["problem"])
     if overlay:
         overlay_png(ct, array, overlay, title=_overlay_title(Path(ct_path).parent.name, record), reference=ref_array)
     if record_path:
         write_json(record_path, record)
-    if problem is not None:
-        raise InputError(problem.message, ct_path)
-    if use_reference_downstream and ref_array is not None:
-        labels = sitk.GetImageFromArray(ref_array.astype(np.uint8))
-        labels.CopyInformation(ct)
-        record["labels_downstream"] = "reference"
-        if record_path:
-            write_json(record_path, record)
+    if downstream_is_reference:  # what goes downstream must be plausible
+        check_plausible(volumes_cm3(ref_array, ct.GetSpacing()), side, plausible_volume_cm3)
+    elif record["problem"]:
+        raise InputError(record["problem"], ct_path)
     write_image(sitk.Cast(labels, sitk.sitkUInt8), out_labels)
     log.info("segmented %s in %.1f s (%s): femur L/R %.0f/%.0f cm3, hip L/R %.0f/%.0f cm3%s", ct_path,
              t2 - t1, record["device"], volumes["femur_left"], volumes["femur_right"], volumes["hip_left"],
