@@ -104,18 +104,6 @@ def has_reference_labels(cohort, case):
     return is_demo(cohort) or "labels" in CASES[cohort][case]
 
 
-def reference_labels_path(wildcards):
-    if is_demo(wildcards.cohort):
-        return f"{demo_case_dir(wildcards.cohort, wildcards.case)}/labels.nii.gz"
-    return shlex.quote(CASES[wildcards.cohort][wildcards.case]["labels"])
-
-
-def reference_labels_inputs(wildcards):
-    if is_demo(wildcards.cohort):
-        return {"case_dir": demo_case_dir(wildcards.cohort, wildcards.case)}
-    return {"labels": CASES[wildcards.cohort][wildcards.case]["labels"]}
-
-
 def calibrate_args(wildcards):
     """`bonedrr calibrate` options from the cohort's calibration settings and the case's scanner."""
     c = CONFIG["cohorts"][wildcards.cohort]["calibration"]
