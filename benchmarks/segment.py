@@ -45,11 +45,9 @@ print(json.dumps({"rows": rows, "peak_rss_mb": resource.getrusage(resource.RUSAG
 _PEER = r"""
 import json, os, resource, sys, time, torch
 torch.set_num_threads(int(sys.argv[3]))
-from bonedrr.segment import nnunet_environment
+from bonedrr.segment import load_predictor, nnunet_environment
 with nnunet_environment(sys.argv[2] + "/work"):
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    p = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
-    p.initialize_from_trained_model_folder(sys.argv[1], use_folds=("all",))
+    p = load_predictor(sys.argv[1], "all", "cpu")  # nnU-Net's predictor, bonedrr's trainer lookup
     times = []
     for i, ct in enumerate(sys.argv[4:]):
         t = time.perf_counter()

@@ -67,8 +67,6 @@ DATASET_NAME = f"Dataset{DATASET_ID:03d}_bonedrr"
 PLAUSIBLE_VOLUME_CM3: dict[str, tuple[float, float]] = {"femur": (20.0, 1500.0), "hip": (40.0, 1200.0)}
 #: Structures whose Dice and surface distance are reported (every canonical label).
 STRUCTURES = tuple(CANONICAL_LABELS)
-#: bonedrr's nnU-Net trainers (``nnUNetTrainerBonedrr``), found by nnU-Net through ``nnUNet_extTrainer``.
-TRAINERS_DIR = Path(__file__).resolve().parent / "nnunet_trainers"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -80,7 +78,6 @@ def nnunet_environment(workdir: str | Path, processes: int = 1):
     """Point nnU-Net's folders and every temporary file at ``workdir`` while the block runs.
 
     Sets ``nnUNet_raw``, ``nnUNet_preprocessed``, ``nnUNet_results`` (``workdir/nnUNet_*``),
-    ``nnUNet_extTrainer`` (:data:`TRAINERS_DIR`, so that nnU-Net finds bonedrr's trainers by name),
     ``TMPDIR``/``TMP``/``TEMP`` and Python's :data:`tempfile.tempdir` (``workdir/tmp``), the number of
     data-augmentation and preprocessing processes, and disables ``torch.compile`` (slow to start, and
     unsupported on CPU). nnU-Net 2.8 reads its path variables when it uses them, so setting them here
@@ -103,7 +100,7 @@ def nnunet_environment(workdir: str | Path, processes: int = 1):
         folder.mkdir(parents=True, exist_ok=True)
     saved = dict(os.environ)  # nnU-Net also sets variables of its own (KMP_*) when imported
     saved_tempdir = tempfile.tempdir
-    os.environ.update({"nnUNet_extTrainer": str(TRAINERS_DIR),"nnUNet_raw": str(folders["raw"]), "nnUNet_preprocessed": str(folders["preprocessed"]),
+    os.environ.update({"nnUNet_raw": str(folders["raw"]), "nnUNet_preprocessed": str(folders["preprocessed"]),
                        "nnUNet_results": str(folders["results"]), "nnUNet_n_proc_DA": str(processes),
                        "nnUNet_def_n_proc": str(max(processes, 1)), "nnUNet_compile": "false",
                        "TMPDIR": str(folders["tmp"]), "TMP": str(folders["tmp"]), "TEMP": str(folders["tmp"])})
@@ -265,18 +262,35 @@ def write_raw_dataset(cases: list[tuple[str, str | Path, str | Path]], raw_dir: 
 
 
 def find_trainer_class(name: str):
-    """An nnU-Net trainer class by name, as ``nnUNetv2_train`` finds it.
+    """An nnU-Net trainer class by name: bonedrr's (``bonedrr.nnunet_trainers``) or nnU-Net's own.
+
+    nnU-Net's own lookup (``recursive_find_trainer_class_by_name``) imports every trainer module it
+    passes, Primus's among them, which needs timm and so torchvision; where torchvision cannot be
+    imported (beside the pinned CPU torch) that lookup fails for every trainer it reaches after
+    Primus. This walk skips modules that cannot be imported instead.
 
     Raises:
         ConfigError: No such trainer.
     """
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    import importlib
+    import pkgutil
 
-    try:
-        return recursive_find_trainer_class_by_name(name)
-    except RuntimeError as e:
-        raise ConfigError(f"config error: nnU-Net trainer {name!r} not found (a class of "
-                          "nnunetv2.training.nnUNetTrainer, or under nnUNet_extTrainer)") from e
+    import nnunetv2.training.nnUNetTrainer as trainers
+
+    import bonedrr.nnunet_trainers as ours
+
+    for package in (ours, trainers):
+        modules = [package.__name__ + "." + m.name for m in pkgutil.walk_packages(
+            package.__path__, onerror=lambda _: None) if not m.ispkg]
+        for module in [package.__name__] + modules:
+            try:
+                found = getattr(importlib.import_module(module), name, None)
+            except Exception:  # an optional trainer whose extra dependencies are missing
+                continue
+            if isinstance(found, type):
+                return found
+    raise ConfigError(f"config error: nnU-Net trainer {name!r} not found (neither in bonedrr.nnunet_trainers "
+                      "nor in nnunetv2.training.nnUNetTrainer)")
 
 
 def train_segmenter(cases: list[tuple[str, str | Path, str | Path]], workdir: str | Path, model_out: str | Path,
@@ -446,8 +460,23 @@ def load_predictor(model_dir: str | Path, fold: str | int = "all", device: str =
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
                                 perform_everything_on_device=torch_dev.type == "cuda", device=torch_dev,
                                 verbose=False, allow_tqdm=False)
+    # What initialize_from_trained_model_folder does, with bonedrr's trainer lookup (find_trainer_class).
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    dataset_json = json.loads((model_dir / "dataset.json").read_text())
+    plans_manager = PlansManager(json.loads((model_dir / "plans.json").read_text()))
+    state = torch.load(model_dir / f"fold_{fold}" / checkpoint, map_location="cpu", weights_only=False)
+    configuration = plans_manager.get_configuration(state["init_args"]["configuration"])
+    label_manager = plans_manager.get_label_manager(dataset_json)
+    network = find_trainer_class(state["trainer_name"]).build_network_architecture(
+        plans_manager, configuration, determine_num_input_channels(plans_manager, configuration, dataset_json),
+        label_manager.num_segmentation_heads, enable_deep_supervision=False)
+    network.load_state_dict(state["network_weights"])
     with _quiet():
-        predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=(fold,), checkpoint_name=checkpoint)
+        predictor.manual_initialization(network, plans_manager, configuration, [state["network_weights"]],
+                                        dataset_json, state["trainer_name"],
+                                        state.get("inference_allowed_mirroring_axes"))
     return predictor
 
 

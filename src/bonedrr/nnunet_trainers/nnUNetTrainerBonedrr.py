@@ -1,8 +1,7 @@
-"""nnU-Net trainers of bonedrr, found by nnU-Net through ``nnUNet_extTrainer`` (set to this folder by
-:func:`bonedrr.segment.nnunet_environment`; set it yourself to use a model trained with them from
-nnU-Net's own command line, e.g. ``nnUNet_extTrainer=src/bonedrr/nnunet_trainers nnUNetv2_predict ...``).
+"""nnU-Net trainers of bonedrr, found by name by :func:`bonedrr.segment.find_trainer_class`.
 
-This folder is searched by file, not imported as part of the bonedrr package: keep it to trainer
+To use a model trained with them from nnU-Net's own command line, point nnU-Net at this folder:
+``nnUNet_extTrainer=src/bonedrr/nnunet_trainers nnUNetv2_predict ...``. Keep these modules to trainer
 classes that only import nnU-Net and torch.
 """
 
