@@ -624,13 +624,15 @@ def segment_case(ct_path: str | Path, model_dir: str | Path, out_labels: str | P
               "volumes_cm3": volumes, "plausible": True, "problem": None, "metrics": None}
     ref_array = None
     if reference is not None:
-        ref_image = read_volume(reference)
-        ref_array = sitk.GetArrayFromImage(ref_image)
-        if reference_preset is not None:
-            ref_array = remap(ref_array, resolve_mapping(reference_preset))
-        if ref_array.shape != array.shape:
-            raise InputError(f"reference labels {ref_array.shape[::-1]} are not on the CT's grid "
-                             f"{array.shape[::-1]}", reference)
+        if reference_preset is None:
+            from bonedrr.ingest import read_labels
+
+            ref_array = sitk.GetArrayFromImage(read_labels(reference, ct))  # grid and ids checked
+        else:
+            ref_array = remap(sitk.GetArrayFromImage(read_volume(reference)), resolve_mapping(reference_preset))
+            if ref_array.shape != array.shape:
+                raise InputError(f"reference labels {ref_array.shape[::-1]} are not on the CT's grid "
+                                 f"{array.shape[::-1]}", reference)
         record["metrics"] = compare_labels(array, ref_array, ct.GetSpacing()[::-1])
     try:
         check_plausible(volumes, side, plausible_volume_cm3)

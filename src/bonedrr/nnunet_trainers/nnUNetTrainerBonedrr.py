@@ -9,17 +9,19 @@ import torch
 from torch.optim import AdamW
 
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring import (
-    nnUNetTrainerNoMirroring)
+from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoDA import nnUNetTrainerNoDA
 
 
-class nnUNetTrainerBonedrr(nnUNetTrainerNoMirroring):
-    """nnU-Net's trainer without mirroring, with AdamW at 1e-3: for a few hundred CPU iterations.
+class nnUNetTrainerBonedrr(nnUNetTrainerNoDA):
+    """nnU-Net's trainer without data augmentation, with AdamW at 1e-3: for a few hundred CPU iterations.
 
-    No mirroring: the labels are lateral (femur_left/right, ...), and a mirrored patch would teach the
-    network that a left femur may look like a right one (nnU-Net's ``nnUNetTrainerNoMirroring``, as
-    TotalSegmentator trains). AdamW at 1e-3 (as nnU-Net's ``nnUNetTrainerAdam1en3``): it reaches useful
-    Dice within a few hundred iterations, where nnU-Net's SGD schedule is tuned for 250 000 of them.
+    No augmentation (nnU-Net's ``nnUNetTrainerNoDA``), hence no mirroring either: the labels are
+    lateral (femur_left/right, ...), and a mirrored patch would teach the network that a left femur may
+    look like a right one (TotalSegmentator trains without mirroring for the same reason); the rest of
+    nnU-Net's augmentation pays off over its 250 000 iterations, not over a few hundred, and the demo's
+    virtual patients already differ in shape, size and scanner. AdamW at 1e-3 (as nnU-Net's
+    ``nnUNetTrainerAdam1en3``) reaches useful Dice within a few hundred iterations, where nnU-Net's
+    SGD schedule is tuned for 250 000. For a real cohort use nnU-Net's own (``nnUNetTrainerNoMirroring``).
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
