@@ -29,6 +29,7 @@ wildcard_constraints:
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/ingest.smk"
+include: "workflow/rules/segment.smk"
 include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/register.smk"
 include: "workflow/rules/drr.smk"

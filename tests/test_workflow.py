@@ -40,7 +40,14 @@ def workdir(tmp_path_factory) -> Path:
                                 "swapped\tdata/real.dcm\tdata/real.dcm\tleft\t\n")
     config = {"cohorts": {
         "tiny": {"demo": {"n_patients": 2, "seed": 5, "rows": 48, "cols": 80, "nifti_png_every": 2},
-                 "xray": {"sdd_mm": 1100, "pixel_mm": [5.6, 5.6]}},
+                 "xray": {"sdd_mm": 1100, "pixel_mm": [5.6, 5.6]},
+                 # demo_000 trains a seconds-long nnU-Net that segments both cases; its labels are too
+                 # rough for the checks of later stages below, so those use the true labels.
+                 "segmentation": {"model": "train", "training_cases": 1, "trainer": "nnUNetTrainerBonedrr",
+                                  "configuration": "2d", "epochs": 2, "iterations_per_epoch": 3,
+                                  "val_iterations_per_epoch": 1, "labels_downstream": "reference",
+                                  "plans": {"target_spacing_mm": 9.0, "patch_size": [48, 48], "batch_size": 4,
+                                            "base_features": 8, "max_features": 32}}},
         "real": {"samples": "real.tsv", "calibration": {"method": "internal"}},
     }}
     (d / "config.yaml").write_text(yaml.safe_dump(config))
@@ -108,6 +115,23 @@ def test_demo_cases_are_calibrated_and_rendered(workdir, run):
         assert drr["geometry"] == pose["geometry"]  # rendered at the registered pose
         assert (folder / "overlay.png").exists()
         assert (folder / "drr.png").stat().st_size > 5_000 and (folder / "calibration.png").exists()
+
+
+def test_segmenter_is_trained_and_segments_every_demo_case(workdir, run):
+    results = workdir / "results" / "tiny"
+    training = json.loads((results / "segmenter" / "model" / "training.json").read_text())
+    assert training["cases"] == ["demo_000"] and training["nnunet"]["trainer"] == "nnUNetTrainerBonedrr"
+    assert not (results / "segmenter" / "work").exists()  # nnU-Net's raw and preprocessed data are removed
+    lines = (results / "qc" / "segmentation.tsv").read_text().splitlines()
+    rows = [dict(zip(lines[0].split("\t"), line.split("\t"))) for line in lines[1:]]
+    assert [(r["case_id"], r["split"], r["labels_downstream"]) for r in rows] == [
+        ("demo_000", "train", "reference"), ("demo_001", "test", "reference")]
+    assert all(0.0 <= float(r["dice_femur_left"]) <= 1.0 for r in rows)
+    for case in ("demo_000", "demo_001"):
+        assert (results / case / "segmentation.png").stat().st_size > 10_000
+        record = json.loads((results / case / "segmentation.json").read_text())
+        assert record["device"] == "cpu" and "femur_left" in record["metrics"]
+    assert (results / "qc" / "segmentation.png").is_file() and (results / "qc" / "segmenter_training.png").is_file()
 
 
 def test_registration_table_lists_errors_against_truth(workdir, run):

@@ -143,6 +143,46 @@ def _ingest_overview(args) -> None:
     ingest_overview(args.cases, args.png, args.table)
 
 
+def _train_segmenter(args) -> None:
+    from bonedrr.segment import TrainSettings, train_segmenter
+
+    if not len(args.case_ids) == len(args.ct) == len(args.labels):
+        raise BonedrrError(f"--case-ids, --ct and --labels name {len(args.case_ids)}, {len(args.ct)} and "
+                           f"{len(args.labels)} items; they must match one to one")
+    settings = TrainSettings(trainer=args.trainer, epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch,
+                             val_iterations_per_epoch=args.val_iterations_per_epoch, fold=args.fold,
+                             configuration=args.configuration, device=args.device,
+                             target_spacing_mm=args.target_spacing_mm, patch_size=args.patch_size,
+                             batch_size=args.batch_size, base_features=args.base_features,
+                             max_features=args.max_features, processes=args.processes, threads=args.threads)
+    record = train_segmenter(list(zip(args.case_ids, args.ct, args.labels)), args.workdir, args.out, settings,
+                             keep_workdir=args.keep_workdir)
+    if args.progress_png:
+        from bonedrr.segment import copy_progress_png
+
+        copy_progress_png(args.out, record, args.progress_png)
+
+
+def _segment(args) -> None:
+    from bonedrr.segment import segment_case
+
+    preset = json.loads(args.preset) if args.preset.lstrip().startswith("{") else args.preset
+    side = args.side
+    if side is None and args.case:
+        side = json.loads(Path(args.case).read_text()).get("side", "both")
+    volumes = json.loads(args.plausible_volume_cm3) if args.plausible_volume_cm3 else None
+    segment_case(args.ct, args.model, args.out, preset=preset, fold=args.fold, device=args.device,
+                 side=side or "both", reference=args.reference, plausible_volume_cm3=volumes, record_path=args.record,
+                 overlay=args.overlay, use_reference_downstream=args.labels_downstream == "reference",
+                 threads=args.threads, split=args.split)
+
+
+def _segmentation_summary(args) -> None:
+    from bonedrr.segment import segmentation_summary
+
+    segmentation_summary(args.cases, args.out, args.png)
+
+
 def _check_config(args) -> None:
     from bonedrr.config import cohort_cases, load_config
 
@@ -302,6 +342,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outcomes", nargs="+", required=True, help="outcome.json of every case")
     p.add_argument("--out", required=True, help="failures.tsv to write")
     p.set_defaults(func=_failures)
+
+    p = sub.add_parser("train-segmenter", help="train an nnU-Net v2 model on labelled CTs (plan, preprocess, train)")
+    p.add_argument("--case-ids", nargs="+", required=True, help="training case ids")
+    p.add_argument("--ct", nargs="+", required=True, help="their ct.nii.gz, in the same order")
+    p.add_argument("--labels", nargs="+", required=True, help="their canonical labels on the CT grids, same order")
+    p.add_argument("--workdir", required=True, help="folder for nnU-Net's raw/preprocessed/results and temp files")
+    p.add_argument("--out", required=True, help="the trained model folder to write")
+    p.add_argument("--progress-png", help="copy of nnU-Net's training curves to write")
+    p.add_argument("--trainer", default="nnUNetTrainerNoMirroring",
+                   help="nnU-Net trainer class name (nnU-Net's, or bonedrr's nnUNetTrainerBonedrr)")
+    p.add_argument("--epochs", type=int, help="epochs (default: the trainer's, 1000)")
+    p.add_argument("--iterations-per-epoch", type=int, help="training iterations per epoch (default: 250)")
+    p.add_argument("--val-iterations-per-epoch", type=int, help="validation iterations per epoch (default: 50)")
+    p.add_argument("--fold", default="all", choices=["all", "0", "1", "2", "3", "4"],
+                   help="'all' (every labelled case trains) or a fold of nnU-Net's 5-fold split")
+    p.add_argument("--configuration", default="3d_fullres", choices=["3d_fullres", "2d"], help="nnU-Net configuration")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--target-spacing-mm", type=float, help="isotropic working voxel size (default: nnU-Net's)")
+    p.add_argument("--patch-size", type=int, nargs="+", help="training patch in voxels (default: nnU-Net's)")
+    p.add_argument("--batch-size", type=int, help="patches per iteration (default: nnU-Net's)")
+    p.add_argument("--base-features", type=int, help="features of the first U-Net stage (default: 32)")
+    p.add_argument("--max-features", type=int, help="most features of a stage (default: 320 in 3D, 512 in 2D)")
+    p.add_argument("--processes", type=int, default=1, help="preprocessing and data-augmentation processes")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--keep-workdir", action="store_true", help="keep nnU-Net's raw and preprocessed data")
+    p.set_defaults(func=_train_segmenter)
+
+    p = sub.add_parser("segment", help="segment one CT with an nnU-Net v2 model into canonical labels")
+    p.add_argument("--ct", required=True, help="ct.nii.gz (HU)")
+    p.add_argument("--model", required=True, help="nnU-Net v2 trained model folder (with plans.json, fold_X/)")
+    p.add_argument("--out", required=True, help="labels.nii.gz to write (canonical ids)")
+    p.add_argument("--record", help="segmentation.json to write (volumes, plausibility, Dice, timing)")
+    p.add_argument("--overlay", help="segmentation.png to write (coronal and axial slices with contours)")
+    p.add_argument("--preset", default="canonical",
+                   help='label preset (canonical, totalsegmentator_v2) or JSON {"model id": "canonical name"}')
+    p.add_argument("--fold", default="all", help="the model's fold to use")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--case", help="case.json (its side is checked for a femur)")
+    p.add_argument("--side", choices=["left", "right", "both"], help="measured side (default: from --case)")
+    p.add_argument("--reference", help="reference labels (canonical ids, CT grid) for Dice and surface distance")
+    p.add_argument("--labels-downstream", choices=["predicted", "reference"], default="predicted",
+                   help="write the reference instead of the prediction where there is one")
+    p.add_argument("--plausible-volume-cm3", help='JSON {"femur": [lo, hi], "hip": [lo, hi]}')
+    p.add_argument("--split", choices=["train", "test"], help="whether the case trained the model (recorded)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.set_defaults(func=_segment)
+
+    p = sub.add_parser("segmentation-summary", help="a cohort's segmentations: Dice table and picture")
+    p.add_argument("--cases", nargs="+", required=True, help="case results folders (with segmentation.json)")
+    p.add_argument("--out", required=True, help="TSV to write")
+    p.add_argument("--png", required=True, help="Dice picture to write")
+    p.set_defaults(func=_segmentation_summary)
 
     p = sub.add_parser("check-config", help="validate a config and its sample sheets")
     p.add_argument("config")

@@ -26,9 +26,16 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
 from bonedrr.demo.naming import DEFAULTS as DEMO
+from bonedrr.demo.naming import SEGMENTATION_DEFAULTS as DEMO_SEGMENTATION
 from bonedrr.errors import ConfigError
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "workflow" / "schemas"
+#: Defaults of a cohort's ``segmentation`` block (None: nnU-Net's own choice).
+SEGMENTATION_DEFAULTS = {
+    "preset": "canonical", "trainer": "nnUNetTrainerNoMirroring", "epochs": None, "iterations_per_epoch": None,
+    "val_iterations_per_epoch": None, "fold": "all", "configuration": "3d_fullres", "plans": {},
+    "labels_downstream": "predicted", "plausible_volume_cm3": {},
+}
 NUMERIC_COLUMNS = ("dxa_abmd_left", "dxa_abmd_right", "qct_vbmd_left", "qct_vbmd_right")
 
 
@@ -62,6 +69,8 @@ def _describe(error) -> tuple[list, str]:
 def validate_config(config: dict) -> dict:
     """Validate a config dict against ``config.schema.yaml``; return it with defaults filled in.
 
+    A demo cohort without a ``segmentation`` block gets :data:`bonedrr.demo.naming.SEGMENTATION_DEFAULTS`.
+
     Raises:
         ConfigError: ``config error: cohort 'NAME': field 'a.b': problem`` (or without the cohort
             for top-level keys).
@@ -94,6 +103,9 @@ def validate_config(config: dict) -> dict:
         if "demo" in cohort:
             defaults = {k: DEMO[k] for k in ("rows", "cols", "nifti_png_every", "template")}
             cohort["demo"] = {**defaults, "abmd_range": list(DEMO["abmd_range"]), **cohort["demo"]}
+            cohort.setdefault("segmentation", copy.deepcopy(DEMO_SEGMENTATION))
+        if "segmentation" in cohort:
+            cohort["segmentation"] = {**SEGMENTATION_DEFAULTS, "device": config["device"], **cohort["segmentation"]}
     return config
 
 

@@ -1,26 +1,4 @@
-# Labels until segmentation exists (the sample sheet's or the demo's manual labels), and density
-# calibration (bonedrr.calibrate).
-
-
-rule reference_labels:
-    input:
-        unpack(reference_labels_inputs),
-        ct="results/{cohort}/{case}/ct.nii.gz",
-    output:
-        "results/{cohort}/{case}/labels.nii.gz",
-    log:
-        "results/{cohort}/logs/reference_labels/{case}.log",
-    threads: 1
-    resources:
-        mem_mb=mem_mb(1000, 12),
-        runtime=5,
-    params:
-        cli=BONEDRR,
-        labels=reference_labels_path,
-    conda:
-        "../../envs/ingest.yaml"
-    shell:
-        "{params.cli} ingest-labels --labels {params.labels} --ct {input.ct} --out {output} 2> {log}"
+# Density calibration (bonedrr.calibrate); labels come from segment (workflow/rules/segment.smk).
 
 
 rule calibrate:

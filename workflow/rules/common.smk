@@ -82,6 +82,7 @@ def all_outputs():
         outputs += [f"results/{cohort}/qc/ingest.png", f"results/{cohort}/qc/failures.tsv"]
         if labelled_cases(cohort):
             outputs.append(f"results/{cohort}/qc/registration.tsv")
+            outputs.append(f"results/{cohort}/qc/segmentation.tsv")
     return outputs
 
 
@@ -100,7 +101,9 @@ def ingested_cases(cohort):
     return [case for case in CASES[cohort] if ingest_ok(cohort, case)]
 
 
-def registrable_cases(cohort):
+def downstream_cases(cohort):
+    """The cases that get labels and go on to registration and DRRs: passed ingest, and in a
+    cohort that segments (labelled_cases)."""
     return [case for case in labelled_cases(cohort) if ingest_ok(cohort, case)]
 
 
@@ -110,7 +113,7 @@ def case_outcome_inputs(wildcards):
     inputs = {"status": checkpoints.ingest_check.get(cohort=cohort, case=case).output.status}
     if ingest_ok(cohort, case):
         inputs["case"] = f"results/{cohort}/{case}/case.json"
-        if has_reference_labels(cohort, case):
+        if case in labelled_cases(cohort):
             inputs["pose"] = f"results/{cohort}/{case}/pose.json"
             inputs["drr"] = f"results/{cohort}/{case}/drr.h5"
     return inputs
@@ -167,18 +170,6 @@ def has_reference_labels(cohort, case):
     return is_demo(cohort) or "labels" in CASES[cohort][case]
 
 
-def reference_labels_path(wildcards):
-    if is_demo(wildcards.cohort):
-        return f"{demo_case_dir(wildcards.cohort, wildcards.case)}/labels.nii.gz"
-    return shlex.quote(CASES[wildcards.cohort][wildcards.case]["labels"])
-
-
-def reference_labels_inputs(wildcards):
-    if is_demo(wildcards.cohort):
-        return {"case_dir": demo_case_dir(wildcards.cohort, wildcards.case)}
-    return {"labels": CASES[wildcards.cohort][wildcards.case]["labels"]}
-
-
 def calibrate_args(wildcards):
     """`bonedrr calibrate` options from the cohort's calibration settings and the case's scanner."""
     c = CONFIG["cohorts"][wildcards.cohort]["calibration"]
@@ -197,7 +188,9 @@ def calibrate_args(wildcards):
 
 
 def labelled_cases(cohort):
-    return [case for case in CASES[cohort] if has_reference_labels(cohort, case)]
+    """The cases that get labels.nii.gz (from the segment rule) and so go downstream: every case of a
+    cohort with a `segmentation` block (demo cohorts always have one), none of a cohort without."""
+    return list(CASES[cohort]) if "segmentation" in CONFIG["cohorts"][cohort] else []
 
 
 def register_args(wildcards):
@@ -228,3 +221,100 @@ def gpus():
     """GPUs a GPU-capable job asks the scheduler for: one with `device: cuda`, none otherwise (with
     `auto` a job uses a GPU only where the scheduler happens to give it one)."""
     return 1 if CONFIG["device"] == "cuda" else 0
+
+def segmentation_config(cohort):
+    return CONFIG["cohorts"][cohort]["segmentation"]
+
+
+def segmenter_training_cases(cohort):
+    """Cases whose reference labels train the cohort's model (`segmentation.training_cases`)."""
+    wanted = segmentation_config(cohort).get("training_cases")
+    labelled = [case for case in CASES[cohort] if has_reference_labels(cohort, case) and ingest_ok(cohort, case)]
+    if wanted is None:
+        chosen = labelled
+    elif isinstance(wanted, int):
+        chosen = labelled[:wanted]
+    else:
+        missing = [case for case in wanted if case not in labelled]
+        if missing:
+            raise WorkflowError(f"config error: cohort {cohort!r}: field 'segmentation.training_cases': "
+                                f"{', '.join(missing)} are not cases with reference labels")
+        chosen = list(wanted)
+    if not chosen:
+        raise WorkflowError(f"config error: cohort {cohort!r}: field 'segmentation.model': 'train' needs cases "
+                            "with reference labels (the sample sheet's labels column)")
+    return chosen
+
+
+def reference_labels_file(cohort, case):
+    """A case's reference labels (demo: its true labels; real: the sample sheet's), or None."""
+    if is_demo(cohort):
+        return f"{demo_case_dir(cohort, case)}/labels.nii.gz"
+    return CASES[cohort][case].get("labels")
+
+
+def segmentation_model(cohort):
+    """The cohort's nnU-Net model folder: trained by the workflow, or the one named in config."""
+    model = segmentation_config(cohort)["model"]
+    return f"results/{cohort}/segmenter/model" if model == "train" else model
+
+
+def reference_labels_dependency(cohort, case):
+    """What a job reading a case's reference labels depends on: a demo case's folder (a directory
+    output of demo_patient), or the sample sheet's labels file."""
+    return demo_case_dir(cohort, case) if is_demo(cohort) else reference_labels_file(cohort, case)
+
+
+def train_segmenter_inputs(wildcards):
+    cases = segmenter_training_cases(wildcards.cohort)
+    return {"ct": [f"results/{wildcards.cohort}/{case}/ct.nii.gz" for case in cases],
+            "references": [reference_labels_dependency(wildcards.cohort, case) for case in cases]}
+
+
+def train_segmenter_labels(wildcards):
+    return " ".join(shlex.quote(reference_labels_file(wildcards.cohort, case))
+                    for case in segmenter_training_cases(wildcards.cohort))
+
+
+def train_segmenter_args(wildcards, threads):
+    """`bonedrr train-segmenter` options from the cohort's `segmentation` block."""
+    s = segmentation_config(wildcards.cohort)
+    args = [f"--case-ids {' '.join(segmenter_training_cases(wildcards.cohort))}", f"--trainer {s['trainer']}",
+            f"--fold {s['fold']}", f"--configuration {s['configuration']}", f"--device {s['device']}",
+            f"--processes {max(1, threads - 1)}", f"--threads {threads}"]
+    for key in ("epochs", "iterations_per_epoch", "val_iterations_per_epoch"):
+        if s.get(key) is not None:
+            args.append(f"--{key.replace('_', '-')} {s[key]}")
+    for key, value in (s.get("plans") or {}).items():
+        if value is not None:
+            value = " ".join(map(str, value)) if isinstance(value, list) else value
+            args.append(f"--{key.replace('_', '-')} {value}")
+    return " ".join(args)
+
+
+def segment_inputs(wildcards):
+    inputs = {"ct": f"results/{wildcards.cohort}/{wildcards.case}/ct.nii.gz",
+              "case": f"results/{wildcards.cohort}/{wildcards.case}/case.json",
+              "model": segmentation_model(wildcards.cohort)}
+    if reference_labels_file(wildcards.cohort, wildcards.case):
+        inputs["reference"] = reference_labels_dependency(wildcards.cohort, wildcards.case)
+    return inputs
+
+
+def segment_args(wildcards):
+    """`bonedrr segment` options: preset, fold, device, reference labels, split, checks."""
+    s = segmentation_config(wildcards.cohort)
+    preset = s["preset"] if isinstance(s["preset"], str) else json.dumps(s["preset"])
+    args = [f"--preset {shlex.quote(preset)}", f"--fold {s['fold']}", f"--device {s['device']}",
+            f"--labels-downstream {s['labels_downstream']}"]
+    reference = reference_labels_file(wildcards.cohort, wildcards.case)
+    if reference:
+        args.append(f"--reference {shlex.quote(reference)}")
+    if s["model"] == "train":
+        training = wildcards.case in segmenter_training_cases(wildcards.cohort)
+        args.append(f"--split {'train' if training else 'test'}")
+    elif reference:
+        args.append("--split test")
+    if s.get("plausible_volume_cm3"):
+        args.append(f"--plausible-volume-cm3 {shlex.quote(json.dumps(s['plausible_volume_cm3']))}")
+    return " ".join(args)

@@ -29,7 +29,7 @@ rule register:
 
 rule registration_summary:
     input:
-        lambda wc: expand("results/{{cohort}}/{case}/pose.json", case=registrable_cases(wc.cohort)),
+        lambda wc: expand("results/{{cohort}}/{case}/pose.json", case=downstream_cases(wc.cohort)),
     output:
         report("results/{cohort}/qc/registration.tsv", category="register",
                caption="../report/registration.rst"),

@@ -11,6 +11,17 @@ DEFAULTS = {
     "phantom_rods_mg_cm3": (0.0, 100.0, 200.0, 400.0, 800.0),  # hydroxyapatite rods in water-like resin
 }
 
+#: Segmentation of a demo cohort without a ``segmentation`` block (config/config.yaml states the same):
+#: the first 6 virtual patients train a small 2D nnU-Net (axial slices at 4.5 mm, a few minutes on two
+#: CPU cores), which then segments every patient; the others are its held-out test cases.
+SEGMENTATION_DEFAULTS = {
+    "model": "train", "preset": "canonical", "training_cases": 6, "trainer": "nnUNetTrainerBonedrr",
+    "configuration": "2d", "epochs": 30,
+    "iterations_per_epoch": 10, "val_iterations_per_epoch": 2,
+    "plans": {"target_spacing_mm": 4.5, "patch_size": [96, 96], "batch_size": 8, "base_features": 16,
+              "max_features": 128},
+}
+
 
 def case_id(index: int) -> str:
     """The id of the demo cohort's ``index``-th case."""

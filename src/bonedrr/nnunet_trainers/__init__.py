@@ -1,0 +1,1 @@
+"""nnU-Net trainer classes of bonedrr (see nnUNetTrainerBonedrr.py)."""

@@ -1,0 +1,71 @@
+# Segmentation with nnU-Net v2 (bonedrr.segment): a model trained on the cohort's labelled cases
+# (segmentation.model: train) or a given model folder segments every case into canonical labels.
+
+
+rule train_segmenter:
+    input:
+        unpack(train_segmenter_inputs),
+    output:
+        model=directory("results/{cohort}/segmenter/model"),
+        progress=report("results/{cohort}/qc/segmenter_training.png", category="segment",
+                        caption="../report/segmenter_training.rst"),
+    log:
+        "results/{cohort}/logs/train_segmenter.log",
+    threads: workflow.cores
+    resources:
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 720 * attempt,
+        gpu=gpus(),
+    params:
+        cli=BONEDRR,
+        args=train_segmenter_args,
+        labels=train_segmenter_labels,
+    conda:
+        "../../envs/segment.yaml"
+    shell:
+        "{params.cli} train-segmenter --ct {input.ct} --labels {params.labels} "
+        "--workdir results/{wildcards.cohort}/segmenter/work --out {output.model} "
+        "--progress-png {output.progress} {params.args} 2> {log}"
+
+
+rule segment:
+    input:
+        unpack(segment_inputs),
+    output:
+        labels="results/{cohort}/{case}/labels.nii.gz",
+        record="results/{cohort}/{case}/segmentation.json",
+        overlay=report("results/{cohort}/{case}/segmentation.png", category="segment"),
+    log:
+        "results/{cohort}/logs/segment/{case}.log",
+    threads: 1
+    resources:
+        mem_mb=mem_mb(3000, 40),
+        runtime=30,
+        gpu=gpus(),
+    params:
+        cli=BONEDRR,
+        args=segment_args,
+    conda:
+        "../../envs/segment.yaml"
+    shell:
+        "{params.cli} segment --ct {input.ct} --model {input.model} --case {input.case} --out {output.labels} "
+        "--record {output.record} --overlay {output.overlay} --threads {threads} {params.args} 2> {log}"
+
+
+rule segmentation_summary:
+    input:
+        lambda wc: expand("results/{{cohort}}/{case}/segmentation.json", case=downstream_cases(wc.cohort)),
+    output:
+        table=report("results/{cohort}/qc/segmentation.tsv", category="segment",
+                     caption="../report/segmentation.rst"),
+        png=report("results/{cohort}/qc/segmentation.png", category="segment",
+                   caption="../report/segmentation.rst"),
+    log:
+        "results/{cohort}/logs/segmentation_summary.log",
+    params:
+        cli=BONEDRR,
+        cases=lambda wc, input: " ".join(str(Path(p).parent) for p in input),
+    conda:
+        "../../envs/segment.yaml"
+    shell:
+        "{params.cli} segmentation-summary --cases {params.cases} --out {output.table} --png {output.png} 2> {log}"
