@@ -34,6 +34,8 @@ include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/register.smk"
 include: "workflow/rules/drr.smk"
 include: "workflow/rules/outcome.smk"
+include: "workflow/rules/bmd.smk"
+include: "workflow/rules/pack.smk"
 
 
 rule all:

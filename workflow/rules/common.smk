@@ -83,6 +83,7 @@ def all_outputs():
         if labelled_cases(cohort):
             outputs.append(f"results/{cohort}/qc/registration.tsv")
             outputs.append(f"results/{cohort}/qc/segmentation.tsv")
+            outputs += [f"results/{cohort}/qc/bmd.tsv", f"results/{cohort}/shards/manifest.json"]
     return outputs
 
 
@@ -318,3 +319,29 @@ def segment_args(wildcards):
     if s.get("plausible_volume_cm3"):
         args.append(f"--plausible-volume-cm3 {shlex.quote(json.dumps(s['plausible_volume_cm3']))}")
     return " ".join(args)
+
+def packable_cases(cohort):
+    """The cases of a cohort that reach the DRRs, and so the BMD targets and the shards (one place to
+    change when segmentation labels every case)."""
+    return downstream_cases(cohort)
+
+
+def bmd_args(wildcards):
+    return f"--threshold {CONFIG['bmd']['threshold_g_cm2']} --cut-mm {CONFIG['proximal_femur_cut_mm']}"
+
+
+def pack_inputs(wildcards):
+    """Every file `bonedrr pack` reads of each packable case of the cohort."""
+    files = {}
+    for case in packable_cases(wildcards.cohort):
+        for name in ("case.json", "xray.nii.gz", "pose.json", "drr.h5", "bmd.json"):
+            files[f"{case}_{name.split('.')[0]}"] = f"results/{wildcards.cohort}/{case}/{name}"
+    return files
+
+
+def pack_args(wildcards):
+    s = CONFIG["shards"]
+    return (f"--crop-mm {s['crop_mm'][0]} {s['crop_mm'][1]} --crop-px {s['crop_px'][0]} {s['crop_px'][1]} "
+            f"--head-position {s['head_position'][0]} {s['head_position'][1]} --folds {s['folds']} "
+            f"--seed {s['seed']} --shard-size-mb {s['shard_size_mb']} --compression {s['compression']} "
+            f"--threshold {CONFIG['bmd']['threshold_g_cm2']}")
