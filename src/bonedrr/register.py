@@ -94,7 +94,7 @@ class RegistrationSettings:
     max_restart_spread_mm: float = 0.2
     per_structure: bool = False
     structure_levels_mm: tuple[float, ...] = (2.8, 1.4)
-    structure_generations: tuple[int, ...] = (25, 15)
+    structure_generations: tuple[int, ...] = (30, 25)
     structure_sigma: tuple[float, ...] = (0.3, 0.1)
 
 
@@ -144,10 +144,12 @@ def perturb(pose: np.ndarray, x: np.ndarray, centre_world: np.ndarray) -> np.nda
     return translation(c + x[3:]) @ rigid(rotation) @ translation(-c) @ pose
 
 
-def reprojection_distance_mm(pose: np.ndarray, truth: np.ndarray, geometry: Geometry, points_world: np.ndarray) -> float:
+def reprojection_distance_mm(pose: np.ndarray, truth: np.ndarray, geometry: Geometry, points_world: np.ndarray,
+                             pose_geometry: Geometry | None = None) -> float:
     """mPD: mean distance on the detector between the two poses' projections of the points, scaled to the
-    points' mean depth under ``truth`` (mm at the isocentre)."""
-    a = geometry.with_pose(pose).project(points_world)
+    points' mean depth under ``truth`` (mm at the isocentre). ``pose_geometry``: the detector ``pose``
+    was found with, where it differs from the true one (``geometry``), e.g. an SDD from a prior."""
+    a = (pose_geometry or geometry).with_pose(pose).project(points_world)
     b = geometry.with_pose(truth).project(points_world)
     depth = apply(truth, points_world)[:, 2].mean()
     return float(np.linalg.norm((a - b) * np.asarray(geometry.pixel_mm), axis=1).mean() * depth / geometry.sdd_mm)
@@ -392,8 +394,12 @@ class Registration:
 
 def register_case(density_path, labels_path, xray_path, case_json: dict, out_pose, overlay_png=None,
                   settings: RegistrationSettings = RegistrationSettings(), device: str = "auto",
-                  sod_prior_mm: float | None = None) -> dict:
-    """Register one ingested case and write pose.json (a full geometry: detector + pose) and overlay.png."""
+                  sod_prior_mm: float | None = None, sdd_tolerance: float = 0.1) -> dict:
+    """Register one ingested case and write pose.json (a full geometry: detector + pose) and overlay.png.
+
+    ``sdd_tolerance``: relative uncertainty of an SDD from the cohort's prior (not from DICOM); pose.json
+    then reports ``depth_uncertainty_mm`` (that fraction of the bones' depth), else null.
+    """
     density_image = sitk.ReadImage(str(density_path), sitk.sitkFloat32)
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(labels_path)))
     radiograph = sitk.GetArrayFromImage(sitk.ReadImage(str(xray_path))).astype(float)
@@ -408,6 +414,11 @@ def register_case(density_path, labels_path, xray_path, case_json: dict, out_pos
     record = reg.run()
     record["geometry"] = geometry.with_pose(np.asarray(record["world_to_camera"])).to_dict()
     record["initial_source_to_patient_mm"] = float(sod)
+    # One view pins down where each bone projects, not its depth: an SDD (or pixel size) off by a
+    # fraction e is absorbed by a depth off by about e x the source-to-patient distance.
+    record["sdd_source"] = case_json.get("xray", {}).get("sdd_source", "dicom")
+    depth = float(np.mean(apply(np.asarray(record["world_to_camera"]), reg.bone_points)[:, 2]))
+    record["depth_uncertainty_mm"] = round(sdd_tolerance * depth, 1) if record["sdd_source"] != "dicom" else None
     if overlay_png:
         overlay(overlay_png, radiograph, reg.renderer.render(Geometry.from_dict(record["geometry"]))[0], record)
     write_json(out_pose, record)
