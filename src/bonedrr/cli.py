@@ -137,7 +137,7 @@ def _register(args) -> None:
 def _registration_summary(args) -> None:
     from bonedrr.register import registration_summary
 
-    registration_summary(args.cases, args.out)
+    registration_summary(args.cases, args.out, args.png)
 
 
 def _ingest_overview(args) -> None:
@@ -260,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("registration-summary", help="a cohort's registrations in one table (and errors vs truth)")
     p.add_argument("--cases", nargs="+", required=True, help="case results folders (with pose.json)")
     p.add_argument("--out", required=True, help="TSV to write")
+    p.add_argument("--png", help="picture to write: per-case errors (or similarity) with QA flags")
     p.set_defaults(func=_registration_summary)
 
     p = sub.add_parser("ingest-overview", help="a cohort's ingested cases: a table and a contact sheet")

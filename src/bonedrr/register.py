@@ -458,12 +458,15 @@ def overlay(path, radiograph: np.ndarray, drr: np.ndarray, record: dict) -> None
 
 
 
-def registration_summary(case_dirs, out_tsv) -> None:
+def registration_summary(case_dirs, out_tsv, out_png=None) -> None:
     """One row per case: similarity and QA; where a demo truth.json is known (``truth`` in case.json's
-    folder's demo input), mPD, rotation error and mTRE (with its depth part) over the bones."""
+    folder's demo input), mPD, rotation error and mTRE (with its depth part) over the bones. ``out_png``:
+    the same as bars, each case's QA flags written beside it."""
     import json
 
-    rows = ["case_id\tgc\tconverged\tqa_flags\tevaluations\tmpd_mm\trotation_error_deg\tmtre_mm\tdepth_error_mm"]
+    header = ["case_id", "gc", "converged", "qa_flags", "evaluations", "mpd_mm", "rotation_error_deg", "mtre_mm",
+              "depth_error_mm"]
+    rows = []
     for d in map(Path, case_dirs):
         record = json.loads((d / "pose.json").read_text())
         truth_path = d.parent / "demo_input" / d.name / "truth.json"
@@ -477,7 +480,41 @@ def registration_summary(case_dirs, out_tsv) -> None:
             errors = [f"{reprojection_distance_mm(pose, truth.world_to_camera, truth, points):.3f}",
                       f"{rotation_error_deg(pose, truth.world_to_camera):.3f}", f"{tre['mtre_mm']:.3f}",
                       f"{tre['mean_depth_error_mm']:.3f}"]
-        rows.append("\t".join([d.name, f"{record['similarity_value']:.4f}", str(record["converged"]),
-                               ",".join(record["qa_flags"]) or "-", str(record["evaluations"]), *errors]))
+        rows.append([d.name, f"{record['similarity_value']:.4f}", str(record["converged"]),
+                     ",".join(record["qa_flags"]) or "-", str(record["evaluations"]), *errors])
     with atomic_path(out_tsv) as tmp:
-        tmp.write_text("\n".join(rows) + "\n")
+        tmp.write_text("\n".join("\t".join(r) for r in [header, *rows]) + "\n")
+    if out_png:
+        summary_figure(out_png, [dict(zip(header, r)) for r in rows])
+
+
+def summary_figure(path, rows: list[dict]) -> None:
+    """Per case: mPD and mTRE against truth (or the similarity, where no truth is known), QA flags beside."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    known = all(r["mpd_mm"] for r in rows)
+    panels = ([("mpd_mm", "mPD (mm at the isocentre)", 0.5), ("mtre_mm", "mTRE (mm)", None)] if known
+              else [("gc", "gradient correlation", None)])
+    y = np.arange(len(rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 1.5, 0.28 * len(rows) + 1.4), squeeze=False)
+    for ax, (key, label, bar) in zip(axes[0], panels):
+        values = [float(r[key]) for r in rows]
+        ax.barh(y, values, color=["tab:blue" if r["qa_flags"] == "-" else "tab:red" for r in rows])
+        if bar:
+            ax.axvline(bar, color="k", lw=0.8, ls="--")
+        ax.set_yticks(y, [r["case_id"] for r in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(label, fontsize=8)
+    ax = axes[0][-1]
+    for i, r in enumerate(rows):
+        if r["qa_flags"] != "-":
+            ax.annotate(r["qa_flags"], (1.0, i), xycoords=("axes fraction", "data"), fontsize=6, color="tab:red",
+                        va="center", xytext=(4, 0), textcoords="offset points")
+    fig.suptitle("registration per case (red: QA flags raised" + ("; dashed: the 0.5 mm bar)" if known else ")"),
+                 fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
