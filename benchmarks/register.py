@@ -110,7 +110,7 @@ def elastix_run(case: Path, xray, truth: Geometry, start, centre, points) -> dic
             "seconds": round(result["seconds"], 1)}
 
 
-def demo_cohort(cases: range, n_elastix: int) -> tuple[dict, dict]:
+def demo_cohort(cases: range, n_elastix: int, checkpoint=lambda demo, pairs: None) -> tuple[dict, dict]:
     """Demo ``cases`` (indices), each from one random start; elastix from the same start on the first
     ``n_elastix`` of them."""
     from tqdm import tqdm
@@ -128,8 +128,9 @@ def demo_cohort(cases: range, n_elastix: int) -> tuple[dict, dict]:
             pairs.append({"case": case.name, "start_mpd_mm": ours["start_mpd_mm"], "bonedrr": ours,
                           "elastix": elastix_run(case, xray, truth, start, reg.centre, points)})
             print(json.dumps(pairs[-1]["elastix"]), flush=True)
+        checkpoint(runs, pairs)
 
-    return {"summary": summary(runs), "runs": runs}, {"runs": pairs}
+    return {"summary": summary(runs) if runs else {}, "runs": runs}, {"runs": pairs}
 
 
 def side_by_side_summary(pairs: list[dict]) -> dict:
@@ -156,7 +157,7 @@ def real_ct_inputs():
     return ct, labels, density, index_to_world(ct)
 
 
-def real_ct(n_poses: int, sdd_factors=(1.06, 0.92)) -> tuple[dict, dict]:
+def real_ct(n_poses: int, sdd_factors=(1.06, 0.92), checkpoint=lambda runs, sdd_runs: None) -> tuple[dict, dict]:
     """DiffDRR radiographs of the real CT at random poses; then the same with a wrong SDD prior."""
     from peers.diffdrr_peer import diffdrr_drr
 
@@ -177,6 +178,7 @@ def real_ct(n_poses: int, sdd_factors=(1.06, 0.92)) -> tuple[dict, dict]:
         if factor == 1.0:
             runs.append({"pose": p, **evaluate(reg, truth, start, points)})
             print(json.dumps(runs[-1]), flush=True)
+            checkpoint(runs, sdd_runs)
             continue
         t = time.perf_counter()
         result = reg.run()  # from the automatic start: no truth at the prior's SDD to offset from
@@ -189,6 +191,7 @@ def real_ct(n_poses: int, sdd_factors=(1.06, 0.92)) -> tuple[dict, dict]:
                          "success": bool(mpd < 0.5), "qa_flags": result["qa_flags"],
                          "seconds": round(time.perf_counter() - t, 1)})
         print(json.dumps(sdd_runs[-1]), flush=True)
+        checkpoint(runs, sdd_runs)
     return {"summary": summary(runs), "runs": runs}, {
         "note": "registered at the prior's SDD (1100 mm) from the automatic start; mPD between the true camera "
                 "and the found pose at the prior's camera; success here is mPD < 0.5 mm (the rotation is not "
@@ -246,7 +249,10 @@ def main() -> None:
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
         result = {k: v for part in parts for k, v in part.items() if k not in ("demo_cohort", "elastix_side_by_side")}
-        result["parts"] = [{k: part[k] for k in ("machine", "wall_seconds", "cases")} for part in parts]
+        result["parts"] = [{k: part.get(k) for k in ("machine", "wall_seconds", "cases")} for part in parts]
+        if "real_ct_diffdrr_radiographs" in result:
+            real = result["real_ct_diffdrr_radiographs"]["runs"]
+            result["real_ct_diffdrr_radiographs"] = {"summary": summary(real), "runs": real}
         demo = [r for part in parts for r in part["demo_cohort"]["runs"]]
         pairs = [r for part in parts for r in part["elastix_side_by_side"]["runs"]]
         result["demo_cohort"] = {"summary": summary(demo), "runs": demo}
@@ -256,14 +262,22 @@ def main() -> None:
         result.pop("cases", None)
     else:
         t0 = time.perf_counter()
-        demo, side = demo_cohort(range(*args.cases), args.elastix)
         result = {"settings": "bonedrr.register.RegistrationSettings() defaults, CPU",
                   "machine": {"cpus": os.cpu_count(), "processor": platform.machine(),
                               "load_average_at_start": os.getloadavg()[0]},
-                  "cases": list(args.cases), "success": "mPD < 0.5 mm and rotation error < 1 degree",
-                  "demo_cohort": demo, "elastix_side_by_side": side}
+                  "cases": list(args.cases), "success": "mPD < 0.5 mm and rotation error < 1 degree"}
+
+        def save(**parts):  # after every run: a part cut short still leaves what it measured
+            result.update(parts, wall_seconds=round(time.perf_counter() - t0))
+            out.parent.mkdir(exist_ok=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+
+        demo, side = demo_cohort(range(*args.cases), args.elastix, lambda runs, pairs: save(
+            demo_cohort={"runs": runs}, elastix_side_by_side={"runs": pairs}))
+        result.update(demo_cohort=demo, elastix_side_by_side=side)
         if args.real:
-            result["real_ct_diffdrr_radiographs"], result["sdd_prior"] = real_ct(args.real)
+            result["real_ct_diffdrr_radiographs"], result["sdd_prior"] = real_ct(args.real, checkpoint=lambda r, d: save(
+                real_ct_diffdrr_radiographs={"runs": r}, sdd_prior={"runs": d}))
             result["depth_and_drr_bmd"] = depth_and_bmd(sorted((REPO / "results" / "demo").glob("demo_[0-9]*"))[0])
         result["machine"]["load_average_at_end"] = os.getloadavg()[0]
         result["wall_seconds"] = round(time.perf_counter() - t0)
