@@ -101,16 +101,17 @@ def _calibrate(args) -> None:
 def _drr(args) -> None:
     import SimpleITK as sitk
 
-    from bonedrr.drr import contact_sheet, render_case, write_drr
+    from bonedrr.drr import contact_sheet, render_case, structure_poses, write_drr
     from bonedrr.geometry import Geometry
 
     try:
         geometry = Geometry.load(args.geometry)
+        femur_poses = structure_poses(json.loads(Path(args.geometry).read_text()))
     except (OSError, ValueError) as e:
         raise BonedrrError(str(e), args.geometry) from e
     channels = json.loads(args.channels) if args.channels else None
     result = render_case(args.density, args.labels, geometry, channels=channels, method=args.method,
-                         step_mm=args.step_mm, device=args.device, cut_mm=args.cut_mm)
+                         step_mm=args.step_mm, device=args.device, cut_mm=args.cut_mm, femur_poses=femur_poses)
     write_drr(args.out, result)
     if args.png:
         radiograph = sitk.GetArrayFromImage(sitk.ReadImage(str(args.xray))) if args.xray else None
@@ -122,9 +123,11 @@ def _drr(args) -> None:
 def _register(args) -> None:
     from bonedrr.register import RegistrationSettings, register_case
 
-    settings = RegistrationSettings(min_gc=args.min_gc, seed=args.seed, init_shift_mm=args.init_shift_mm)
+    settings = RegistrationSettings(min_gc=args.min_gc, seed=args.seed, init_shift_mm=args.init_shift_mm,
+                                    per_structure=args.per_structure)
     record = register_case(args.density, args.labels, args.xray, json.loads(Path(args.case).read_text()), args.out,
-                           args.overlay, settings=settings, device=args.device, sod_prior_mm=args.sod_mm)
+                           args.overlay, settings=settings, device=args.device, sod_prior_mm=args.sod_mm,
+                           sdd_tolerance=args.sdd_tolerance)
     log.info("registered: GC %.3f after %d DRRs, QA flags: %s", record["similarity_value"], record["evaluations"],
              ", ".join(record["qa_flags"]) or "none")
     if not record["converged"] and args.fail_on_qa:
@@ -135,7 +138,7 @@ def _register(args) -> None:
 def _registration_summary(args) -> None:
     from bonedrr.register import registration_summary
 
-    registration_summary(args.cases, args.out)
+    registration_summary(args.cases, args.out, args.png)
 
 
 def _ingest_overview(args) -> None:
@@ -317,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density", required=True, help="density.nii.gz (mg/cm3)")
     p.add_argument("--labels", required=True, help="canonical labels on the same grid")
     p.add_argument("--geometry", required=True,
-                   help="geometry.json, or any JSON with a 'geometry' object (pose.json, the demo's truth.json)")
+                   help="geometry.json, or any JSON with a 'geometry' object (pose.json, the demo's truth.json); "
+                        "a pose.json of a per-structure registration also places each femur at its own pose")
     p.add_argument("--out", required=True, help="drr.h5 to write")
     p.add_argument("--png", help="contact sheet of the channels to write")
     p.add_argument("--xray", help="xray.nii.gz to show first in the contact sheet")
@@ -336,16 +340,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="pose.json to write (detector geometry, pose, similarity, QA)")
     p.add_argument("--overlay", help="overlay.png to write (DRR edges on the radiograph, checkerboard)")
     p.add_argument("--sod-mm", type=float, help="source-to-patient prior where the radiograph has no tag")
+    p.add_argument("--sdd-tolerance", type=float, default=0.1,
+                   help="relative uncertainty of an SDD from the cohort's prior (reported as a depth uncertainty)")
     p.add_argument("--min-gc", type=float, default=0.35, help="lowest acceptable gradient correlation")
     p.add_argument("--init-shift-mm", type=float, default=60.0, help="half-width of the initial shift search")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--fail-on-qa", action="store_true", help="exit with an error when a QA flag is raised")
+    p.add_argument("--per-structure", action="store_true",
+                   help="then register the pelvis and each femur as rigid bodies of their own")
     p.set_defaults(func=_register)
 
     p = sub.add_parser("registration-summary", help="a cohort's registrations in one table (and errors vs truth)")
     p.add_argument("--cases", nargs="+", required=True, help="case results folders (with pose.json)")
     p.add_argument("--out", required=True, help="TSV to write")
+    p.add_argument("--png", help="picture to write: per-case errors (or similarity) with QA flags")
     p.set_defaults(func=_registration_summary)
 
     p = sub.add_parser("ingest-overview", help="a cohort's ingested cases: a table and a contact sheet")

@@ -9,7 +9,8 @@ the total DRR.
 
 Output: ``drr.h5`` with dataset ``drr`` (channels, rows, cols) float32 in g/cm2 and attributes
 ``channels`` (names), ``units``, ``method``, ``geometry`` (JSON), ``structures`` (JSON: each
-channel's structures); and a contact sheet of the channels (``--png``).
+channel's structures), ``femur_poses`` (JSON: the femurs rendered at poses of their own, from a
+per-structure registration; ``{}`` when all is at ``geometry``'s pose); and a contact sheet of the channels (``--png``).
 
 Example:
     >>> from bonedrr.drr import channel_matrix, DEFAULT_CHANNELS
@@ -75,10 +76,27 @@ def channel_matrix(channels: dict[str, list[str]]) -> np.ndarray:
     return m
 
 
+#: Structures that move with a femur when it has a pose of its own (per-structure registration).
+FEMUR_STRUCTURES: dict[str, tuple[str, ...]] = {f"femur_{side}": (f"femur_{side}", f"proximal_femur_{side}")
+                                                for side in SIDES}
+
+
+def structure_poses(record: dict) -> dict[str, np.ndarray]:
+    """The femurs' own poses in a pose.json record (per-structure registration), else ``{}``."""
+    return {name: np.asarray(body["world_to_camera"], float) for name, body in record.get("structures", {}).items()
+            if name in FEMUR_STRUCTURES}
+
+
 def render_case(density_path: str | Path, labels_path: str | Path, geometry: Geometry, *,
                 channels: dict[str, list[str]] | None = None, method: str = "siddon",
-                step_mm: float | None = None, device: str = "auto", cut_mm: float = 80.0) -> dict:
-    """Render one case's channels. Returns ``{"drr": (C, rows, cols), "channels": names, ...}``."""
+                step_mm: float | None = None, device: str = "auto", cut_mm: float = 80.0,
+                femur_poses: dict[str, np.ndarray] | None = None) -> dict:
+    """Render one case's channels. Returns ``{"drr": (C, rows, cols), "channels": names, ...}``.
+
+    ``femur_poses`` (``femur_left``/``femur_right`` -> world_to_camera, from :func:`structure_poses`):
+    each femur's structures are rendered at its own pose, in a pass of their own; everything else at
+    ``geometry``'s pose.
+    """
     channels = channels or DEFAULT_CHANNELS
     density_image = sitk.ReadImage(str(density_path), sitk.sitkFloat32)
     labels_image = sitk.ReadImage(str(labels_path))
@@ -87,12 +105,21 @@ def render_case(density_path: str | Path, labels_path: str | Path, geometry: Geo
                          f"{density_image.GetSize()}", labels_path)
     labels = sitk.GetArrayFromImage(labels_image)
     structures = structure_volume(labels, world_axis_grid(labels_image, 2), cut_mm)
-    renderer = Renderer(sitk.GetArrayFromImage(density_image), structures, index_to_world(density_image),
-                        n_channels=len(STRUCTURES), method=method, step_mm=step_mm, device=device)
-    per_structure = renderer.render(geometry)
+    density = sitk.GetArrayFromImage(density_image)
+    passes = [(geometry.world_to_camera, np.ones(structures.shape, bool))]
+    for femur, pose in (femur_poses or {}).items():
+        own = np.isin(structures, [STRUCTURES.index(s) for s in FEMUR_STRUCTURES[femur]])
+        passes[0][1][own] = False
+        passes.append((pose, own))
+    per_structure = 0
+    for pose, voxels in passes:
+        renderer = Renderer(np.where(voxels, density, 0), structures, index_to_world(density_image),
+                            n_channels=len(STRUCTURES), method=method, step_mm=step_mm, device=device)
+        per_structure = per_structure + renderer.render(geometry.with_pose(pose))
     drr = np.tensordot(channel_matrix(channels), per_structure, axes=1).astype(np.float32)
     return {"drr": drr, "channels": list(channels), "structures": channels, "method": method,
-            "device": renderer.device, "geometry": geometry.to_dict(), "units": "g/cm2"}
+            "device": renderer.device, "geometry": geometry.to_dict(), "units": "g/cm2",
+            "femur_poses": {k: np.asarray(v).round(10).tolist() for k, v in (femur_poses or {}).items()}}
 
 
 def write_drr(path: str | Path, result: dict) -> None:
@@ -107,16 +134,18 @@ def write_drr(path: str | Path, result: dict) -> None:
             f.attrs["units"] = result["units"]
             f.attrs["method"] = result["method"]
             f.attrs["geometry"] = json.dumps(result["geometry"])
+            f.attrs["femur_poses"] = json.dumps(result.get("femur_poses", {}))
 
 
 def read_drr(path: str | Path) -> dict:
-    """Read ``drr.h5`` back: ``{"drr", "channels", "structures", "units", "method", "geometry"}``."""
+    """Read ``drr.h5`` back: ``{"drr", "channels", "structures", "units", "method", "geometry", "femur_poses"}``."""
     import h5py
 
     with h5py.File(path, "r") as f:
         return {"drr": f["drr"][...], "channels": json.loads(f.attrs["channels"]),
                 "structures": json.loads(f.attrs["structures"]), "units": str(f.attrs["units"]),
-                "method": str(f.attrs["method"]), "geometry": json.loads(f.attrs["geometry"])}
+                "method": str(f.attrs["method"]), "geometry": json.loads(f.attrs["geometry"]),
+                "femur_poses": json.loads(f.attrs.get("femur_poses", "{}"))}
 
 
 def contact_sheet(path: str | Path, result: dict, radiograph: np.ndarray | None = None) -> None:

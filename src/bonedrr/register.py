@@ -12,10 +12,23 @@ Automatic initial pose for a standard AP hip/pelvis radiograph: the bones' centr
 the source-to-patient distance of the DICOM tags (else the cohort's prior), patient supine (AP), then an
 exhaustive search of the in-plane shift (up to ``init_shift_mm``) at the coarsest level.
 
+The finest level is optimised ``restarts`` times (CMA-ES with different seeds, from the same start);
+the best is kept, and the spread of the others around it (their mPD from it, mm at the isocentre) is
+a measure of how well the similarity pins the pose down.
+
 QA flags (``pose.json``): ``low_similarity`` (the final pose's GC, judged at ``qa_pixel_mm``, below
-``min_gc``), ``at_search_bound`` (the
-solution touches a level's search box), ``not_converged`` (the last level's step size did not shrink).
-``converged`` is true when no flag is raised.
+``min_gc``), ``at_search_bound`` (the solution touches a level's search box), ``not_converged`` (the
+last level's step size did not shrink), ``unstable`` (the restarts of the finest level disagree by more
+than ``max_restart_spread_mm``). ``converged`` is true when no flag is raised.
+
+Per-structure registration (``per_structure``): the pelvis and each femur are rigid bodies of their own
+(:data:`RIGID_BODIES`). After the whole-bone registration, the pelvis is refined with the femurs held
+where they are, then each femur from the pelvis pose, rotating about its head, with everything else
+held; each body's similarity is the GC of the radiograph and the DRR of all bones (each at its pose)
+over the detector region where that body projects (a femur: its proximal 80 mm). A femur turns in
+its hip joint: its pose is the pelvis pose rotated about the femoral head (3 parameters; translation
+along the joint is below what an AP view resolves). ``world_to_camera`` is then the pelvis pose; each
+body's pose and QA are in ``structures``. The ``drr`` stage renders the femurs at their own poses.
 """
 
 from __future__ import annotations
@@ -37,6 +50,14 @@ from bonedrr.render import Renderer
 
 log = logging.getLogger(__name__)
 
+#: Rigid bodies of per-structure registration, in the order they are registered (the sacrum and spine,
+#: ``other_bone``, move with the pelvis).
+RIGID_BODIES: dict[str, tuple[str, ...]] = {"pelvis": ("hip_left", "hip_right", "other_bone"),
+                                             "femur_left": ("femur_left",), "femur_right": ("femur_right",)}
+
+#: Length of the proximal femur (below the head's top) whose projection a femur's similarity is judged on.
+PROXIMAL_FEMUR_MM = 80.0
+
 #: Units of the optimiser's parameters: degrees (rotation vector) and mm (camera x, y, depth z).
 PARAMETER_SCALE = np.array([5.0, 5.0, 5.0, 10.0, 10.0, 30.0])
 
@@ -53,6 +74,12 @@ class RegistrationSettings:
         qa_pixel_mm: Detector pixel at which the final pose's GC is judged (finer levels are noisier).
         min_gc: Lowest acceptable gradient correlation of the final pose at ``qa_pixel_mm``.
         seed: Random seed of the optimiser.
+        restarts: CMA-ES runs of the finest level (different seeds, same start); the best is kept.
+        max_restart_spread_mm: Largest acceptable mPD between the best restart and the others (else the
+            QA flag ``unstable``).
+        per_structure: Register the pelvis and each femur as rigid bodies of their own after the
+            whole-bone registration.
+        structure_levels_mm, structure_generations, structure_sigma: The per-structure levels.
     """
 
     level_pixels_mm: tuple[float, ...] = (11.2, 5.6, 2.8, 1.4)
@@ -63,11 +90,22 @@ class RegistrationSettings:
     init_shift_mm: float = 60.0
     min_gc: float = 0.35
     seed: int = 0
+    restarts: int = 2
+    max_restart_spread_mm: float = 0.2
+    per_structure: bool = False
+    structure_levels_mm: tuple[float, ...] = (2.8, 1.4)
+    structure_generations: tuple[int, ...] = (30, 25)
+    structure_sigma: tuple[float, ...] = (0.3, 0.1)
 
 
 def bone_points(labels: np.ndarray, index_to_world_: np.ndarray, max_points: int = 5000) -> np.ndarray:
     """World coordinates (mm) of up to ``max_points`` evenly drawn bone voxels (the registered body)."""
-    k, j, i = np.nonzero(np.isin(labels, [CANONICAL_LABELS[n] for n in BONE_LABELS]))
+    return mask_points(np.isin(labels, [CANONICAL_LABELS[n] for n in BONE_LABELS]), index_to_world_, max_points)
+
+
+def mask_points(mask: np.ndarray, index_to_world_: np.ndarray, max_points: int = 5000) -> np.ndarray:
+    """World coordinates (mm) of up to ``max_points`` evenly drawn voxels of ``mask``."""
+    k, j, i = np.nonzero(mask)
     points = np.stack([i, j, k], -1)[:: max(1, len(i) // max_points)].astype(float)
     return points @ index_to_world_[:3, :3].T + index_to_world_[:3, 3]
 
@@ -106,10 +144,12 @@ def perturb(pose: np.ndarray, x: np.ndarray, centre_world: np.ndarray) -> np.nda
     return translation(c + x[3:]) @ rigid(rotation) @ translation(-c) @ pose
 
 
-def reprojection_distance_mm(pose: np.ndarray, truth: np.ndarray, geometry: Geometry, points_world: np.ndarray) -> float:
+def reprojection_distance_mm(pose: np.ndarray, truth: np.ndarray, geometry: Geometry, points_world: np.ndarray,
+                             pose_geometry: Geometry | None = None) -> float:
     """mPD: mean distance on the detector between the two poses' projections of the points, scaled to the
-    points' mean depth under ``truth`` (mm at the isocentre)."""
-    a = geometry.with_pose(pose).project(points_world)
+    points' mean depth under ``truth`` (mm at the isocentre). ``pose_geometry``: the detector ``pose``
+    was found with, where it differs from the true one (``geometry``), e.g. an SDD from a prior."""
+    a = (pose_geometry or geometry).with_pose(pose).project(points_world)
     b = geometry.with_pose(truth).project(points_world)
     depth = apply(truth, points_world)[:, 2].mean()
     return float(np.linalg.norm((a - b) * np.asarray(geometry.pixel_mm), axis=1).mean() * depth / geometry.sdd_mm)
@@ -124,6 +164,66 @@ def target_registration_error_mm(pose: np.ndarray, truth: np.ndarray, points_wor
 
 def rotation_error_deg(pose: np.ndarray, truth: np.ndarray) -> float:
     return float(np.degrees(np.linalg.norm(Rotation.from_matrix(pose[:3, :3] @ truth[:3, :3].T).as_rotvec())))
+
+
+def crop_geometry(g: Geometry, rows: slice, cols: slice) -> Geometry:
+    """The part ``[rows, cols]`` of ``g``'s detector (same pixels, same camera)."""
+    pr, pc = g.principal_point_px
+    return Geometry(g.sdd_mm, rows.stop - rows.start, cols.stop - cols.start, g.pixel_mm,
+                    (pr - rows.start, pc - cols.start), g.world_to_camera)
+
+
+def maximise(objective, sigma: float, generations: int, population: int, seed: int, bound: float = 3.0,
+             dimensions: int = 6):
+    """CMA-ES over ``dimensions`` parameters in ``[-bound, bound]``, starting at 0.
+
+    Returns:
+        (best x, its value, the final step size).
+    """
+    from cmaes import CMA
+
+    optimiser = CMA(mean=np.zeros(dimensions), sigma=sigma, bounds=np.array([[-bound, bound]] * dimensions),
+                    seed=seed, population_size=population)
+    best_value, best_x = objective(np.zeros(dimensions)), np.zeros(dimensions)
+    for _ in range(generations):
+        solutions = []
+        for _ in range(optimiser.population_size):
+            x = optimiser.ask()
+            value = objective(x)
+            if value > best_value:
+                best_value, best_x = value, x
+            solutions.append((x, -value))
+        optimiser.tell(solutions)
+        if optimiser.should_stop():
+            break
+    return best_x, best_value, float(optimiser._sigma)
+
+
+class _Body:
+    """One rigid body's own renderer (its bones only, the grid cropped to them), points and pivot."""
+
+    def __init__(self, density, mask, index_to_world_, pivot_from_top_mm: float | None, device):
+        k, j, i = np.nonzero(mask)
+        lo, hi = np.array([k.min(), j.min(), i.min()]), np.array([k.max(), j.max(), i.max()]) + 1
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        affine = index_to_world_ @ translation(lo[::-1])
+        self.renderer = Renderer(np.where(mask[box], density[box], 0).astype(np.float32),
+                                 np.zeros(mask[box].shape, np.uint8), affine, method="siddon", device=device)
+        self.points = mask_points(mask, index_to_world_)
+        self.pivot, self.region_points = self.points.mean(0), self.points
+        # A femur turns in its hip joint: 3 rotations about its head, no translation from the pelvis pose.
+        self.dimensions = 6 if pivot_from_top_mm is None else 3
+        if pivot_from_top_mm is not None:  # a femur: pivot at its head, judged where BMD is measured
+            top = self.points[:, 2].max()  # LPS z is superior
+            self.pivot = self.points[self.points[:, 2] >= top - pivot_from_top_mm].mean(0)
+            self.region_points = self.points[self.points[:, 2] >= top - PROXIMAL_FEMUR_MM]
+
+    def render(self, geometry: Geometry) -> np.ndarray:
+        return self.renderer.render(geometry)[0]
+
+    def step(self, x: np.ndarray) -> np.ndarray:
+        """The optimiser's parameters as a :func:`perturb` step (rotation vector deg, shift mm)."""
+        return np.concatenate([x, np.zeros(6 - len(x))]) * PARAMETER_SCALE
 
 
 class Registration:
@@ -154,6 +254,13 @@ class Registration:
         self.settings = settings
         self.initial_pose = ap_pose(self.centre, source_to_patient_mm)
         self.evaluations = 0
+        self.bodies: dict[str, _Body] = {}
+        if settings.per_structure:
+            for name, members in RIGID_BODIES.items():
+                mask = np.isin(labels, [CANONICAL_LABELS[m] for m in members])
+                if mask.any():
+                    self.bodies[name] = _Body(density, mask, index_to_world_,
+                                              30.0 if name.startswith("femur") else None, device)
 
     def _level(self, pixel_mm: float):
         factor = max(1, int(round(pixel_mm / float(np.mean(self.geometry.pixel_mm)))))
@@ -179,34 +286,30 @@ class Registration:
 
     def run(self, start: np.ndarray | None = None) -> dict:
         """Register from ``start`` (default: the automatic initial pose). Returns the pose record."""
-        from cmaes import CMA
-
         s = self.settings
         pose = self.initial_search() if start is None else np.asarray(start, float)
-        history = []
-        flags = []
+        history, flags, bound = [], [], 3.0
+        n_levels = len(s.level_pixels_mm)
+        spread = None
         for level, (pixel, generations, sigma) in enumerate(zip(s.level_pixels_mm, s.generations, s.sigma)):
             g, image = self._level(pixel)
-            bound = 3.0
-            optimiser = CMA(mean=np.zeros(6), sigma=sigma, bounds=np.array([[-bound, bound]] * 6), seed=s.seed + level,
-                            population_size=s.population)
-            best_value, best_x = self.similarity(pose, g, image), np.zeros(6)
-            for _ in range(generations):
-                solutions = []
-                for _ in range(optimiser.population_size):
-                    x = optimiser.ask()
-                    value = self.similarity(perturb(pose, x * PARAMETER_SCALE, self.centre), g, image)
-                    if value > best_value:
-                        best_value, best_x = value, x
-                    solutions.append((x, -value))
-                optimiser.tell(solutions)
-                if optimiser.should_stop():
-                    break
+
+            def objective(x, pose=pose, g=g, image=image):
+                return self.similarity(perturb(pose, x * PARAMETER_SCALE, self.centre), g, image)
+
+            runs = [maximise(objective, sigma, generations, s.population, s.seed + level + 100 * r, bound)
+                    for r in range(s.restarts if level == n_levels - 1 else 1)]
+            best_x, best_value, final_sigma = max(runs, key=lambda run: run[1])
+            if len(runs) > 1:  # how far the other restarts ended from the best (mm at the isocentre)
+                best_pose = perturb(pose, best_x * PARAMETER_SCALE, self.centre)
+                spread = max(reprojection_distance_mm(perturb(pose, x * PARAMETER_SCALE, self.centre), best_pose,
+                                                      self.geometry.with_pose(best_pose), self.bone_points)
+                             for x, _, _ in runs)
             pose = perturb(pose, best_x * PARAMETER_SCALE, self.centre)
-            log.info("level %d/%d (%.1f mm pixels, %dx%d): GC %.4f after %d DRRs", level + 1,
-                     len(s.level_pixels_mm), g.pixel_mm[0], g.rows, g.cols, best_value, self.evaluations)
+            log.info("level %d/%d (%.1f mm pixels, %dx%d): GC %.4f after %d DRRs", level + 1, n_levels,
+                     g.pixel_mm[0], g.rows, g.cols, best_value, self.evaluations)
             history.append({"pixel_mm": float(g.pixel_mm[0]), "rows": g.rows, "cols": g.cols, "gc": best_value,
-                            "step": best_x.tolist(), "final_sigma": float(optimiser._sigma)})
+                            "step": best_x.tolist(), "final_sigma": final_sigma, "restarts": len(runs)})
             if np.abs(best_x).max() > 0.98 * bound:
                 flags.append(f"at_search_bound (level {level})")
         qa_geometry, qa_image = self._level(s.qa_pixel_mm)
@@ -215,15 +318,88 @@ class Registration:
             flags.append("low_similarity")
         if history[-1]["final_sigma"] > s.sigma[-1]:
             flags.append("not_converged")
-        return {"world_to_camera": pose.round(10).tolist(), "similarity": "gradient_correlation",
-                "similarity_value": qa_gc, "similarity_pixel_mm": float(qa_geometry.pixel_mm[0]), "converged": not flags, "qa_flags": flags,
-                "levels": history, "evaluations": self.evaluations, "rotation_centre_world_mm": self.centre.tolist()}
+        if spread is not None and spread > s.max_restart_spread_mm:
+            flags.append("unstable")
+        record = {"world_to_camera": pose.round(10).tolist(), "similarity": "gradient_correlation",
+                  "similarity_value": qa_gc, "similarity_pixel_mm": float(qa_geometry.pixel_mm[0]),
+                  "restart_spread_mm": spread, "converged": not flags, "qa_flags": flags, "levels": history,
+                  "rotation_centre_world_mm": self.centre.tolist()}
+        if self.bodies:
+            structures = self.register_structures(pose)
+            if "pelvis" in structures:
+                record["world_to_camera"] = structures["pelvis"]["world_to_camera"]
+            record["structures"] = structures
+            flags += [f"{name}: {flag}" for name, body in structures.items() for flag in body["qa_flags"]]
+            record["converged"] = not flags
+        record["evaluations"] = self.evaluations
+        return record
+
+    def _roi(self, body: _Body, pose: np.ndarray, g: Geometry, margin_mm: float = 15.0):
+        """Detector rows and columns (slices) where ``body``'s region projects under ``pose``, with a margin."""
+        rc = g.with_pose(pose).project(body.region_points)
+        m = margin_mm / np.asarray(g.pixel_mm)
+        lo = np.maximum(np.floor(rc.min(0) - m), 0).astype(int)
+        hi = np.minimum(np.ceil(rc.max(0) + m) + 1, [g.rows, g.cols]).astype(int)
+        if np.any(hi - lo < 8):
+            return None
+        return slice(lo[0], hi[0]), slice(lo[1], hi[1])
+
+    def register_structures(self, pose: np.ndarray) -> dict:
+        """Refine each rigid body (pelvis first, then each femur from the pelvis pose), the others held."""
+        s = self.settings
+        poses = {name: pose for name in self.bodies}
+        out = {}
+        for name, body in self.bodies.items():
+            if name != "pelvis" and "pelvis" in poses:
+                poses[name] = poses["pelvis"]
+            flags, history, value = [], [], float("nan")
+            for level, (pixel, generations, sigma) in enumerate(zip(s.structure_levels_mm, s.structure_generations,
+                                                                    s.structure_sigma)):
+                g, image = self._level(pixel)
+                roi = self._roi(body, poses[name], g)
+                rc = g.with_pose(poses[name]).project(body.region_points)
+                inside = np.mean((rc >= -0.5).all(1) & (rc < np.array([g.rows, g.cols]) - 0.5).all(1))
+                # Too little of a femur's proximal part on the radiograph to pin it down (the pelvis
+                # body, with the spine, often reaches beyond the field).
+                if roi is None or (body.dimensions == 3 and inside < 0.8):
+                    flags.append("outside_detector")
+                    break
+                g_roi, image_roi = crop_geometry(g, *roi), image[roi]
+                held = sum(other.render(g_roi.with_pose(poses[o])) for o, other in self.bodies.items() if o != name)
+
+                def objective(x, start=poses[name], g_roi=g_roi, image_roi=image_roi, held=held, body=body):
+                    self.evaluations += 1
+                    moved = perturb(start, body.step(x), body.pivot)
+                    return gradient_correlation(image_roi, held + body.render(g_roi.with_pose(moved)))
+
+                x, value, final_sigma = maximise(objective, sigma, generations, s.population, s.seed + 10 + level,
+                                                 dimensions=body.dimensions)
+                poses[name] = perturb(poses[name], body.step(x), body.pivot)
+                history.append({"pixel_mm": float(g.pixel_mm[0]), "gc": value, "step": x.tolist(),
+                                "final_sigma": final_sigma})
+                if np.abs(x).max() > 0.98 * 3.0:
+                    flags.append(f"at_search_bound (level {level})")
+            log.info("%s: GC %.4f over its region", name, value)
+            if history and history[-1]["final_sigma"] > s.structure_sigma[-1]:
+                flags.append("not_converged")
+            if value < s.min_gc:
+                flags.append("low_similarity")
+            relative = np.linalg.inv(poses["pelvis"]) @ poses[name] if "pelvis" in poses else np.eye(4)
+            out[name] = {"world_to_camera": poses[name].round(10).tolist(), "similarity_value": value,
+                         "qa_flags": flags, "levels": history, "rotation_centre_world_mm": body.pivot.tolist(),
+                         "rotation_from_pelvis_deg": float(np.degrees(np.linalg.norm(
+                             Rotation.from_matrix(relative[:3, :3]).as_rotvec())))}
+        return out
 
 
 def register_case(density_path, labels_path, xray_path, case_json: dict, out_pose, overlay_png=None,
                   settings: RegistrationSettings = RegistrationSettings(), device: str = "auto",
-                  sod_prior_mm: float | None = None) -> dict:
-    """Register one ingested case and write pose.json (a full geometry: detector + pose) and overlay.png."""
+                  sod_prior_mm: float | None = None, sdd_tolerance: float = 0.1) -> dict:
+    """Register one ingested case and write pose.json (a full geometry: detector + pose) and overlay.png.
+
+    ``sdd_tolerance``: relative uncertainty of an SDD from the cohort's prior (not from DICOM); pose.json
+    then reports ``depth_uncertainty_mm`` (that fraction of the bones' depth), else null.
+    """
     density_image = sitk.ReadImage(str(density_path), sitk.sitkFloat32)
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(labels_path)))
     radiograph = sitk.GetArrayFromImage(sitk.ReadImage(str(xray_path))).astype(float)
@@ -238,6 +414,11 @@ def register_case(density_path, labels_path, xray_path, case_json: dict, out_pos
     record = reg.run()
     record["geometry"] = geometry.with_pose(np.asarray(record["world_to_camera"])).to_dict()
     record["initial_source_to_patient_mm"] = float(sod)
+    # One view pins down where each bone projects, not its depth: an SDD (or pixel size) off by a
+    # fraction e is absorbed by a depth off by about e x the source-to-patient distance.
+    record["sdd_source"] = case_json.get("xray", {}).get("sdd_source", "dicom")
+    depth = float(np.mean(apply(np.asarray(record["world_to_camera"]), reg.bone_points)[:, 2]))
+    record["depth_uncertainty_mm"] = round(sdd_tolerance * depth, 1) if record["sdd_source"] != "dicom" else None
     if overlay_png:
         overlay(overlay_png, radiograph, reg.renderer.render(Geometry.from_dict(record["geometry"]))[0], record)
     write_json(out_pose, record)
@@ -277,12 +458,15 @@ def overlay(path, radiograph: np.ndarray, drr: np.ndarray, record: dict) -> None
 
 
 
-def registration_summary(case_dirs, out_tsv) -> None:
+def registration_summary(case_dirs, out_tsv, out_png=None) -> None:
     """One row per case: similarity and QA; where a demo truth.json is known (``truth`` in case.json's
-    folder's demo input), mPD, rotation error and mTRE (with its depth part) over the bones."""
+    folder's demo input), mPD, rotation error and mTRE (with its depth part) over the bones. ``out_png``:
+    the same as bars, each case's QA flags written beside it."""
     import json
 
-    rows = ["case_id\tgc\tconverged\tqa_flags\tevaluations\tmpd_mm\trotation_error_deg\tmtre_mm\tdepth_error_mm"]
+    header = ["case_id", "gc", "converged", "qa_flags", "evaluations", "mpd_mm", "rotation_error_deg", "mtre_mm",
+              "depth_error_mm"]
+    rows = []
     for d in map(Path, case_dirs):
         record = json.loads((d / "pose.json").read_text())
         truth_path = d.parent / "demo_input" / d.name / "truth.json"
@@ -296,7 +480,41 @@ def registration_summary(case_dirs, out_tsv) -> None:
             errors = [f"{reprojection_distance_mm(pose, truth.world_to_camera, truth, points):.3f}",
                       f"{rotation_error_deg(pose, truth.world_to_camera):.3f}", f"{tre['mtre_mm']:.3f}",
                       f"{tre['mean_depth_error_mm']:.3f}"]
-        rows.append("\t".join([d.name, f"{record['similarity_value']:.4f}", str(record["converged"]),
-                               ",".join(record["qa_flags"]) or "-", str(record["evaluations"]), *errors]))
+        rows.append([d.name, f"{record['similarity_value']:.4f}", str(record["converged"]),
+                     ",".join(record["qa_flags"]) or "-", str(record["evaluations"]), *errors])
     with atomic_path(out_tsv) as tmp:
-        tmp.write_text("\n".join(rows) + "\n")
+        tmp.write_text("\n".join("\t".join(r) for r in [header, *rows]) + "\n")
+    if out_png:
+        summary_figure(out_png, [dict(zip(header, r)) for r in rows])
+
+
+def summary_figure(path, rows: list[dict]) -> None:
+    """Per case: mPD and mTRE against truth (or the similarity, where no truth is known), QA flags beside."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    known = all(r["mpd_mm"] for r in rows)
+    panels = ([("mpd_mm", "mPD (mm at the isocentre)", 0.5), ("mtre_mm", "mTRE (mm)", None)] if known
+              else [("gc", "gradient correlation", None)])
+    y = np.arange(len(rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 1.5, 0.28 * len(rows) + 1.4), squeeze=False)
+    for ax, (key, label, bar) in zip(axes[0], panels):
+        values = [float(r[key]) for r in rows]
+        ax.barh(y, values, color=["tab:blue" if r["qa_flags"] == "-" else "tab:red" for r in rows])
+        if bar:
+            ax.axvline(bar, color="k", lw=0.8, ls="--")
+        ax.set_yticks(y, [r["case_id"] for r in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(label, fontsize=8)
+    ax = axes[0][-1]
+    for i, r in enumerate(rows):
+        if r["qa_flags"] != "-":
+            ax.annotate(r["qa_flags"], (1.0, i), xycoords=("axes fraction", "data"), fontsize=6, color="tab:red",
+                        va="center", xytext=(4, 0), textcoords="offset points")
+    fig.suptitle("registration per case (red: QA flags raised" + ("; dashed: the 0.5 mm bar)" if known else ")"),
+                 fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)

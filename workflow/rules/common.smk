@@ -197,8 +197,12 @@ def labelled_cases(cohort):
 def register_args(wildcards):
     r, x = CONFIG["register"], CONFIG["cohorts"][wildcards.cohort]["xray"]
     args = [f"--min-gc {r['min_gc']}", f"--seed {r['seed']}", f"--device {CONFIG['device']}"]
+    if r.get("per_structure"):
+        args.append("--per-structure")
     if x.get("sod_mm"):
         args.append(f"--sod-mm {x['sod_mm']}")
+    if x.get("sdd_tolerance") is not None:
+        args.append(f"--sdd-tolerance {x['sdd_tolerance']}")
     return " ".join(args)
 
 

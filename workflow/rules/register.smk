@@ -31,8 +31,10 @@ rule registration_summary:
     input:
         lambda wc: expand("results/{{cohort}}/{case}/pose.json", case=downstream_cases(wc.cohort)),
     output:
-        report("results/{cohort}/qc/registration.tsv", category="register",
-               caption="../report/registration.rst"),
+        table=report("results/{cohort}/qc/registration.tsv", category="register",
+                     caption="../report/registration.rst"),
+        png=report("results/{cohort}/qc/registration.png", category="register",
+                   caption="../report/registration_png.rst"),
     log:
         "results/{cohort}/logs/registration_summary.log",
     threads: 1
@@ -45,4 +47,4 @@ rule registration_summary:
     conda:
         "../../envs/register.yaml"
     shell:
-        "{params.cli} registration-summary --cases {params.cases} --out {output} 2> {log}"
+        "{params.cli} registration-summary --cases {params.cases} --out {output.table} --png {output.png} 2> {log}"
