@@ -247,13 +247,21 @@ class DecompositionModel:
             return None
         return self.calibration["slope"] * np.asarray(drr_bmd_g_cm2, float) + self.calibration["intercept"]
 
-    @torch.no_grad()
     def locate_hips(self, radiograph: np.ndarray) -> dict[str, tuple[float, float]]:
-        """Femoral-head centres (row, col, radiograph pixels) of an AP pelvis radiograph, per side.
+        """Femoral-head centres (row, col, radiograph pixels) of an AP pelvis radiograph, per side:
+        ``{"right": (r, c), "left": (r, c)}``.
 
         The right hip is sought in the image as displayed (patient's right on the viewer's left, the
-        shards' orientation), the left hip in its mirror. ``confidence`` (0..1, the heatmap mass near
-        the peak) is returned beside, as ``{"right": (r, c), "left": (r, c), "confidence": {...}}``.
+        shards' orientation), the left hip in its mirror.
+
+        Raises:
+            BonedrrError: The model has no locator (trained with ``locator.epochs: 0``).
+        """
+        return self.locate_hips_with_confidence(radiograph)[0]
+
+    @torch.no_grad()
+    def locate_hips_with_confidence(self, radiograph: np.ndarray) -> tuple[dict, dict]:
+        """:meth:`locate_hips` and, per side, a confidence (0..1: the heatmap's mass near its peak).
 
         Raises:
             BonedrrError: The model has no locator (trained with ``locator.epochs: 0``).
@@ -270,7 +278,7 @@ class DecompositionModel:
                 c = image.shape[1] - 1 - c
             found[side] = (float(r), float(c))
             confidence[side] = float(conf[0])
-        return {**found, "confidence": confidence}
+        return found, confidence
 
     def save(self, path: str | Path) -> None:
         """Write ``model.pt`` (atomically)."""
