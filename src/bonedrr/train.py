@@ -602,8 +602,7 @@ def train_model(shard_dir: str | Path, out_dir: str | Path, settings: TrainSetti
     log.info("training on %d samples (folds %s, without %s), %s, channels %s", len(train_set),
              list(folds) if folds else "all", list(exclude_folds) if exclude_folds else "none", dev, ", ".join(channels))
     loader_kw = {"batch_size": settings.batch_size, "num_workers": settings.num_workers,
-                 "drop_last": len(train_set) > settings.batch_size,
-                 "persistent_workers": settings.num_workers > 0}
+                 "drop_last": len(train_set) > settings.batch_size}
     val_loader = DataLoader(val_dataset, batch_size=settings.batch_size) if val_dataset is not None else None
     data_channels = list(train_set.channels)
     budget = [math.inf if stop_after_epochs is None else stop_after_epochs]
