@@ -39,7 +39,8 @@ def workdir(tmp_path_factory) -> Path:
         "tiny": {"demo": {"n_patients": 2, "seed": 5, "rows": 48, "cols": 80, "nifti_png_every": 2},
                  "xray": {"sdd_mm": 1100, "pixel_mm": [5.6, 5.6]}},
         "real": {"samples": "real.tsv", "calibration": {"method": "internal"}},
-    }}
+    }, "train": {"stages": [{"channels": ["femur", "bone"], "epochs": 2}, {"channels": ["proximal_femur"], "epochs": 2}],
+                 "network": {"base_channels": 4, "depth": 3}, "locator": {"epochs": 2, "base_channels": 4}}}
     (d / "config.yaml").write_text(yaml.safe_dump(config))
     return d
 
@@ -99,6 +100,18 @@ def test_demo_cases_are_calibrated_and_rendered(workdir, run):
         assert drr["geometry"] == pose["geometry"]  # rendered at the registered pose
         assert (folder / "overlay.png").exists()
         assert (folder / "drr.png").stat().st_size > 5_000 and (folder / "calibration.png").exists()
+
+
+def test_model_is_trained_on_the_cohort_with_shards(workdir, run):
+    from bonedrr.train import load_model
+
+    folder = workdir / "results" / "models" / "tiny_all"
+    model = load_model(folder)
+    assert model.channels == ["femur", "bone", "proximal_femur"] and model.info["n_train"] == 4
+    log = (folder / "train_log.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in log[1:]] == ["stage1"] * 2 + ["stage2"] * 2 + ["locator"] * 2
+    assert (folder / "curves.png").stat().st_size > 10_000 and (folder / "checkpoint.pt").is_file()
+    assert not (workdir / "results" / "models" / "real_all").exists()  # no labels, no shards, no model
 
 
 def test_registration_table_lists_errors_against_truth(workdir, run):
