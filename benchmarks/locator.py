@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -99,6 +100,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-c", "import torch, scipy.ndimage, SimpleITK, pydicom"], check=True)
     startup = time.perf_counter() - t0
     record = {"threads": args.threads, "machine": platform.processor() or platform.machine(),
+              "cpu_count": os.cpu_count(), "load_average_1min_at_end": os.getloadavg()[0],
               "python_and_imports_startup_s": startup, "models": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
