@@ -49,7 +49,8 @@ def workdir(tmp_path_factory) -> Path:
                                   "plans": {"target_spacing_mm": 9.0, "patch_size": [48, 48], "batch_size": 4,
                                             "base_features": 8, "max_features": 32}}},
         "real": {"samples": "real.tsv", "calibration": {"method": "internal"}},
-    }}
+    }, "train": {"stages": [{"channels": ["femur", "bone"], "epochs": 2}, {"channels": ["proximal_femur"], "epochs": 2}],
+                 "network": {"base_channels": 4, "depth": 3}, "locator": {"epochs": 2, "base_channels": 4}}}
     (d / "config.yaml").write_text(yaml.safe_dump(config))
     return d
 
@@ -132,6 +133,18 @@ def test_segmenter_is_trained_and_segments_every_demo_case(workdir, run):
         record = json.loads((results / case / "segmentation.json").read_text())
         assert record["device"] == "cpu" and "femur_left" in record["metrics"]
     assert (results / "qc" / "segmentation.png").is_file() and (results / "qc" / "segmenter_training.png").is_file()
+
+
+def test_model_is_trained_on_the_cohort_with_shards(workdir, run):
+    from bonedrr.train import load_model
+
+    folder = workdir / "results" / "models" / "tiny_all"
+    model = load_model(folder)
+    assert model.channels == ["femur", "bone", "proximal_femur"] and model.info["n_train"] == 4
+    log = (folder / "train_log.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in log[1:]] == ["stage1"] * 2 + ["stage2"] * 2 + ["locator"] * 2
+    assert (folder / "curves.png").stat().st_size > 10_000 and (folder / "checkpoint.pt").is_file()
+    assert not (workdir / "results" / "models" / "real_all").exists()  # no labels, no shards, no model
 
 
 def test_registration_table_lists_errors_against_truth(workdir, run):
