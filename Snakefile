@@ -32,6 +32,8 @@ include: "workflow/rules/ingest.smk"
 include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/register.smk"
 include: "workflow/rules/drr.smk"
+include: "workflow/rules/bmd.smk"
+include: "workflow/rules/pack.smk"
 
 
 rule all:

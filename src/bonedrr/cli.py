@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from bonedrr import __version__
+from bonedrr.bmd import BMD_THRESHOLD_G_CM2
 from bonedrr.demo.naming import DEFAULTS as DEMO
 from bonedrr.errors import BonedrrError
 
@@ -143,6 +144,35 @@ def _ingest_overview(args) -> None:
     ingest_overview(args.cases, args.png, args.table)
 
 
+def _bmd(args) -> None:
+    from bonedrr.bmd import bmd_case
+
+    record = bmd_case(args.density, args.labels, args.drr, args.case, args.out, calibration_json=args.calibration,
+                      threshold_g_cm2=args.threshold, cut_mm=args.cut_mm)
+    for side, s in record["sides"].items():
+        log.info("%s hip: DRR-BMD %s g/cm2, QCT vBMD %s mg/cm3, DXA aBMD %s g/cm2", side,
+                 *(("-" if s[k] is None else f"{s[k]:.{d}f}") for k, d in
+                   (("drr_bmd_g_cm2", 3), ("qct_vbmd_mg_cm3", 1), ("dxa_abmd_g_cm2", 3))))
+
+
+def _bmd_summary(args) -> None:
+    from bonedrr.bmd import bmd_summary
+
+    bmd_summary(args.cases, args.out)
+
+
+def _pack(args) -> None:
+    from bonedrr.shards import PackSettings, pack_cohort
+
+    settings = PackSettings(crop_mm=tuple(args.crop_mm), crop_px=tuple(args.crop_px),
+                            head_position=tuple(args.head_position), folds=args.folds, seed=args.seed,
+                            shard_size_mb=args.shard_size_mb, compression=args.compression,
+                            threshold_g_cm2=args.threshold)
+    manifest = pack_cohort(args.cases, args.out, settings, cohort=args.cohort)
+    log.info("%s: %d samples in %d shard(s), %d excluded (see excluded.tsv)", args.out, manifest["n_samples"],
+             len(manifest["shards"]), manifest["n_excluded"])
+
+
 def _check_config(args) -> None:
     from bonedrr.config import cohort_cases, load_config
 
@@ -261,6 +291,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", required=True, help="contact sheet to write")
     p.add_argument("--table", required=True, help="TSV to write")
     p.set_defaults(func=_ingest_overview)
+
+    p = sub.add_parser("bmd", help="BMD targets of a case per hip: DRR-BMD, QCT vBMD, DXA aBMD (bmd.json)")
+    p.add_argument("--density", required=True, help="density.nii.gz (mg/cm3)")
+    p.add_argument("--labels", required=True, help="canonical labels on the same grid")
+    p.add_argument("--drr", required=True, help="drr.h5 (with proximal_femur_left/right channels)")
+    p.add_argument("--case", required=True, help="case.json (side, clinical DXA values)")
+    p.add_argument("--calibration", help="calibration.json (its QCT vBMD; else the density's mean)")
+    p.add_argument("--out", required=True, help="bmd.json to write")
+    p.add_argument("--threshold", type=float, default=BMD_THRESHOLD_G_CM2,
+                   help="projected-bone threshold of DRR-BMD, g/cm2")
+    p.add_argument("--cut-mm", type=float, default=80.0, help="proximal femur length below the head's top, mm")
+    p.set_defaults(func=_bmd)
+
+    p = sub.add_parser("bmd-summary", help="a cohort's BMD targets in one table (and the demo's truth)")
+    p.add_argument("--cases", nargs="+", required=True, help="case results folders (with bmd.json)")
+    p.add_argument("--out", required=True, help="TSV to write")
+    p.set_defaults(func=_bmd_summary)
+
+    p = sub.add_parser("pack", help="pack a cohort's cases into HDF5 training shards (docs/shards.md)")
+    p.add_argument("--cases", nargs="+", required=True, help="case results folders")
+    p.add_argument("--out", required=True, help="shard folder to write (replaced atomically)")
+    p.add_argument("--cohort", help="cohort name (recorded in the shards)")
+    p.add_argument("--crop-mm", type=float, nargs=2, default=[240.0, 120.0], metavar=("H", "W"),
+                   help="crop size at the detector, mm")
+    p.add_argument("--crop-px", type=int, nargs=2, default=[128, 64], metavar=("ROWS", "COLS"),
+                   help="stored crop size (rows = 2 x cols)")
+    p.add_argument("--head-position", type=float, nargs=2, default=[0.3, 0.7], metavar=("ROW", "COL"),
+                   help="femoral head centre in the crop, fractions of height and width (right-hip orientation)")
+    p.add_argument("--folds", type=int, default=5, help="number of cross-validation folds")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
+    p.add_argument("--shard-size-mb", type=float, default=1000.0, help="uncompressed size of one shard, MB")
+    p.add_argument("--compression", default="lzf", choices=["none", "lzf", "gzip-1", "gzip-4", "gzip-9"])
+    p.add_argument("--threshold", type=float, default=BMD_THRESHOLD_G_CM2,
+                   help="projected-bone threshold of DRR-BMD and the masks, g/cm2")
+    p.set_defaults(func=_pack)
 
     p = sub.add_parser("check-config", help="validate a config and its sample sheets")
     p.add_argument("config")

@@ -81,6 +81,12 @@ def validate_config(config: dict) -> dict:
     config.setdefault("proximal_femur_cut_mm", 80.0)
     config["drr"] = {"method": "siddon", "step_mm": None, **config.get("drr", {})}
     config["register"] = {"min_gc": 0.35, "seed": 0, **config.get("register", {})}
+    config["bmd"] = {"threshold_g_cm2": 0.05, **config.get("bmd", {})}
+    config["shards"] = {"crop_mm": [240.0, 120.0], "crop_px": [128, 64], "head_position": [0.3, 0.7], "folds": 5,
+                        "seed": 0, "shard_size_mb": 1000, "compression": "lzf", **config.get("shards", {})}
+    if config["shards"]["crop_px"][0] != 2 * config["shards"]["crop_px"][1]:
+        raise ConfigError(f"config error: field 'shards.crop_px': {config['shards']['crop_px']} is not portrait 2:1 "
+                          "(rows = 2 x cols)")
     for name, cohort in config["cohorts"].items():
         cohort["xray"] = {"sdd_mm": DEMO["sdd_mm"], "pixel_mm": list(DEMO["pixel_mm"]), **cohort.get("xray", {})}
         if "demo" in cohort:  # the demo's scans carry its phantom

@@ -37,13 +37,16 @@ _BONES = ["femur_left", "femur_right", "hip_left", "hip_right", "other_bone", "p
           "proximal_femur_right"]
 _MUSCLES = [n for n in CANONICAL_LABELS if n.startswith(("gluteus", "iliopsoas"))]
 
-#: Default channels. ``femur_*`` includes its proximal part; ``bone`` + ``muscle`` + ``soft_tissue``
-#: is a partition of the body.
+#: Default channels. ``femur_*`` includes its proximal part; ``hip_*`` is one hemipelvis, ``pelvis``
+#: both; ``bone`` + ``muscle`` + ``soft_tissue`` is a partition of the body. The shards take each hip's
+#: side-normalised channels from these (``bonedrr.shards.CHANNELS``).
 DEFAULT_CHANNELS: dict[str, list[str]] = {
     "bone": _BONES,
     "muscle": _MUSCLES,
     "soft_tissue": ["unlabelled"],
     "pelvis": ["hip_left", "hip_right"],
+    "hip_left": ["hip_left"],
+    "hip_right": ["hip_right"],
     "femur_left": ["femur_left", "proximal_femur_left"],
     "femur_right": ["femur_right", "proximal_femur_right"],
     "proximal_femur_left": ["proximal_femur_left"],

@@ -109,3 +109,41 @@ def proximal_femur_mask(
         return femur
     top = superior_mm[femur].max()
     return femur & (superior_mm >= top - length_mm)
+
+
+#: The femoral head, for :func:`femoral_head_centre`: femur voxels within this many mm below the
+#: femur's top and within this many mm (in the axial plane) of the top's position.
+FEMORAL_HEAD_DEPTH_MM = 40.0
+FEMORAL_HEAD_RADIUS_MM = 25.0
+
+
+def femoral_head_centre(labels: np.ndarray, side: str, voxel_to_world: np.ndarray) -> np.ndarray | None:
+    """World position (LPS mm) of one femoral head's centre, or None without that femur.
+
+    Definition (documented in docs/shards.md; the landmark hip crops are centred on): the centroid of
+    the femur voxels that lie within :data:`FEMORAL_HEAD_DEPTH_MM` below the femur's most superior
+    voxel and within :data:`FEMORAL_HEAD_RADIUS_MM` of that top voxel's position in the axial plane.
+    That is the head (an adult's is 40-50 mm across) with at most the start of the neck; the greater
+    trochanter, 50 mm or more lateral, is left out. Position along the superior axis: the head's top
+    minus about 20 mm.
+
+    Args:
+        labels: Canonical label volume, indexed [k, j, i].
+        side: ``"left"`` or ``"right"``.
+        voxel_to_world: 4x4 affine taking (i, j, k) to world mm (``images.index_to_world``).
+
+    Example:
+        >>> lab = np.zeros((60, 10, 10), np.uint8)
+        >>> lab[10:50, 3:7, 3:7] = CANONICAL_LABELS["femur_left"]
+        >>> femoral_head_centre(lab, "left", np.eye(4)).round(1).tolist()  # k grows superior here
+        [4.5, 4.5, 29.5]
+    """
+    k, j, i = np.nonzero(labels == CANONICAL_LABELS[f"femur_{side}"])
+    if k.size == 0:
+        return None
+    points = np.stack([i, j, k], -1) @ voxel_to_world[:3, :3].T + voxel_to_world[:3, 3]
+    top_z = points[:, 2].max()
+    top_xy = points[points[:, 2] >= top_z - 1e-6, :2].mean(0)
+    head = points[(points[:, 2] >= top_z - FEMORAL_HEAD_DEPTH_MM)
+                  & (np.linalg.norm(points[:, :2] - top_xy, axis=1) <= FEMORAL_HEAD_RADIUS_MM)]
+    return head.mean(0)

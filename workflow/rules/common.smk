@@ -49,6 +49,8 @@ def all_outputs():
         outputs += [f"results/{cohort}/{case}/drr.h5" for case in labelled]
         if labelled:
             outputs.append(f"results/{cohort}/qc/registration.tsv")
+        if packable_cases(cohort):
+            outputs += [f"results/{cohort}/qc/bmd.tsv", f"results/{cohort}/shards/manifest.json"]
     return outputs
 
 
@@ -152,3 +154,30 @@ def drr_args(wildcards):
     if d.get("channels"):
         args.append(f"--channels {shlex.quote(json.dumps(d['channels']))}")
     return " ".join(args)
+
+
+def packable_cases(cohort):
+    """The cases of a cohort that reach the DRRs, and so the BMD targets and the shards (one place to
+    change when segmentation labels every case)."""
+    return labelled_cases(cohort)
+
+
+def bmd_args(wildcards):
+    return f"--threshold {CONFIG['bmd']['threshold_g_cm2']} --cut-mm {CONFIG['proximal_femur_cut_mm']}"
+
+
+def pack_inputs(wildcards):
+    """Every file `bonedrr pack` reads of each packable case of the cohort."""
+    files = {}
+    for case in packable_cases(wildcards.cohort):
+        for name in ("case.json", "xray.nii.gz", "pose.json", "drr.h5", "bmd.json"):
+            files[f"{case}_{name.split('.')[0]}"] = f"results/{wildcards.cohort}/{case}/{name}"
+    return files
+
+
+def pack_args(wildcards):
+    s = CONFIG["shards"]
+    return (f"--crop-mm {s['crop_mm'][0]} {s['crop_mm'][1]} --crop-px {s['crop_px'][0]} {s['crop_px'][1]} "
+            f"--head-position {s['head_position'][0]} {s['head_position'][1]} --folds {s['folds']} "
+            f"--seed {s['seed']} --shard-size-mb {s['shard_size_mb']} --compression {s['compression']} "
+            f"--threshold {CONFIG['bmd']['threshold_g_cm2']}")

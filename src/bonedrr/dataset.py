@@ -1,0 +1,130 @@
+"""PyTorch access to packed shards (``bonedrr pack``; layout in docs/shards.md).
+
+:class:`ShardDataset` serves one sample (one hip) per item, selected by fold, with the DRR channels a
+model asks for. HDF5 files are opened lazily, once per process, so it is safe in a ``DataLoader``
+with worker processes (each worker opens its own handles after the fork).
+
+Example:
+    >>> from torch.utils.data import DataLoader                               # doctest: +SKIP
+    >>> train = ShardDataset("results/demo/shards", exclude_folds=[0])       # doctest: +SKIP
+    >>> batch = next(iter(DataLoader(train, batch_size=8, shuffle=True, num_workers=2)))  # doctest: +SKIP
+    >>> batch["drr"].shape                                                    # doctest: +SKIP
+    torch.Size([8, 7, 128, 64])
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from bonedrr.errors import InputError
+
+
+def read_index(shard_dir: str | Path) -> list[dict]:
+    """index.csv as a list of dicts (strings as written; see :data:`bonedrr.shards.INDEX_COLUMNS`)."""
+    with open(Path(shard_dir) / "index.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _float(text: str) -> float:
+    return float(text) if text not in ("", None) else math.nan
+
+
+class ShardDataset(Dataset):
+    """Samples of a packed shard folder as tensors.
+
+    Args:
+        shard_dir: The folder with manifest.json, index.csv and the shards.
+        folds: Keep only samples of these folds (None: all).
+        exclude_folds: Then drop samples of these folds (e.g. the held-out fold).
+        channels: DRR channels to serve, in this order (None: all, as packed).
+
+    Attributes:
+        channels: The served DRR channel names (list[str]).
+        index: One dict per item: its row of index.csv.
+        manifest: The folder's manifest.json.
+
+    Item (a dict; the default collate stacks it): ``xray`` (1, H, W) radiograph crop as stored;
+    ``drr`` (C, H, W) g/cm2; ``mask`` (1, H, W) proximal-femur projected bone (1 inside);
+    ``overview`` (1, 128, 256); ``head_overview_px`` (2,) (row, col); ``drr_bmd``, ``qct_vbmd``,
+    ``dxa_abmd`` floats (NaN when unknown); ``sample_id``, ``patient_id`` str; ``fold`` int.
+    """
+
+    def __init__(self, shard_dir: str | Path, folds: Sequence[int] | None = None,
+                 exclude_folds: Sequence[int] | None = None, channels: Sequence[str] | None = None):
+        self.shard_dir = Path(shard_dir)
+        manifest_path = self.shard_dir / "manifest.json"
+        if not manifest_path.is_file():
+            raise InputError("no manifest.json: not a packed shard folder (or its pack did not finish)",
+                             self.shard_dir)
+        self.manifest = json.loads(manifest_path.read_text())
+        major = str(self.manifest.get("format_version", "0")).split(".")[0]
+        if major != "1":
+            raise InputError(f"shard format {self.manifest.get('format_version')} is not supported (1.x)",
+                             manifest_path)
+        packed = list(self.manifest["channels"])
+        self.channels = list(channels) if channels is not None else packed
+        unknown = [c for c in self.channels if c not in packed]
+        if unknown:
+            raise InputError(f"unknown channel(s) {', '.join(unknown)} (packed: {', '.join(packed)})",
+                             manifest_path)
+        self._channel_idx = [packed.index(c) for c in self.channels]
+        masks = list(self.manifest["masks"])
+        self._mask_idx = masks.index("proximal_femur") if "proximal_femur" in masks else None
+        rows = read_index(self.shard_dir)
+        if folds is not None:
+            rows = [r for r in rows if int(r["fold"]) in set(folds)]
+        if exclude_folds is not None:
+            rows = [r for r in rows if int(r["fold"]) not in set(exclude_folds)]
+        self.index = rows
+        self._files: dict = {}
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getstate__(self):  # open HDF5 handles never travel to worker processes
+        state = self.__dict__.copy()
+        state["_files"], state["_pid"] = {}, None
+        return state
+
+    def _file(self, name: str):
+        import h5py
+
+        if self._pid != os.getpid():
+            self._files, self._pid = {}, os.getpid()
+        if name not in self._files:
+            self._files[name] = h5py.File(self.shard_dir / name, "r")
+        return self._files[name]
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.index[i]
+        f = self._file(row["shard"])
+        r = int(row["row"])
+        drr = f["drr"][r]  # one chunk: read all channels, then select
+        if self._mask_idx is not None:
+            mask = f["mask"][r, self._mask_idx].astype(np.float32)
+        else:
+            mask = np.zeros(drr.shape[1:], np.float32)
+        return {
+            "xray": torch.from_numpy(f["xray"][r][None].astype(np.float32)),
+            "drr": torch.from_numpy(np.ascontiguousarray(drr[self._channel_idx], np.float32)),
+            "mask": torch.from_numpy(mask[None]),
+            "overview": torch.from_numpy(f["overview"][r][None].astype(np.float32)),
+            "head_overview_px": torch.from_numpy(f["head_overview_px"][r].astype(np.float32)),
+            "drr_bmd": float(f["drr_bmd"][r]), "qct_vbmd": float(f["qct_vbmd"][r]),
+            "dxa_abmd": float(f["dxa_abmd"][r]),
+            "sample_id": row["sample_id"], "patient_id": row["patient_id"], "fold": int(row["fold"]),
+        }
+
+    def targets(self, name: str = "drr_bmd_g_cm2") -> np.ndarray:
+        """A target column of the index for every item (NaN when unknown), without opening a shard."""
+        return np.array([_float(r[name]) for r in self.index])

@@ -1,0 +1,23 @@
+# HDF5 training shards of a cohort (bonedrr.shards; layout in docs/shards.md). The whole folder is
+# replaced atomically; manifest.json is written last.
+
+
+rule pack_shards:
+    input:
+        unpack(pack_inputs),
+    output:
+        manifest="results/{cohort}/shards/manifest.json",
+        index="results/{cohort}/shards/index.csv",
+        splits="results/{cohort}/shards/splits.json",
+        excluded="results/{cohort}/shards/excluded.tsv",
+    log:
+        "results/{cohort}/logs/pack_shards.log",
+    params:
+        cli=BONEDRR,
+        cases=lambda wc: " ".join(f"results/{wc.cohort}/{case}" for case in packable_cases(wc.cohort)),
+        args=pack_args,
+    conda:
+        "../../envs/pack.yaml"
+    shell:
+        "{params.cli} pack --cases {params.cases} --out results/{wildcards.cohort}/shards "
+        "--cohort {wildcards.cohort} {params.args} 2> {log}"
