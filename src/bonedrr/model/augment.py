@@ -1,0 +1,136 @@
+"""Training augmentation: paired geometry (radiograph and targets alike) and radiograph-only intensity.
+
+Each random transform draws its parameters from a ``torch.Generator`` and hands them to a
+deterministic twin (:func:`affine`, :func:`adjust_intensity`) that tests can call with known values,
+the way TorchIO separates a random transform from the one it applies.
+
+Geometry: one affine per sample (rotation about the crop centre, isotropic scale, shift), applied
+with the same sampling grid to the radiograph and to every DRR channel and mask, so a pixel of the
+input stays paired with its target. Intensity (radiograph only, the targets are physical g/cm2):
+a gamma curve and a contrast change on the image's own robust range, Gaussian noise, and a new
+overall exposure scale and offset (what the model's input normalisation removes, so only the
+non-linear parts teach it anything, as intended).
+
+Example:
+    >>> import torch
+    >>> x = torch.zeros(1, 1, 8, 8); x[0, 0, 3, 2] = 1
+    >>> theta = shift_matrix(torch.tensor([[0.0, 2.0]]), (8, 8))  # two columns to the right
+    >>> affine(x, theta)[0, 0].nonzero().tolist()
+    [[3, 4]]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+
+def shift_matrix(shift_px: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """(N, 2, 3) affine (output -> input, normalised coordinates) that moves content by (rows, cols) pixels."""
+    h, w = shape
+    theta = torch.zeros(len(shift_px), 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, 0, 2] = -2.0 * shift_px[:, 1] / w
+    theta[:, 1, 2] = -2.0 * shift_px[:, 0] / h
+    return theta
+
+
+def affine_matrix(rotation_deg: torch.Tensor, scale: torch.Tensor, shift_px: torch.Tensor,
+                  shape: tuple[int, int]) -> torch.Tensor:
+    """(N, 2, 3) affine for ``F.affine_grid``: content rotated by ``rotation_deg`` (counter-clockwise
+    as displayed), scaled by ``scale`` about the centre, then moved by ``shift_px`` (rows, cols).
+
+    Built in pixel units, so a rotation stays a rotation on a non-square crop.
+    """
+    h, w = shape
+    a = torch.deg2rad(rotation_deg)
+    cos, sin = torch.cos(a), torch.sin(a)
+    # forward map of content, in pixel coordinates (x = col, y = row) about the centre
+    fwd = torch.zeros(len(a), 3, 3)
+    fwd[:, 0, 0], fwd[:, 0, 1] = scale * cos, scale * sin
+    fwd[:, 1, 0], fwd[:, 1, 1] = -scale * sin, scale * cos
+    fwd[:, 0, 2], fwd[:, 1, 2] = shift_px[:, 1], shift_px[:, 0]
+    fwd[:, 2, 2] = 1.0
+    inv = torch.linalg.inv(fwd)  # affine_grid wants output -> input
+    to_px = torch.diag(torch.tensor([w / 2.0, h / 2.0, 1.0]))
+    to_norm = torch.diag(torch.tensor([2.0 / w, 2.0 / h, 1.0]))
+    return (to_norm @ inv @ to_px)[:, :2]
+
+
+def affine(images: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Resample (N, C, H, W) with per-sample ``theta`` (N, 2, 3); outside the image is 0."""
+    grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+def adjust_intensity(x: torch.Tensor, gamma: torch.Tensor, contrast: torch.Tensor, noise: torch.Tensor,
+                     gain: torch.Tensor, offset: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Radiograph (N, 1, H, W) with per-sample gamma, contrast, noise (fraction of the robust range),
+    gain and offset (exposure). Zero padding from a geometric step is kept at the new black level."""
+    flat = x.flatten(1)
+    lo = torch.quantile(flat, 0.01, dim=1).view(-1, 1, 1, 1)
+    hi = torch.quantile(flat, 0.99, dim=1).view(-1, 1, 1, 1)
+    span = (hi - lo).clamp_min(1e-6)
+    u = ((x - lo) / span).clamp(0, 1.5)
+    u = u ** gamma.view(-1, 1, 1, 1)
+    u = 0.5 + (u - 0.5) * contrast.view(-1, 1, 1, 1)
+    if generator is not None:
+        u = u + noise.view(-1, 1, 1, 1) * torch.randn(x.shape, generator=generator).to(x.device)
+    return (u * span + lo) * gain.view(-1, 1, 1, 1) + offset.view(-1, 1, 1, 1) * span
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    """Strengths of the random augmentation (0 switches a part off).
+
+    Args:
+        rotate_deg: Rotation drawn uniformly in +-this.
+        scale: Scale drawn uniformly in 1 +- this.
+        shift: Shift drawn uniformly in +- this fraction of the crop's height and width.
+        gamma: log(gamma) drawn uniformly in +- this.
+        contrast: Contrast factor in 1 +- this.
+        noise: Noise standard deviation drawn in 0..this (fraction of the robust range).
+    """
+
+    rotate_deg: float = 5.0
+    scale: float = 0.05
+    shift: float = 0.04
+    gamma: float = 0.3
+    contrast: float = 0.2
+    noise: float = 0.02
+
+
+class RandomAugment:
+    """Draws one geometric and one intensity transform per sample and applies them.
+
+    Args:
+        settings: The strengths.
+        generator: The source of randomness (seeded by the trainer per epoch, so a resumed run draws
+            the same transforms).
+    """
+
+    def __init__(self, settings: AugmentSettings, generator: torch.Generator):
+        self.s, self.g = settings, generator
+
+    def _uniform(self, n: int, half_width: float) -> torch.Tensor:
+        return (torch.rand(n, generator=self.g) * 2 - 1) * half_width
+
+    def __call__(self, xray: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment a batch: xray (N, 1, H, W), targets (N, C, H, W) (DRRs and masks)."""
+        n, _, h, w = xray.shape
+        s = self.s
+        theta = affine_matrix(self._uniform(n, s.rotate_deg), 1 + self._uniform(n, s.scale),
+                              torch.stack([self._uniform(n, s.shift * h), self._uniform(n, s.shift * w)], 1), (h, w))
+        # The radiograph's zero padding would be an unnaturally dark border: pad with its own edge level.
+        floor = xray.flatten(1).quantile(0.01, dim=1).view(-1, 1, 1, 1)
+        xray = affine(xray - floor, theta) + floor
+        targets = affine(targets, theta)
+        gamma = torch.exp(self._uniform(n, s.gamma))
+        contrast = 1 + self._uniform(n, s.contrast)
+        noise = torch.rand(n, generator=self.g) * s.noise
+        gain = torch.exp(self._uniform(n, math.log(2.0)))
+        offset = self._uniform(n, 0.5)
+        return adjust_intensity(xray, gamma, contrast, noise, gain, offset, self.g), targets

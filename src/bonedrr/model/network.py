@@ -1,0 +1,112 @@
+"""The decomposition network: a small U-Net that maps a radiograph crop to DRR channels (g/cm2).
+
+The radiograph enters as stored (any exposure, window or bit depth): :class:`RobustNormalise` maps
+each image by its own robust percentiles first, so a DICOM, a PNG or a JPEG of the same hip give the
+network the same input. The output is linear (g/cm2, as the targets); DRRs are non-negative, which
+:meth:`UNet.forward` does not force (the L1 loss learns it), and ``predict`` clips.
+
+Example:
+    >>> import torch
+    >>> net = UNet(in_channels=1, out_channels=3, base_channels=4, depth=2)
+    >>> net(torch.rand(2, 1, 32, 16)).shape
+    torch.Size([2, 3, 32, 16])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class RobustNormalise(nn.Module):
+    """Per image: (x - p_low) / (p_high - p_low), percentiles over the image's own pixels.
+
+    Args:
+        low, high: The percentiles (0-100) mapped to 0 and 1.
+    """
+
+    def __init__(self, low: float = 1.0, high: float = 99.0):
+        super().__init__()
+        self.low, self.high = low / 100.0, high / 100.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1).float()
+        q = torch.quantile(flat, torch.tensor([self.low, self.high], device=x.device, dtype=flat.dtype), dim=1)
+        lo = q[0].view(-1, *([1] * (x.dim() - 1)))
+        span = (q[1] - q[0]).clamp_min(1e-6).view_as(lo)
+        return ((x.float() - lo) / span).to(x.dtype)
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    # GroupNorm, not BatchNorm: batches are small and the statistics must not depend on the batch
+    # (a prediction of one image equals its prediction in a batch).
+    groups = max(1, min(8, cout // 4))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(groups, cout), nn.LeakyReLU(0.1, inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.GroupNorm(groups, cout), nn.LeakyReLU(0.1, inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """A U-Net with ``depth`` poolings; channels double per level from ``base_channels``.
+
+    Input height and width must be divisible by 2**depth.
+
+    Args:
+        in_channels: Input channels (1: the normalised radiograph).
+        out_channels: Output channels (the DRR channels of a stage).
+        base_channels: Channels of the first level.
+        depth: Number of down-sampling steps.
+        normalise: Normalise the input with :class:`RobustNormalise` first (the radiograph as stored).
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 16, depth: int = 3,
+                 normalise: bool = True):
+        super().__init__()
+        self.depth = depth
+        self.normalise = RobustNormalise() if normalise else nn.Identity()
+        widths = [base_channels * 2 ** i for i in range(depth + 1)]
+        self.down = nn.ModuleList([_block(in_channels, widths[0])]
+                                  + [_block(widths[i], widths[i + 1]) for i in range(depth)])
+        self.up = nn.ModuleList([_block(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(depth))])
+        self.head = nn.Conv2d(widths[0], out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.normalise(x)
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        x = skips.pop()
+        for block in self.up:
+            skip = skips.pop()
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(torch.cat([x, skip], 1))
+        return self.head(x)
+
+
+class PatchDiscriminator(nn.Module):
+    """A conditional PatchGAN (pix2pix): judges (radiograph, DRR) pairs patch by patch.
+
+    Args:
+        in_channels: Radiograph channels + DRR channels.
+        base_channels: Channels of the first layer (doubled by each strided layer).
+        layers: Number of strided convolutions (receptive field grows with it).
+    """
+
+    def __init__(self, in_channels: int, base_channels: int = 16, layers: int = 3):
+        super().__init__()
+        self.normalise = RobustNormalise()
+        mods: list[nn.Module] = [nn.Conv2d(in_channels, base_channels, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
+        c = base_channels
+        for _ in range(layers - 1):
+            mods += [nn.Conv2d(c, c * 2, 4, 2, 1, bias=False), nn.GroupNorm(max(1, min(8, c * 2 // 4)), c * 2),
+                     nn.LeakyReLU(0.2, inplace=True)]
+            c *= 2
+        mods += [nn.Conv2d(c, 1, 3, 1, 1)]
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, xray: torch.Tensor, drr: torch.Tensor) -> torch.Tensor:
+        """Logits, one per patch."""
+        return self.net(torch.cat([self.normalise(xray), drr], 1))

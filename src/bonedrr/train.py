@@ -1,0 +1,741 @@
+"""The ``train`` stage: the decomposition model, trained on shards, saved as a model folder.
+
+The published recipe (Gu et al. 2023): hierarchical stages. Stage 1 maps the radiograph crop to the
+bone DRRs of the pelvis and femur (here also the all-bone and muscle channels, as configured); stage 2
+starts from stage 1's weights and learns the proximal-femur DRR, the channel BMD is read from. Losses:
+L1 + gradient correlation (+ an optional conditional PatchGAN term), weighted by the config. Paired
+geometric augmentation (the same affine for the radiograph and its DRRs) and intensity augmentation of
+the radiograph only (:mod:`bonedrr.model.augment`). A hip locator (:mod:`bonedrr.model.locator`) is
+trained last, on the shards' overviews, for ``bonedrr estimate`` on whole radiographs.
+
+A model folder (``results/models/<name>/``) holds:
+
+- ``model.pt``: everything :func:`load_model` needs (weights, channels, crop geometry, settings,
+  training folds, the optional DXA calibration); written last, so its presence means done;
+- ``checkpoint.pt``: the state after the last finished epoch (weights, optimisers, schedule, log);
+  a killed run started again resumes from it, and ends with the same weights as an uninterrupted run;
+- ``train_log.tsv`` (one row per epoch) and ``curves.png`` (the training curves).
+
+Every epoch draws its shuffling and augmentation from a generator seeded by (seed, phase, epoch), so
+a seeded CPU run is reproducible and a resumed one draws what the uninterrupted one would have.
+GPU when present (``device``), with bfloat16 autocast; CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from bonedrr.errors import BonedrrError, InputError
+from bonedrr.images import atomic_path
+from bonedrr.model import locator as loc
+from bonedrr.model.augment import AugmentSettings, RandomAugment
+from bonedrr.model.losses import gan_loss, gc_loss, gradient_correlation, l1_loss
+from bonedrr.model.network import PatchDiscriminator, UNet
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "train_log.tsv"
+CURVES_FILE = "curves.png"
+FORMAT_VERSION = 1
+#: The channel BMD is read from.
+BMD_CHANNEL = "proximal_femur"
+LOG_COLUMNS = ("phase", "epoch", "loss", "l1", "gc", "gan", "val_l1", "val_gc", "val_bmd_mae", "seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the hierarchy: the channels it predicts and how long it trains."""
+
+    channels: tuple[str, ...]
+    epochs: int
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The ``train:`` block of the config (documented in config/README.md).
+
+    Args:
+        stages: The hierarchy; each stage after the first starts from the previous one's weights.
+        batch_size, lr, weight_decay: Optimiser (AdamW, cosine schedule per stage).
+        l1, gc, gan: Loss weights (0 switches a term off; ``gan`` > 0 trains a PatchGAN beside).
+        base_channels, depth: The U-Net's size.
+        augment: Augmentation strengths.
+        locator_epochs, locator_base_channels: The hip locator (0 epochs: no locator).
+        seed: Seeds weights, shuffling and augmentation.
+        num_workers: DataLoader workers.
+        dxa_calibration: Fit a linear map from predicted DRR-BMD to DXA aBMD on the training samples.
+        amp: bfloat16 autocast on a GPU.
+    """
+
+    stages: tuple[Stage, ...] = (Stage(("pelvis", "femur", "bone", "muscle"), 30), Stage(("proximal_femur",), 30))
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    l1: float = 1.0
+    gc: float = 0.5
+    gan: float = 0.0
+    base_channels: int = 16
+    depth: int = 3
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    locator_epochs: int = 40
+    locator_base_channels: int = 8
+    seed: int = 0
+    num_workers: int = 0
+    dxa_calibration: bool = False
+    amp: bool = True
+
+    @classmethod
+    def from_config(cls, block: dict | None) -> "TrainSettings":
+        """Settings from the config's ``train:`` block (missing keys take the defaults above)."""
+        block = dict(block or {})
+        kwargs = {}
+        if "stages" in block:
+            kwargs["stages"] = tuple(Stage(tuple(s["channels"]), int(s["epochs"])) for s in block.pop("stages"))
+        if "loss" in block:
+            kwargs.update({k: float(v) for k, v in block.pop("loss").items()})
+        if "augment" in block:
+            kwargs["augment"] = AugmentSettings(**block.pop("augment"))
+        if "network" in block:
+            kwargs.update(block.pop("network"))
+        if "locator" in block:
+            lb = block.pop("locator")
+            kwargs.update({f"locator_{k}": v for k, v in lb.items()})
+        unknown = set(block) - {f.name for f in cls.__dataclass_fields__.values()}
+        if unknown:
+            raise BonedrrError(f"unknown train settings: {', '.join(sorted(unknown))}")
+        return cls(**kwargs, **block)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["stages"] = [{"channels": list(s.channels), "epochs": s.epochs} for s in self.stages]
+        return d
+
+    @property
+    def channels(self) -> list[str]:
+        """Every channel a stage predicts, in stage order (a later stage's wins a duplicate)."""
+        out: list[str] = []
+        for s in self.stages:
+            out = [c for c in out if c not in s.channels] + list(s.channels)
+        return out
+
+
+def _fingerprint(settings: TrainSettings, folds, val_folds, n_train: int) -> str:
+    key = json.dumps([settings.to_dict(), folds, val_folds, n_train], sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class CropGeometry:
+    """How a hip crop is cut from a whole radiograph (learned from the training shards' index).
+
+    Args:
+        shape: (rows, cols) of the crop.
+        pixel_mm: Detector pixel size of the crop (mm, row and col).
+        head_px: Where the femoral-head centre lies in the crop (row, col), the median of the training set.
+    """
+
+    shape: tuple[int, int]
+    pixel_mm: tuple[float, float]
+    head_px: tuple[float, float]
+
+
+class DecompositionModel:
+    """A trained model: radiograph crops in, DRR channels (g/cm2) out; and the hip locator.
+
+    Args:
+        stage_nets: One U-Net per stage.
+        stage_channels: The channels each stage predicts.
+        crop: The crop geometry of the training data.
+        locator: The hip-locator network, or None.
+        calibration: ``{"slope", "intercept"}`` of DXA aBMD against predicted DRR-BMD, or None.
+        info: Training facts (settings, folds, samples), kept in ``model.pt``.
+    """
+
+    def __init__(self, stage_nets: list[UNet], stage_channels: list[list[str]], crop: CropGeometry,
+                 locator: loc.Locator | None = None, calibration: dict | None = None, info: dict | None = None,
+                 device: str = "cpu"):
+        self.stage_nets = [n.eval() for n in stage_nets]
+        self.stage_channels = [list(c) for c in stage_channels]
+        self.crop = crop
+        self.locator = locator.eval() if locator is not None else None
+        self.calibration = calibration
+        self.info = info or {}
+        self.device = torch.device(device)
+        # channel -> (stage, index in its output); a later stage wins a duplicate
+        self._source: dict[str, tuple[int, int]] = {}
+        for s, chans in enumerate(self.stage_channels):
+            for i, c in enumerate(chans):
+                self._source.pop(c, None)
+                self._source[c] = (s, i)
+        self.to(device)
+
+    @property
+    def channels(self) -> list[str]:
+        """Output channels of :meth:`predict`, in order."""
+        return list(self._source)
+
+    @property
+    def crop_shape(self) -> tuple[int, int]:
+        """(rows, cols) of the crops the model was trained on."""
+        return tuple(self.crop.shape)
+
+    def to(self, device: str | torch.device) -> "DecompositionModel":
+        self.device = torch.device(device)
+        for n in self.stage_nets:
+            n.to(self.device)
+        if self.locator is not None:
+            self.locator.to(self.device)
+        return self
+
+    @torch.no_grad()
+    def predict(self, xray_crops: np.ndarray, batch_size: int = 16) -> np.ndarray:
+        """Decompose radiograph crops (N, H, W) as stored in the shards -> (N, C, H, W) g/cm2 (>= 0).
+
+        Crops of another size are resized to :attr:`crop_shape` and the output back.
+        """
+        x = np.asarray(xray_crops, np.float32)
+        if x.ndim == 2:
+            x = x[None]
+        out = []
+        for i in range(0, len(x), batch_size):
+            t = torch.from_numpy(x[i:i + batch_size])[:, None].to(self.device)
+            size = t.shape[-2:]
+            if tuple(size) != self.crop_shape:
+                t = F.interpolate(t, size=self.crop_shape, mode="bilinear", align_corners=False)
+            stage_out = [net(t).float() for net in self.stage_nets]
+            y = torch.stack([stage_out[s][:, j] for s, j in self._source.values()], 1).clamp_min(0)
+            if tuple(size) != self.crop_shape:
+                y = F.interpolate(y, size=tuple(size), mode="bilinear", align_corners=False)
+            out.append(y.cpu().numpy())
+        return np.concatenate(out).astype(np.float32)
+
+    def bmd(self, prediction: np.ndarray, threshold_g_cm2: float | None = None) -> np.ndarray:
+        """DRR-BMD (g/cm2) of each predicted sample (N, C, H, W), exactly as from a true DRR."""
+        from bonedrr.bmd import BMD_THRESHOLD_G_CM2, drr_bmd
+
+        threshold = BMD_THRESHOLD_G_CM2 if threshold_g_cm2 is None else threshold_g_cm2
+        k = self.channels.index(BMD_CHANNEL)
+        return np.array([drr_bmd(p[k], threshold) for p in prediction], float)
+
+    def calibrated(self, drr_bmd_g_cm2):
+        """DXA-equivalent aBMD from DRR-BMD with the fitted calibration (None without one)."""
+        if not self.calibration:
+            return None
+        return self.calibration["slope"] * np.asarray(drr_bmd_g_cm2, float) + self.calibration["intercept"]
+
+    def locate_hips(self, radiograph: np.ndarray) -> dict[str, tuple[float, float]]:
+        """Femoral-head centres (row, col, radiograph pixels) of an AP pelvis radiograph, per side:
+        ``{"right": (r, c), "left": (r, c)}``.
+
+        The right hip is sought in the image as displayed (patient's right on the viewer's left, the
+        shards' orientation), the left hip in its mirror.
+
+        Raises:
+            BonedrrError: The model has no locator (trained with ``locator.epochs: 0``).
+        """
+        return self.locate_hips_with_confidence(radiograph)[0]
+
+    @torch.no_grad()
+    def locate_hips_with_confidence(self, radiograph: np.ndarray) -> tuple[dict, dict]:
+        """:meth:`locate_hips` and, per side, a confidence (0..1: the heatmap's mass near its peak).
+
+        Raises:
+            BonedrrError: The model has no locator (trained with ``locator.epochs: 0``).
+        """
+        if self.locator is None:
+            raise BonedrrError("this model has no hip locator (trained with locator epochs 0); give a hip crop")
+        image = np.asarray(radiograph, np.float32)
+        found, confidence = {}, {}
+        for side, img in (("right", image), ("left", image[:, ::-1])):
+            ov, transform = loc.make_overview(np.ascontiguousarray(img))
+            rc, conf = self.locator.locate(torch.from_numpy(ov)[None, None].to(self.device))
+            r, c = transform.to_image(rc[0].numpy())
+            if side == "left":
+                c = image.shape[1] - 1 - c
+            found[side] = (float(r), float(c))
+            confidence[side] = float(conf[0])
+        return found, confidence
+
+    def save(self, path: str | Path) -> None:
+        """Write ``model.pt`` (atomically)."""
+        payload = {
+            "format_version": FORMAT_VERSION,
+            "stage_channels": self.stage_channels,
+            "stage_states": [n.state_dict() for n in self.stage_nets],
+            "locator_state": self.locator.state_dict() if self.locator is not None else None,
+            "crop": asdict(self.crop),
+            "calibration": self.calibration,
+            "info": self.info,
+        }
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+
+
+def _unet(settings: dict, out_channels: int) -> UNet:
+    return UNet(1, out_channels, int(settings["base_channels"]), int(settings["depth"]))
+
+
+def _locator_net(settings: dict) -> loc.Locator:
+    return loc.Locator(int(settings["locator_base_channels"]))
+
+
+def load_model(model_dir: str | Path, device: str = "cpu") -> DecompositionModel:
+    """Load a trained model folder (or its ``model.pt``).
+
+    Raises:
+        InputError: No folder, no finished model in it, or a file that is not a bonedrr model.
+    """
+    model_dir = Path(model_dir)
+    path = model_dir if model_dir.is_file() else model_dir / MODEL_FILE
+    if not model_dir.exists():
+        raise InputError("model folder not found", model_dir)
+    if not path.is_file():
+        hint = " (training not finished: checkpoint.pt only)" if (model_dir / CHECKPOINT_FILE).is_file() else ""
+        raise InputError(f"no {MODEL_FILE} in the model folder{hint}", model_dir)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"not a bonedrr model ({type(e).__name__})", path) from e
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"not a bonedrr model of format {FORMAT_VERSION}", path)
+    settings = payload["info"]["settings"]
+    nets = []
+    for chans, state in zip(payload["stage_channels"], payload["stage_states"]):
+        net = _unet(settings, len(chans))
+        net.load_state_dict(state)
+        nets.append(net)
+    locator = None
+    if payload["locator_state"] is not None:
+        locator = _locator_net(settings)
+        locator.load_state_dict(payload["locator_state"])
+    c = payload["crop"]
+    crop = CropGeometry(tuple(c["shape"]), tuple(c["pixel_mm"]), tuple(c["head_px"]))
+    return DecompositionModel(nets, payload["stage_channels"], crop, locator, payload["calibration"],
+                              payload["info"], device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _generator(seed: int, phase: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + phase * 10_007 + epoch)
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BonedrrError("device cuda was asked for, but torch finds no CUDA device")
+    return torch.device(device)
+
+
+def _crop_geometry(dataset, shape: tuple[int, int]) -> CropGeometry:
+    """The crop geometry of a shard dataset: the median crop pixel size and head position."""
+    rows = getattr(dataset, "index", None) or []
+
+    def median(*keys, default):
+        for key in keys:
+            vals = [float(r[key]) for r in rows if r.get(key) not in (None, "", "nan")]
+            if vals:
+                return float(np.median(vals))
+        return default
+
+    pixel = (median("crop_pixel_mm_row", "pixel_mm_row", "pixel_mm", default=1.0),
+             median("crop_pixel_mm_col", "pixel_mm_col", "pixel_mm", default=1.0))
+    head = (median("head_crop_row", "head_row_px", default=shape[0] * 0.25),
+            median("head_crop_col", "head_col_px", default=shape[1] * 0.5))
+    return CropGeometry(tuple(shape), pixel, head)
+
+
+class _Run:
+    """State of one training run: nets, optimisers, the log, and checkpointing."""
+
+    def __init__(self, settings: TrainSettings, out_dir: Path, device: torch.device, fingerprint: str):
+        self.s, self.out_dir, self.device, self.fingerprint = settings, out_dir, device, fingerprint
+        self.rows: list[dict] = []
+        self.done: dict[str, int] = {}  # phase name -> finished epochs
+        torch.manual_seed(settings.seed)
+        sd = settings.to_dict()
+        self.nets = [_unet(sd, len(s.channels)) for s in settings.stages]
+        self.locator = _locator_net(sd) if settings.locator_epochs > 0 else None
+        self.discs = [PatchDiscriminator(1 + len(s.channels)) for s in settings.stages] if settings.gan > 0 else None
+        self.opt_state: dict = {}
+        self.calibration = None
+
+    def checkpoint(self, phase: str, optimisers: dict) -> None:
+        state = {"fingerprint": self.fingerprint, "done": self.done, "rows": self.rows,
+                 "nets": [n.state_dict() for n in self.nets],
+                 "locator": self.locator.state_dict() if self.locator is not None else None,
+                 "discs": [d.state_dict() for d in self.discs] if self.discs else None,
+                 "optimisers": {k: v.state_dict() for k, v in optimisers.items()}, "phase": phase}
+        with atomic_path(self.out_dir / CHECKPOINT_FILE) as tmp:
+            torch.save(state, tmp)
+
+    def resume(self) -> bool:
+        path = self.out_dir / CHECKPOINT_FILE
+        if not path.is_file():
+            return False
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged checkpoint: start again rather than fail
+            log.warning("ignoring unreadable checkpoint %s (%s)", path, e)
+            return False
+        if state.get("fingerprint") != self.fingerprint:
+            log.warning("checkpoint %s is of other settings or data; starting afresh", path)
+            return False
+        for n, sd in zip(self.nets, state["nets"]):
+            n.load_state_dict(sd)
+        if self.locator is not None and state["locator"] is not None:
+            self.locator.load_state_dict(state["locator"])
+        if self.discs and state["discs"]:
+            for d, sd in zip(self.discs, state["discs"]):
+                d.load_state_dict(sd)
+        self.done, self.rows = dict(state["done"]), list(state["rows"])
+        self.opt_state = {"phase": state["phase"], **state["optimisers"]}
+        log.info("resuming from %s (%s)", path, ", ".join(f"{k}: {v} epochs" for k, v in self.done.items()))
+        return True
+
+    def optimiser_state(self, phase: str, name: str):
+        return self.opt_state.get(name) if self.opt_state.get("phase") == phase else None
+
+
+def _autocast(device: torch.device, amp: bool):
+    if device.type == "cuda" and amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _stage_epoch(run: _Run, k: int, loader: DataLoader, channel_idx: list[int], opt, disc_opt, gen) -> dict:
+    s, net, dev = run.s, run.nets[k], run.device
+    disc = run.discs[k] if run.discs else None
+    augment = RandomAugment(s.augment, gen)
+    net.train()
+    sums = {"loss": 0.0, "l1": 0.0, "gc": 0.0, "gan": 0.0}
+    n = 0
+    for batch in loader:
+        xray, drr = batch["xray"], batch["drr"][:, channel_idx]
+        xray, drr = augment(xray, drr)
+        xray, drr = xray.to(dev), drr.to(dev)
+        with _autocast(dev, s.amp):
+            pred = net(xray)
+        pred = pred.float()
+        l1 = l1_loss(pred, drr)
+        gcl = gc_loss(pred, drr) if s.gc > 0 else torch.zeros((), device=dev)
+        loss = s.l1 * l1 + s.gc * gcl
+        adv = torch.zeros((), device=dev)
+        if disc is not None:
+            with _autocast(dev, s.amp):
+                adv = gan_loss(disc(xray, pred), True)
+            loss = loss + s.gan * adv
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if disc is not None:
+            with _autocast(dev, s.amp):
+                d_loss = 0.5 * (gan_loss(disc(xray, drr), True) + gan_loss(disc(xray, pred.detach()), False))
+            disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            disc_opt.step()
+        b = len(xray)
+        n += b
+        for key, v in (("loss", loss), ("l1", l1), ("gc", gcl), ("gan", adv)):
+            sums[key] += float(v.detach()) * b
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def _stage_validate(run: _Run, k: int, loader: DataLoader | None, channel_idx: list[int], channels: list[str]) -> dict:
+    if loader is None:
+        return {}
+    from bonedrr.bmd import drr_bmd
+
+    net = run.nets[k].eval()
+    l1s, gcs, bmd_err = [], [], []
+    j = channels.index(BMD_CHANNEL) if BMD_CHANNEL in channels else None
+    for batch in loader:
+        drr = batch["drr"][:, channel_idx].to(run.device)
+        pred = net(batch["xray"].to(run.device)).float().clamp_min(0)
+        l1s.append(float(F.l1_loss(pred, drr, reduction="none").mean((1, 2, 3)).sum()))
+        gcs.append(float(gradient_correlation(pred, drr).mean(1).sum()))
+        if j is not None:
+            for p, true_bmd in zip(pred[:, j].cpu().numpy(), batch["drr_bmd"].numpy()):
+                b = drr_bmd(p)
+                if np.isfinite(b) and np.isfinite(true_bmd):
+                    bmd_err.append(abs(b - float(true_bmd)))
+    count = len(loader.dataset)
+    out = {"val_l1": sum(l1s) / count, "val_gc": sum(gcs) / count}
+    if bmd_err:
+        out["val_bmd_mae"] = float(np.mean(bmd_err))
+    return out
+
+
+def _locator_epoch(run: _Run, loader: DataLoader, opt, gen) -> dict:
+    net, dev = run.locator, run.device
+    augment = RandomAugment(AugmentSettings(rotate_deg=8, scale=0.15, shift=0.15, gamma=0.4, contrast=0.3,
+                                            noise=0.03), gen)
+    net.train()
+    total, n = 0.0, 0
+    for batch in loader:
+        ov = batch["overview"]
+        heat = loc.gaussian_heatmap(batch["head_overview_px"].float(), tuple(ov.shape[-2:]), sigma=4.0)
+        ov, heat = augment(ov, heat)
+        heat = F.avg_pool2d(heat, net.pool) * net.pool ** 2
+        with _autocast(dev, run.s.amp):
+            logits = net(ov.to(dev))
+        loss = loc.heatmap_loss(logits.float(), heat.to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(ov)
+        n += len(ov)
+    return {"loss": total / max(n, 1)}
+
+
+@torch.no_grad()
+def locator_errors(net: loc.Locator, dataset: Dataset, device: torch.device | str = "cpu") -> np.ndarray:
+    """Distance (overview pixels) between the located and the true femoral-head centre, per sample."""
+    net.eval()
+    errs = []
+    for batch in DataLoader(dataset, batch_size=16):
+        rc, _ = net.locate(batch["overview"].to(device))
+        errs.append(torch.linalg.norm(rc - batch["head_overview_px"].float(), dim=1).numpy())
+    return np.concatenate(errs) if errs else np.zeros(0)
+
+
+def _open(shard_dir, folds, exclude_folds=None, channels=None):
+    from bonedrr.dataset import ShardDataset
+
+    return ShardDataset(shard_dir, folds=folds, exclude_folds=exclude_folds, channels=channels)
+
+
+def train_model(shard_dir: str | Path, out_dir: str | Path, settings: TrainSettings | dict | None = None,
+                folds: Sequence[int] | None = None, val_folds: Sequence[int] | None = None, device: str = "auto",
+                stop_after_epochs: int | None = None, dataset: Dataset | None = None,
+                val_dataset: Dataset | None = None, progress: bool = True) -> DecompositionModel | None:
+    """Train the decomposition model (and the hip locator) on shards; write the model folder.
+
+    Args:
+        shard_dir: The cohort's shard folder (``results/<cohort>/shards``).
+        out_dir: The model folder to write.
+        settings: :class:`TrainSettings` or the config's ``train:`` block.
+        folds: Folds to train on (None: all).
+        val_folds: Folds to report validation losses on per epoch (the curves); never trained on.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        stop_after_epochs: Stop (as if killed) after this many epochs of this call, leaving the
+            checkpoint; None trains to the end.
+        dataset, val_dataset: Datasets to use instead of opening ``shard_dir`` (items as
+            :class:`bonedrr.dataset.ShardDataset`'s; for tests).
+        progress: Show progress bars.
+
+    Returns:
+        The trained model, or None when stopped early.
+    """
+    from tqdm import tqdm
+
+    if not isinstance(settings, TrainSettings):
+        settings = TrainSettings.from_config(settings)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = _device(device)
+    channels = settings.channels
+    if BMD_CHANNEL not in channels:
+        raise BonedrrError(f"no stage predicts {BMD_CHANNEL!r}, the channel BMD is read from")
+    train_set = dataset if dataset is not None else _open(shard_dir, folds, channels=channels)
+    if val_dataset is None and val_folds:
+        val_dataset = _open(shard_dir, val_folds, channels=channels)
+    if len(train_set) == 0:
+        raise InputError(f"no training samples (folds {folds})", shard_dir)
+    missing = [c for c in channels if c not in train_set.channels]
+    if missing:
+        raise InputError(f"the shards have no channel(s) {', '.join(missing)} (they have "
+                         f"{', '.join(train_set.channels)})", shard_dir)
+    first = train_set[0]
+    shape = tuple(first["xray"].shape[-2:])
+    depth_div = 2 ** settings.depth
+    if shape[0] % depth_div or shape[1] % depth_div:
+        raise BonedrrError(f"crop {shape[0]}x{shape[1]} is not divisible by 2**depth = {depth_div}")
+    fingerprint = _fingerprint(settings, list(folds) if folds else None, list(val_folds) if val_folds else None,
+                               len(train_set))
+    run = _Run(settings, out_dir, dev, fingerprint)
+    run.resume()
+    for m in run.nets + ([run.locator] if run.locator else []) + (run.discs or []):
+        m.to(dev)
+    log.info("training on %d samples (%s), %s, channels %s", len(train_set),
+             f"folds {list(folds)}" if folds else "all folds", dev, ", ".join(channels))
+    loader_kw = {"batch_size": settings.batch_size, "num_workers": settings.num_workers,
+                 "drop_last": len(train_set) > settings.batch_size,
+                 "persistent_workers": settings.num_workers > 0}
+    val_loader = DataLoader(val_dataset, batch_size=settings.batch_size) if val_dataset is not None else None
+    data_channels = list(train_set.channels)
+    budget = [math.inf if stop_after_epochs is None else stop_after_epochs]
+
+    def spend() -> bool:
+        budget[0] -= 1
+        return budget[0] <= 0
+
+    phases = [(f"stage{k + 1}", st.epochs) for k, st in enumerate(settings.stages)]
+    if run.locator is not None:
+        phases.append(("locator", settings.locator_epochs))
+    for p, (phase, epochs) in enumerate(phases):
+        start = run.done.get(phase, 0)
+        if start >= epochs:
+            continue
+        if phase == "locator":
+            net = run.locator
+            params = net.parameters()
+        else:
+            k = p
+            net = run.nets[k]
+            if start == 0 and k > 0:
+                _initialise_from(net, run.nets[k - 1], settings.stages[k - 1].channels, settings.stages[k].channels)
+            params = net.parameters()
+            channel_idx = [data_channels.index(c) for c in settings.stages[k].channels]
+        opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=settings.lr * 0.02)
+        optimisers = {"opt": opt, "sched": sched}
+        disc_opt = None
+        if phase != "locator" and run.discs:
+            disc_opt = torch.optim.AdamW(run.discs[k].parameters(), lr=settings.lr * 0.5, betas=(0.5, 0.999))
+            optimisers["disc_opt"] = disc_opt
+        for name, o in optimisers.items():
+            saved = run.optimiser_state(phase, name)
+            if saved is not None and start > 0:
+                o.load_state_dict(saved)
+        bar = tqdm(range(start, epochs), desc=f"train {phase}", unit="epoch", disable=not progress,
+                   initial=start, total=epochs)
+        for epoch in bar:
+            t0 = time.perf_counter()
+            gen = _generator(settings.seed, p, epoch)
+            loader = DataLoader(train_set, shuffle=True, generator=_generator(settings.seed, p, epoch), **loader_kw)
+            if phase == "locator":
+                stats = _locator_epoch(run, loader, opt, gen)
+            else:
+                stats = _stage_epoch(run, k, loader, channel_idx, opt, disc_opt, gen)
+                stats.update(_stage_validate(run, k, val_loader, channel_idx, list(settings.stages[k].channels)))
+            sched.step()
+            run.done[phase] = epoch + 1
+            row = {"phase": phase, "epoch": epoch + 1, **stats, "seconds": round(time.perf_counter() - t0, 3)}
+            run.rows.append(row)
+            bar.set_postfix({k2: f"{v:.4f}" for k2, v in stats.items() if k2 in ("loss", "val_bmd_mae")})
+            run.checkpoint(phase, optimisers)
+            _write_log(out_dir / LOG_FILE, run.rows)
+            finished = p == len(phases) - 1 and epoch + 1 == epochs
+            if spend() and not finished:
+                bar.close()
+                log.info("stopped after %s epoch %d (checkpoint kept)", phase, epoch + 1)
+                return None
+        bar.close()
+
+    crop = _crop_geometry(train_set, shape)
+    info = {"settings": settings.to_dict(), "folds": list(folds) if folds else None,
+            "val_folds": list(val_folds) if val_folds else None, "n_train": len(train_set),
+            "patients": sorted({str(r.get("patient_id")) for r in (getattr(train_set, "index", None) or [])}),
+            "data_channels": data_channels, "device": str(dev)}
+    model = DecompositionModel([copy.deepcopy(n).cpu() for n in run.nets], [list(s.channels) for s in settings.stages],
+                               crop, copy.deepcopy(run.locator).cpu() if run.locator else None, None, info)
+    if run.locator is not None:
+        errs = locator_errors(model.locator, val_dataset if val_dataset is not None else train_set)
+        info["locator_error_overview_px"] = {"median": float(np.median(errs)), "max": float(errs.max()),
+                                             "on": "validation" if val_dataset is not None else "training"}
+    if settings.dxa_calibration:
+        model.calibration = fit_dxa_calibration(model, train_set)
+    plot_curves(run.rows, out_dir / CURVES_FILE)
+    model.save(out_dir / MODEL_FILE)
+    log.info("wrote %s", out_dir / MODEL_FILE)
+    return model
+
+
+def _initialise_from(net: UNet, previous: UNet, prev_channels, channels) -> None:
+    """Stage k+1 starts from stage k: every weight but the output layer; output channels that stage k
+    also had (or, for the proximal femur, its femur) start from stage k's."""
+    state = {k: v for k, v in previous.state_dict().items() if not k.startswith("head.")}
+    net.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for i, c in enumerate(channels):
+            src = c if c in prev_channels else ("femur" if c == BMD_CHANNEL and "femur" in prev_channels else None)
+            if src is not None:
+                j = list(prev_channels).index(src)
+                net.head.weight[i] = previous.head.weight[j]
+                net.head.bias[i] = previous.head.bias[j]
+
+
+def fit_dxa_calibration(model: DecompositionModel, train_set: Dataset) -> dict | None:
+    """Least-squares line DXA aBMD = slope x predicted DRR-BMD + intercept, on the training samples
+    that have a DXA value (None when fewer than 3 do)."""
+    preds, dxa = [], []
+    for batch in DataLoader(train_set, batch_size=16):
+        b = model.bmd(model.predict(batch["xray"][:, 0].numpy()))
+        preds += list(b)
+        dxa += [float(v) for v in batch["dxa_abmd"]]
+    x, y = np.asarray(preds), np.asarray(dxa)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3:
+        log.warning("DXA calibration skipped: %d training samples have DXA values", int(ok.sum()))
+        return None
+    slope, intercept = np.polyfit(x[ok], y[ok], 1)
+    r = float(np.corrcoef(x[ok], y[ok])[0, 1])
+    log.info("DXA calibration: aBMD = %.3f x DRR-BMD + %.3f (n %d, r %.3f)", slope, intercept, ok.sum(), r)
+    return {"slope": float(slope), "intercept": float(intercept), "n": int(ok.sum()), "r": r}
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=LOG_COLUMNS, delimiter="\t", extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def plot_curves(rows: list[dict], path: str | Path) -> None:
+    """Training curves: loss (and validation L1 and BMD error when present) per epoch and phase."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = list(dict.fromkeys(r["phase"] for r in rows))
+    fig, axes = plt.subplots(1, len(phases), figsize=(4.2 * len(phases), 3.4), squeeze=False)
+    for ax, phase in zip(axes[0], phases):
+        rs = [r for r in rows if r["phase"] == phase]
+        ep = [r["epoch"] for r in rs]
+        ax.plot(ep, [r["loss"] for r in rs], label="training loss")
+        if any("l1" in r for r in rs) and phase != "locator":
+            ax.plot(ep, [r.get("l1", np.nan) for r in rs], label="training L1 (g/cm2)")
+        if any("val_l1" in r for r in rs):
+            ax.plot(ep, [r.get("val_l1", np.nan) for r in rs], label="validation L1 (g/cm2)")
+        if any("val_bmd_mae" in r for r in rs):
+            ax.plot(ep, [r.get("val_bmd_mae", np.nan) for r in rs], label="validation BMD MAE (g/cm2)")
+        ax.set_yscale("log")
+        ax.set_title(phase if phase != "locator" else "hip locator (heatmap cross-entropy)")
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

@@ -1,0 +1,62 @@
+"""A small synthetic stand-in for bonedrr.dataset.ShardDataset (same item dict, see
+/work/briefs/contract.md), for model tests that need no shards: a bright "femur" (shaft and head)
+and a "pelvis" blob over smooth soft tissue, whose radiograph is a non-linear mix of the channels."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+CHANNELS = ["proximal_femur", "femur", "hip", "pelvis", "bone", "muscle", "soft_tissue"]
+
+
+def _disc(rr, cc, r, c, radius):
+    return np.clip(1 - np.sqrt((rr - r) ** 2 + (cc - c) ** 2) / radius, 0, None) ** 0.5
+
+
+class SyntheticShards(Dataset):
+    def __init__(self, n: int = 12, shape=(64, 32), seed: int = 0, channels=None, folds=None):
+        self.shape = shape
+        self.channels = list(channels or CHANNELS)
+        rng = np.random.default_rng(seed)
+        self.items = []
+        h, w = shape
+        rr, cc = np.mgrid[0:h, 0:w].astype(float)
+        ov_rr, ov_cc = np.mgrid[0:128, 0:256].astype(float)
+        for i in range(n):
+            density = rng.uniform(0.6, 1.4)
+            hr, hc = h * rng.uniform(0.2, 0.3), w * rng.uniform(0.4, 0.6)
+            head = _disc(rr, cc, hr, hc, 0.18 * h) * density
+            shaft = (np.abs(cc - hc - (rr - hr) * 0.15) < 0.12 * w) * (rr > hr) * density * 0.8
+            femur = np.maximum(head, shaft)
+            proximal = femur * (rr < hr + 0.5 * h)
+            pelvis = _disc(rr, cc, hr - 0.1 * h, hc - 0.45 * w, 0.3 * h) * 0.7
+            muscle = 2.0 + np.sin(rr / h * math.pi) * 1.5
+            soft = 3.0 + 0.5 * cc / w
+            drr = {"proximal_femur": proximal, "femur": femur, "hip": pelvis, "pelvis": pelvis,
+                   "bone": femur + pelvis, "muscle": muscle, "soft_tissue": soft}
+            mu = 2.0 * (femur + pelvis) + 0.2 * muscle + 0.18 * soft
+            xray = 1000 * (1 - np.exp(-mu / 3)) + rng.normal(0, 5, (h, w))
+            head_ov = (rng.uniform(40, 80), rng.uniform(60, 110))
+            ov = 0.2 + _disc(ov_rr, ov_cc, *head_ov, 9) + 0.5 * _disc(ov_rr, ov_cc, head_ov[0] - 10, 128, 30)
+            self.items.append({
+                "xray": torch.tensor(xray, dtype=torch.float32)[None],
+                "drr": torch.tensor(np.stack([drr[c] for c in self.channels]), dtype=torch.float32),
+                "mask": torch.tensor(proximal > 0.05, dtype=torch.float32)[None],
+                "overview": torch.tensor(ov, dtype=torch.float32)[None],
+                "head_overview_px": torch.tensor(head_ov, dtype=torch.float32),
+                "drr_bmd": float(proximal[proximal > 0.3].mean()), "qct_vbmd": 250.0 * density,
+                "dxa_abmd": 0.8 * density + 0.05, "sample_id": f"syn_{i:03d}_right", "patient_id": f"syn{i // 2}",
+                "fold": i % 3,
+            })
+        self.index = [{"sample_id": it["sample_id"], "patient_id": it["patient_id"], "fold": it["fold"]}
+                      for it in self.items]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
