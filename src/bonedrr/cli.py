@@ -173,6 +173,23 @@ def _pack(args) -> None:
              len(manifest["shards"]), manifest["n_excluded"])
 
 
+def _validate(args) -> None:
+    from bonedrr.validate import ValidationSettings, validate_cohort
+
+    settings = ValidationSettings(threshold_g_cm2=args.threshold, jpeg_qualities=tuple(args.jpeg_qualities),
+                                  examples=args.examples, device=args.device)
+    result = validate_cohort(args.shards, args.models, args.out, cases_root=args.cases_root,
+                             demo_root=args.demo_root, default_pixel_mm=args.pixel_mm, settings=settings,
+                             cohort=args.cohort)
+    for key, m in result["model"].items():
+        b = result["baseline"].get(key, {})
+        log.info("%s (n %d): r %.3f (baseline %.3f), ICC(2,1) %.3f, MAE %.4g %s", m["label"], m["n"], m["pearson_r"],
+                 b.get("pearson_r", float("nan")), m["icc_2_1"], m["mae"], m["unit"])
+    if result.get("pose"):
+        log.info("multi-pose RMS-CV %.2f %% (true hip centres %.2f %%)",
+                 100 * result["pose"]["bmd_located_hips"]["rms_cv"], 100 * result["pose"]["bmd_true_hips"]["rms_cv"])
+
+
 def _check_config(args) -> None:
     from bonedrr.config import cohort_cases, load_config
 
@@ -326,6 +343,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=BMD_THRESHOLD_G_CM2,
                    help="projected-bone threshold of DRR-BMD and the masks, g/cm2")
     p.set_defaults(func=_pack)
+
+    p = sub.add_parser("validate", help="BMD of held-out radiographs per fold model: metrics, sweeps, baseline, report")
+    p.add_argument("--shards", required=True, help="the cohort's shard folder")
+    p.add_argument("--models", nargs="+", required=True, help="model folders named <cohort>_fold<k> (k held out)")
+    p.add_argument("--out", required=True, help="folder for predictions.csv, metrics.json, plots/, report.html")
+    p.add_argument("--cohort", help="cohort name (shown in the report)")
+    p.add_argument("--cases-root", help="the cohort's results folder (whole radiographs for the JPEG sweep)")
+    p.add_argument("--demo-root", help="a demo cohort's demo_input folder (extra views: the multi-pose sweep)")
+    p.add_argument("--pixel-mm", type=float, nargs=2, default=list(DEMO["pixel_mm"]), metavar=("ROW", "COL"),
+                   help="detector pixel of radiographs without spacing (the cohort's xray.pixel_mm)")
+    p.add_argument("--jpeg-qualities", type=int, nargs="*", default=[95, 75, 50, 30, 20, 10, 5, 3, 1],
+                   help="JPEG qualities of the compression sweep (none: no sweep)")
+    p.add_argument("--examples", type=int, default=4, help="example decompositions in the report")
+    p.add_argument("--threshold", type=float, default=BMD_THRESHOLD_G_CM2, help="DRR-BMD threshold, g/cm2")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(func=_validate)
 
     p = sub.add_parser("check-config", help="validate a config and its sample sheets")
     p.add_argument("config")

@@ -14,8 +14,8 @@ samples), never on held-out data.
 
 The baseline is the conventional approach the paper improves on: BMD regressed linearly on the mean
 radiograph intensity in the same region, the proximal femur's projected bone area (the true mask: a
-favour to the baseline, which in practice would need a segmentation), fitted on the training folds per
-ground truth.
+favour to the baseline, which in practice would need a segmentation), on each crop's robust intensity
+scale (:func:`roi_intensity`), fitted on the training folds per ground truth.
 
 Robustness:
 
@@ -120,22 +120,25 @@ def predicted_bmd(model, xray: np.ndarray, threshold: float) -> tuple[np.ndarray
 
 
 def roi_intensity(xray: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The baseline's feature: mean radiograph value inside the proximal femur's projected area."""
+    """The baseline's feature: mean radiograph value inside the proximal femur's projected area, on the
+    crop's own robust scale (1st percentile -> 0, 99th -> 1: the normalisation the model's input gets,
+    so DICOM, PNG and JPEG files of any bit depth are comparable)."""
     out = np.full(len(xray), np.nan)
     for i, (x, m) in enumerate(zip(xray, mask)):
-        if (m > 0.5).any():
-            out[i] = float(x[m > 0.5].mean())
+        lo, hi = np.percentile(x, [1, 99])
+        if (m > 0.5).any() and hi > lo:
+            out[i] = float((x[m > 0.5].mean() - lo) / (hi - lo))
     return out
 
 
 def fit_calibrations(x_train: np.ndarray, train: dict) -> dict:
     """Per ground truth, the line ``truth = slope * x + intercept`` fitted on training samples (None
-    where fewer than 3 training samples have that truth)."""
+    where fewer than 2 training samples with distinct ``x`` have that truth)."""
     fits = {}
     for key in TRUTHS:
         y = train[key]
         ok = np.isfinite(x_train) & np.isfinite(y)
-        if ok.sum() < 3:
+        if ok.sum() < 2 or np.ptp(x_train[ok]) == 0:
             fits[key] = None
             continue
         slope, intercept = metrics.fit_line(x_train[ok], y[ok])
@@ -207,7 +210,10 @@ def jpeg_roundtrip(image: np.ndarray, quality: int) -> tuple[np.ndarray, dict]:
 def _pack_settings(shard_dir: Path):
     from bonedrr.shards import PackSettings
 
-    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    path = shard_dir / "manifest.json"
+    if not path.is_file():
+        raise InputError("no manifest.json: not a packed shard folder (or its pack did not finish)", shard_dir)
+    manifest = json.loads(path.read_text())
     s = dict(manifest["settings"])
     s["channels"] = tuple(s.get("channels", ()))
     return PackSettings(**s)
@@ -372,6 +378,7 @@ def validate_cohort(shard_dir: str | Path, model_dirs: list[str | Path], out_dir
 
     settings = settings or ValidationSettings()
     shard_dir, out_dir = Path(shard_dir), Path(out_dir)
+    pack = _pack_settings(shard_dir)
     if models is None:
         from bonedrr.train import load_model
 
@@ -380,7 +387,6 @@ def validate_cohort(shard_dir: str | Path, model_dirs: list[str | Path], out_dir
             models[fold_of_model(d)] = load_model(d, device=_device(settings.device))
     if not models:
         raise BonedrrError("no model to validate", shard_dir)
-    pack = _pack_settings(shard_dir)
     all_index = ShardDataset(shard_dir).index
     patients_by_fold: dict = {}
     for row in all_index:
