@@ -34,9 +34,11 @@ include: "workflow/rules/register.smk"
 include: "workflow/rules/drr.smk"
 include: "workflow/rules/bmd.smk"
 include: "workflow/rules/pack.smk"
+include: "workflow/rules/train.smk"
 
 
 rule all:
     input:
         all_outputs(),
+        model_outputs(),
     default_target: True

@@ -190,6 +190,40 @@ def _validate(args) -> None:
                  100 * result["pose"]["bmd_located_hips"]["rms_cv"], 100 * result["pose"]["bmd_true_hips"]["rms_cv"])
 
 
+def _train(args) -> None:
+    import torch
+
+    from bonedrr.train import train_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = json.loads(args.settings) if args.settings else {}
+    if args.seed is not None:
+        settings["seed"] = args.seed
+    folds, exclude, val = args.folds, None, args.val_folds
+    if args.hold_out is not None:
+        exclude, val = [args.hold_out], (val if val is not None else [args.hold_out])
+    model = train_model(args.shards, args.out, settings, folds=folds, exclude_folds=exclude, val_folds=val,
+                        device=args.device, stop_after_epochs=args.stop_after_epochs)
+    if model is None:
+        log.info("stopped early; run the same command again to resume from %s/checkpoint.pt", args.out)
+    else:
+        log.info("model: %s (channels %s, trained on %d samples)", args.out, ", ".join(model.channels),
+                 model.info["n_train"])
+
+
+def _estimate(args) -> None:
+    from bonedrr.estimate import describe, estimate
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = estimate(args.model, args.xray, side=args.side, out_dir=args.out, pixel_mm=args.pixel_mm,
+                      crop=args.crop, t_reference=args.t_reference, device=args.device)
+    print(json.dumps(result, indent=2) if args.json else describe(result))
+
+
 def _check_config(args) -> None:
     from bonedrr.config import cohort_cases, load_config
 
@@ -359,6 +393,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=BMD_THRESHOLD_G_CM2, help="DRR-BMD threshold, g/cm2")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=_validate)
+
+    p = sub.add_parser("train", help="train the decomposition model (and hip locator) on a cohort's shards")
+    p.add_argument("--shards", required=True, help="the cohort's shard folder (results/<cohort>/shards)")
+    p.add_argument("--out", required=True, help="model folder to write (results/models/<name>); resumes from "
+                   "its checkpoint.pt")
+    p.add_argument("--settings", help="JSON of the config's train: block (default: bonedrr.train.TrainSettings)")
+    p.add_argument("--folds", type=int, nargs="+", help="train on these folds only (default: all)")
+    p.add_argument("--hold-out", type=int, help="train on every fold but this one (and show it in the curves)")
+    p.add_argument("--val-folds", type=int, nargs="+", help="folds whose losses the curves show (never trained on)")
+    p.add_argument("--seed", type=int, help="overrides the settings' seed")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, help="CPU threads of torch")
+    p.add_argument("--stop-after-epochs", type=int, help="stop after this many epochs, keeping the checkpoint")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("estimate", help="BMD from one radiograph (DICOM, PNG, JPEG) with a trained model")
+    p.add_argument("--model", required=True, help="trained model folder (results/models/<name>)")
+    p.add_argument("--xray", required=True, help="radiograph: a full AP pelvis (DICOM DX/CR, PNG, JPEG) or a hip "
+                   "crop (--crop)")
+    p.add_argument("--side", choices=["left", "right", "both"], default="both")
+    p.add_argument("--crop", action="store_true", help="the image is a hip crop (one side), not a full radiograph")
+    p.add_argument("--pixel-mm", type=float, nargs=2, metavar=("ROW", "COL"),
+                   help="detector pixel size, mm, for files without spacing tags (PNG/JPEG)")
+    p.add_argument("--t-reference", type=float, nargs=2, metavar=("MEAN", "SD"),
+                   help="young-adult reference aBMD mean and SD (g/cm2): adds a T-score")
+    p.add_argument("--out", help="folder for estimate.json and the decomposed images (default: none written)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, help="CPU threads of torch")
+    p.set_defaults(func=_estimate)
 
     p = sub.add_parser("check-config", help="validate a config and its sample sheets")
     p.add_argument("config")

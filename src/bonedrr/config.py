@@ -84,6 +84,7 @@ def validate_config(config: dict) -> dict:
     config["bmd"] = {"threshold_g_cm2": 0.05, **config.get("bmd", {})}
     config["shards"] = {"crop_mm": [240.0, 120.0], "crop_px": [128, 64], "head_position": [0.3, 0.7], "folds": 5,
                         "seed": 0, "shard_size_mb": 1000, "compression": "lzf", **config.get("shards", {})}
+    config["train"] = {"threads": 2, **config.get("train", {})}  # other defaults: bonedrr.train.TrainSettings
     if config["shards"]["crop_px"][0] != 2 * config["shards"]["crop_px"][1]:
         raise ConfigError(f"config error: field 'shards.crop_px': {config['shards']['crop_px']} is not portrait 2:1 "
                           "(rows = 2 x cols)")

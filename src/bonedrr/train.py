@@ -39,6 +39,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from bonedrr.bmd import BMD_THRESHOLD_G_CM2, drr_bmd
 from bonedrr.errors import BonedrrError, InputError
 from bonedrr.images import atomic_path
 from bonedrr.model import locator as loc
@@ -108,6 +109,7 @@ class TrainSettings:
     def from_config(cls, block: dict | None) -> "TrainSettings":
         """Settings from the config's ``train:`` block (missing keys take the defaults above)."""
         block = dict(block or {})
+        block.pop("threads", None)  # how many CPU threads: the caller's (torch.set_num_threads), not the recipe's
         kwargs = {}
         if "stages" in block:
             kwargs["stages"] = tuple(Stage(tuple(s["channels"]), int(s["epochs"])) for s in block.pop("stages"))
@@ -150,17 +152,25 @@ def _fingerprint(settings: TrainSettings, folds, val_folds, n_train: int) -> str
 
 @dataclass
 class CropGeometry:
-    """How a hip crop is cut from a whole radiograph (learned from the training shards' index).
+    """How a hip crop is cut from a whole radiograph: the shards' crop settings (docs/shards.md).
 
     Args:
         shape: (rows, cols) of the crop.
-        pixel_mm: Detector pixel size of the crop (mm, row and col).
-        head_px: Where the femoral-head centre lies in the crop (row, col), the median of the training set.
+        crop_mm: (height, width) of the crop at the detector, mm.
+        head_position: Where the femoral-head centre lies in the crop, as fractions of (height, width),
+            in the right hip's orientation.
     """
 
     shape: tuple[int, int]
-    pixel_mm: tuple[float, float]
-    head_px: tuple[float, float]
+    crop_mm: tuple[float, float]
+    head_position: tuple[float, float]
+
+    @property
+    def pack_settings(self):
+        """The same crop as :class:`bonedrr.shards.PackSettings` (for :func:`bonedrr.shards.crop_grid`)."""
+        from bonedrr.shards import PackSettings
+
+        return PackSettings(crop_mm=self.crop_mm, crop_px=self.shape, head_position=self.head_position)
 
 
 class DecompositionModel:
@@ -235,9 +245,8 @@ class DecompositionModel:
 
     def bmd(self, prediction: np.ndarray, threshold_g_cm2: float | None = None) -> np.ndarray:
         """DRR-BMD (g/cm2) of each predicted sample (N, C, H, W), exactly as from a true DRR."""
-        from bonedrr.bmd import BMD_THRESHOLD_G_CM2, drr_bmd
-
-        threshold = BMD_THRESHOLD_G_CM2 if threshold_g_cm2 is None else threshold_g_cm2
+        threshold = threshold_g_cm2 if threshold_g_cm2 is not None else self.info.get("threshold_g_cm2",
+                                                                                       BMD_THRESHOLD_G_CM2)
         k = self.channels.index(BMD_CHANNEL)
         return np.array([drr_bmd(p[k], threshold) for p in prediction], float)
 
@@ -247,36 +256,39 @@ class DecompositionModel:
             return None
         return self.calibration["slope"] * np.asarray(drr_bmd_g_cm2, float) + self.calibration["intercept"]
 
-    def locate_hips(self, radiograph: np.ndarray) -> dict[str, tuple[float, float]]:
+    def locate_hips(self, radiograph: np.ndarray, pixel_mm=(1.0, 1.0)) -> dict[str, tuple[float, float]]:
         """Femoral-head centres (row, col, radiograph pixels) of an AP pelvis radiograph, per side:
         ``{"right": (r, c), "left": (r, c)}``.
 
         The right hip is sought in the image as displayed (patient's right on the viewer's left, the
-        shards' orientation), the left hip in its mirror.
+        shards' orientation), the left hip in its mirror. ``pixel_mm`` (row, col spacing) matters only
+        for non-square pixels (the overview keeps the physical aspect).
 
         Raises:
             BonedrrError: The model has no locator (trained with ``locator.epochs: 0``).
         """
-        return self.locate_hips_with_confidence(radiograph)[0]
+        return self.locate_hips_with_confidence(radiograph, pixel_mm)[0]
 
     @torch.no_grad()
-    def locate_hips_with_confidence(self, radiograph: np.ndarray) -> tuple[dict, dict]:
+    def locate_hips_with_confidence(self, radiograph: np.ndarray, pixel_mm=(1.0, 1.0)) -> tuple[dict, dict]:
         """:meth:`locate_hips` and, per side, a confidence (0..1: the heatmap's mass near its peak).
 
         Raises:
             BonedrrError: The model has no locator (trained with ``locator.epochs: 0``).
         """
+        from bonedrr.shards import overview_grid, resample
+
         if self.locator is None:
             raise BonedrrError("this model has no hip locator (trained with locator epochs 0); give a hip crop")
         image = np.asarray(radiograph, np.float32)
         found, confidence = {}, {}
-        for side, img in (("right", image), ("left", image[:, ::-1])):
-            ov, transform = loc.make_overview(np.ascontiguousarray(img))
+        for side in ("right", "left"):
+            grid = overview_grid(image.shape, pixel_mm, side)
+            ov = resample(image, grid["rows"], grid["cols"], grid["zoom"])
             rc, conf = self.locator.locate(torch.from_numpy(ov)[None, None].to(self.device))
-            r, c = transform.to_image(rc[0].numpy())
-            if side == "left":
-                c = image.shape[1] - 1 - c
-            found[side] = (float(r), float(c))
+            r, c = (float(np.interp(v, np.arange(len(g)), g, left=np.nan, right=np.nan))
+                    for v, g in zip(rc[0].tolist(), (grid["rows"], grid["cols"])))
+            found[side] = (r, c)
             confidence[side] = float(conf[0])
         return found, confidence
 
@@ -333,7 +345,7 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> DecompositionModel
         locator = _locator_net(settings)
         locator.load_state_dict(payload["locator_state"])
     c = payload["crop"]
-    crop = CropGeometry(tuple(c["shape"]), tuple(c["pixel_mm"]), tuple(c["head_px"]))
+    crop = CropGeometry(tuple(c["shape"]), tuple(c["crop_mm"]), tuple(c["head_position"]))
     return DecompositionModel(nets, payload["stage_channels"], crop, locator, payload["calibration"],
                               payload["info"], device)
 
@@ -355,21 +367,14 @@ def _device(device: str) -> torch.device:
 
 
 def _crop_geometry(dataset, shape: tuple[int, int]) -> CropGeometry:
-    """The crop geometry of a shard dataset: the median crop pixel size and head position."""
-    rows = getattr(dataset, "index", None) or []
+    """The crop geometry of a shard dataset (its manifest's pack settings; defaults for others)."""
+    from bonedrr.shards import PackSettings
 
-    def median(*keys, default):
-        for key in keys:
-            vals = [float(r[key]) for r in rows if r.get(key) not in (None, "", "nan")]
-            if vals:
-                return float(np.median(vals))
-        return default
-
-    pixel = (median("crop_pixel_mm_row", "pixel_mm_row", "pixel_mm", default=1.0),
-             median("crop_pixel_mm_col", "pixel_mm_col", "pixel_mm", default=1.0))
-    head = (median("head_crop_row", "head_row_px", default=shape[0] * 0.25),
-            median("head_crop_col", "head_col_px", default=shape[1] * 0.5))
-    return CropGeometry(tuple(shape), pixel, head)
+    packed = dict(getattr(dataset, "manifest", {}).get("settings", {}))
+    default = PackSettings()
+    crop_mm = tuple(packed.get("crop_mm", (shape[0] * 1.875, shape[1] * 1.875)))
+    return CropGeometry(tuple(shape), tuple(float(v) for v in crop_mm),
+                        tuple(float(v) for v in packed.get("head_position", default.head_position)))
 
 
 class _Run:
@@ -385,7 +390,7 @@ class _Run:
         self.locator = _locator_net(sd) if settings.locator_epochs > 0 else None
         self.discs = [PatchDiscriminator(1 + len(s.channels)) for s in settings.stages] if settings.gan > 0 else None
         self.opt_state: dict = {}
-        self.calibration = None
+        self.threshold = BMD_THRESHOLD_G_CM2
 
     def checkpoint(self, phase: str, optimisers: dict) -> None:
         state = {"fingerprint": self.fingerprint, "done": self.done, "rows": self.rows,
@@ -472,7 +477,6 @@ def _stage_epoch(run: _Run, k: int, loader: DataLoader, channel_idx: list[int], 
 def _stage_validate(run: _Run, k: int, loader: DataLoader | None, channel_idx: list[int], channels: list[str]) -> dict:
     if loader is None:
         return {}
-    from bonedrr.bmd import drr_bmd
 
     net = run.nets[k].eval()
     l1s, gcs, bmd_err = [], [], []
@@ -484,7 +488,7 @@ def _stage_validate(run: _Run, k: int, loader: DataLoader | None, channel_idx: l
         gcs.append(float(gradient_correlation(pred, drr).mean(1).sum()))
         if j is not None:
             for p, true_bmd in zip(pred[:, j].cpu().numpy(), batch["drr_bmd"].numpy()):
-                b = drr_bmd(p)
+                b = drr_bmd(p, run.threshold)
                 if np.isfinite(b) and np.isfinite(true_bmd):
                     bmd_err.append(abs(b - float(true_bmd)))
     count = len(loader.dataset)
@@ -534,7 +538,8 @@ def _open(shard_dir, folds, exclude_folds=None, channels=None):
 
 
 def train_model(shard_dir: str | Path, out_dir: str | Path, settings: TrainSettings | dict | None = None,
-                folds: Sequence[int] | None = None, val_folds: Sequence[int] | None = None, device: str = "auto",
+                folds: Sequence[int] | None = None, exclude_folds: Sequence[int] | None = None,
+                val_folds: Sequence[int] | None = None, device: str = "auto",
                 stop_after_epochs: int | None = None, dataset: Dataset | None = None,
                 val_dataset: Dataset | None = None, progress: bool = True) -> DecompositionModel | None:
     """Train the decomposition model (and the hip locator) on shards; write the model folder.
@@ -544,6 +549,7 @@ def train_model(shard_dir: str | Path, out_dir: str | Path, settings: TrainSetti
         out_dir: The model folder to write.
         settings: :class:`TrainSettings` or the config's ``train:`` block.
         folds: Folds to train on (None: all).
+        exclude_folds: Then leave these folds out (the held-out fold of a cross-validation model).
         val_folds: Folds to report validation losses on per epoch (the curves); never trained on.
         device: ``auto``, ``cpu`` or ``cuda``.
         stop_after_epochs: Stop (as if killed) after this many epochs of this call, leaving the
@@ -565,7 +571,7 @@ def train_model(shard_dir: str | Path, out_dir: str | Path, settings: TrainSetti
     channels = settings.channels
     if BMD_CHANNEL not in channels:
         raise BonedrrError(f"no stage predicts {BMD_CHANNEL!r}, the channel BMD is read from")
-    train_set = dataset if dataset is not None else _open(shard_dir, folds, channels=channels)
+    train_set = dataset if dataset is not None else _open(shard_dir, folds, exclude_folds, channels=channels)
     if val_dataset is None and val_folds:
         val_dataset = _open(shard_dir, val_folds, channels=channels)
     if len(train_set) == 0:
@@ -579,14 +585,16 @@ def train_model(shard_dir: str | Path, out_dir: str | Path, settings: TrainSetti
     depth_div = 2 ** settings.depth
     if shape[0] % depth_div or shape[1] % depth_div:
         raise BonedrrError(f"crop {shape[0]}x{shape[1]} is not divisible by 2**depth = {depth_div}")
-    fingerprint = _fingerprint(settings, list(folds) if folds else None, list(val_folds) if val_folds else None,
-                               len(train_set))
+    fingerprint = _fingerprint(settings, [folds, exclude_folds], val_folds,
+                               [r.get("sample_id") for r in (getattr(train_set, "index", None) or [])] or len(train_set))
     run = _Run(settings, out_dir, dev, fingerprint)
+    run.threshold = float(getattr(train_set, "manifest", {}).get("settings", {}).get("threshold_g_cm2",
+                                                                                        BMD_THRESHOLD_G_CM2))
     run.resume()
     for m in run.nets + ([run.locator] if run.locator else []) + (run.discs or []):
         m.to(dev)
-    log.info("training on %d samples (%s), %s, channels %s", len(train_set),
-             f"folds {list(folds)}" if folds else "all folds", dev, ", ".join(channels))
+    log.info("training on %d samples (folds %s, without %s), %s, channels %s", len(train_set),
+             list(folds) if folds else "all", list(exclude_folds) if exclude_folds else "none", dev, ", ".join(channels))
     loader_kw = {"batch_size": settings.batch_size, "num_workers": settings.num_workers,
                  "drop_last": len(train_set) > settings.batch_size,
                  "persistent_workers": settings.num_workers > 0}
@@ -653,9 +661,11 @@ def train_model(shard_dir: str | Path, out_dir: str | Path, settings: TrainSetti
 
     crop = _crop_geometry(train_set, shape)
     info = {"settings": settings.to_dict(), "folds": list(folds) if folds else None,
+            "exclude_folds": list(exclude_folds) if exclude_folds else None,
             "val_folds": list(val_folds) if val_folds else None, "n_train": len(train_set),
             "patients": sorted({str(r.get("patient_id")) for r in (getattr(train_set, "index", None) or [])}),
-            "data_channels": data_channels, "device": str(dev)}
+            "data_channels": data_channels, "device": str(dev),
+            "threshold_g_cm2": run.threshold}
     model = DecompositionModel([copy.deepcopy(n).cpu() for n in run.nets], [list(s.channels) for s in settings.stages],
                                crop, copy.deepcopy(run.locator).cpu() if run.locator else None, None, info)
     if run.locator is not None:

@@ -181,3 +181,21 @@ def pack_args(wildcards):
             f"--head-position {s['head_position'][0]} {s['head_position'][1]} --folds {s['folds']} "
             f"--seed {s['seed']} --shard-size-mb {s['shard_size_mb']} --compression {s['compression']} "
             f"--threshold {CONFIG['bmd']['threshold_g_cm2']}")
+
+
+def train_threads():
+    return int(CONFIG["train"].get("threads", 2))
+
+
+def train_args(wildcards):
+    """`bonedrr train` options: the config's train: block as JSON, the device, the held-out fold."""
+    settings = {k: v for k, v in CONFIG["train"].items() if k != "threads"}
+    args = [f"--settings {shlex.quote(json.dumps(settings))}", f"--device {CONFIG['device']}"]
+    if wildcards.split.startswith("fold"):
+        args.append(f"--hold-out {int(wildcards.split[4:])}")
+    return " ".join(args)
+
+
+def model_outputs():
+    """The model trained on every fold of each cohort with shards (what `bonedrr estimate` uses)."""
+    return [f"results/models/{cohort}_all/model.pt" for cohort in CASES if packable_cases(cohort)]

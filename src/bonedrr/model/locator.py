@@ -1,61 +1,23 @@
 """The hip locator: where the femoral head is in a whole radiograph.
 
-A small U-Net turns an overview of the radiograph (the whole image resized to :data:`OVERVIEW_SHAPE`,
-aspect kept, zero padded; the shards store one per sample, with the femoral-head centre) into a
+A small U-Net turns an overview of the radiograph (the whole image resized to 128 x 256, aspect kept,
+zero padded: :func:`bonedrr.shards.overview_grid`; the shards store one per sample, with the
+femoral-head centre) into a
 heatmap of the right hip's femoral-head centre (the shards' orientation: a left hip is seen in the
 mirrored image). The position is the heatmap's soft-argmax around its peak. For a full AP pelvis
 radiograph the locator runs twice, on the image and on its mirror, to find both hips.
 
 Example:
-    >>> import numpy as np
-    >>> image = np.zeros((100, 400), np.float32)
-    >>> ov, t = make_overview(image)
-    >>> ov.shape, t.to_image(np.array([63.5, 127.5])).round(2).tolist()
-    ((128, 256), [49.5, 199.5])
+    >>> heat = gaussian_heatmap(torch.tensor([[10.0, 20.0]]), (32, 64))
+    >>> rc, confidence = peak(torch.log(heat + 1e-9))
+    >>> rc.round().tolist()
+    [[10.0, 20.0]]
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
-from scipy import ndimage
 from torch.nn import functional as F
-
-#: Overview size (rows, cols), as the shards store it.
-OVERVIEW_SHAPE = (128, 256)
-
-
-@dataclass(frozen=True)
-class OverviewTransform:
-    """Overview pixel = image pixel * ``scale`` + ``offset`` (row, col), pixel centres at integers."""
-
-    scale: float
-    offset: tuple[float, float]
-
-    def to_image(self, rc: np.ndarray) -> np.ndarray:
-        return (np.asarray(rc, float) - np.asarray(self.offset)) / self.scale
-
-    def to_overview(self, rc: np.ndarray) -> np.ndarray:
-        return np.asarray(rc, float) * self.scale + np.asarray(self.offset)
-
-
-def make_overview(image: np.ndarray, shape: tuple[int, int] = OVERVIEW_SHAPE) -> tuple[np.ndarray, OverviewTransform]:
-    """The whole image resized to ``shape`` (aspect kept, centred, zero padded) and its transform."""
-    h, w = image.shape
-    scale = min(shape[0] / h, shape[1] / w)
-    nh, nw = h * scale, w * scale
-    off = ((shape[0] - nh) / 2, (shape[1] - nw) / 2)
-    # pixel centres: overview (i + 0.5) = (image (r + 0.5)) * scale + off
-    offset = (off[0] + 0.5 * scale - 0.5, off[1] + 0.5 * scale - 0.5)
-    transform = OverviewTransform(scale, offset)
-    rr, cc = np.mgrid[0:shape[0], 0:shape[1]].astype(float)
-    src = transform.to_image(np.stack([rr, cc], -1).reshape(-1, 2)).T
-    smooth = ndimage.gaussian_filter(image.astype(np.float32), max(0.0, 0.5 / scale - 0.5)) if scale < 1 else image
-    ov = ndimage.map_coordinates(smooth.astype(np.float32), src, order=1, mode="constant", cval=0.0)
-    inside = ((src[0] >= -0.5) & (src[0] <= h - 0.5) & (src[1] >= -0.5) & (src[1] <= w - 0.5))
-    return (ov * inside).reshape(shape).astype(np.float32), transform
 
 
 def gaussian_heatmap(centres: torch.Tensor, shape: tuple[int, int], sigma: float = 3.0) -> torch.Tensor:

@@ -1,0 +1,178 @@
+"""``bonedrr estimate``: what a clinic would run. One radiograph in, BMD and the decomposed bone image out.
+
+The radiograph (DICOM DX/CR, PNG or JPEG, read by :func:`bonedrr.dicom.read_radiograph`: bone bright,
+pixel spacing from the tags or ``--pixel-mm``) is either a full AP pelvis radiograph, in which the
+model's hip locator finds each femoral head, or a hip crop (``--crop``). Each hip is cut out exactly
+as the training shards were (:func:`bonedrr.shards.crop_grid`: the same physical size, the head at the
+same place, a left hip mirrored), decomposed, and its BMD read from the predicted proximal-femur DRR
+as from a true one (:func:`bonedrr.bmd.drr_bmd`). With a DXA calibration in the model, the
+DXA-equivalent aBMD too; with a young-adult reference, the T-score.
+
+Nothing identifying is written: the outputs hold numbers, the model's folder name and pictures of the
+crops, never a DICOM tag or the input's path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bonedrr.dicom import RASTER_SUFFIXES, read_radiograph
+from bonedrr.errors import InputError
+from bonedrr.images import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+SIDES = ("right", "left")
+#: Below this locator confidence (heatmap mass near the peak) the hip position is reported as uncertain.
+LOW_CONFIDENCE = 0.3
+
+
+def _crops(model, pixels: np.ndarray, pixel_mm, sides, crop_input: bool):
+    """(crops (N, H, W), per-side facts) of the requested sides."""
+    from bonedrr.shards import crop_grid, resample
+
+    facts = {}
+    if crop_input:
+        if len(sides) != 1:
+            raise InputError("a hip crop is one hip: give --side left or --side right with --crop")
+        image = pixels[:, ::-1] if sides[0] == "left" else pixels
+        h, w = model.crop_shape
+        rows = (np.arange(h) + 0.5) * image.shape[0] / h - 0.5
+        cols = (np.arange(w) + 0.5) * image.shape[1] / w - 0.5
+        zoom = (image.shape[0] / h, image.shape[1] / w)
+        facts[sides[0]] = {"input": "crop"}
+        return resample(np.ascontiguousarray(image), rows, cols, zoom)[None], facts
+    heads, confidence = model.locate_hips_with_confidence(pixels, pixel_mm)
+    crops = []
+    for side in sides:
+        head = heads[side]
+        if not all(np.isfinite(head)):
+            raise InputError(f"the {side} hip was not found in the radiograph")
+        grid = crop_grid(head, side, pixel_mm, model.crop.pack_settings)
+        crops.append(resample(pixels, grid["rows"], grid["cols"], grid["zoom"]))
+        facts[side] = {"input": "full radiograph", "femoral_head_px": [round(v, 1) for v in head],
+                       "crop_box_px": grid["box_px"], "locator_confidence": round(confidence[side], 3)}
+    return np.stack(crops), facts
+
+
+def estimate(model_dir: str | Path, xray: str | Path, side: str = "both", out_dir: str | Path | None = None,
+             pixel_mm=None, crop: bool = False, t_reference: tuple[float, float] | None = None,
+             device: str = "cpu") -> dict:
+    """BMD of the hip(s) in one radiograph.
+
+    Args:
+        model_dir: A trained model folder (``results/models/<name>``).
+        xray: The radiograph: DICOM DX/CR, PNG or JPEG.
+        side: ``left``, ``right`` or ``both``.
+        out_dir: Where to write ``estimate.json`` and per hip ``<side>_decomposition.png`` (picture)
+            and ``<side>_drr.nii.gz`` (the predicted channels, g/cm2); None writes nothing.
+        pixel_mm: Detector pixel (row, col) mm for files without spacing tags (PNG/JPEG).
+        crop: The image is a hip crop (one side), not a full radiograph.
+        t_reference: (mean, sd) of young-adult aBMD, g/cm2: adds a T-score (of the DXA-equivalent value
+            when the model has a DXA calibration, else of the DRR-BMD).
+        device: ``cpu``, ``cuda`` or ``auto``.
+
+    Returns:
+        The result record (also ``estimate.json``).
+
+    Raises:
+        InputError: Missing or unreadable model or image, a hip that cannot be found.
+    """
+    from bonedrr.train import BMD_CHANNEL, load_model
+
+    t0 = time.perf_counter()
+    xray = Path(xray)
+    if not xray.is_file():
+        raise InputError("radiograph file not found", xray)
+    if xray.suffix.lower() in RASTER_SUFFIXES and pixel_mm is None and not crop:
+        raise InputError("a PNG/JPEG has no pixel spacing: give --pixel-mm ROW COL (mm at the detector)", xray)
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(model_dir, device=device)
+    radiograph = read_radiograph(xray, default_pixel_mm=pixel_mm or (1.0, 1.0))
+    sides = list(SIDES) if side == "both" else [side]
+    crops, facts = _crops(model, radiograph.pixels, radiograph.pixel_mm, sides, crop)
+    prediction = model.predict(crops)
+    bmd = model.bmd(prediction)
+    calibrated = model.calibrated(bmd)
+    result = {"model": Path(model_dir).name, "units": "g/cm2", "pixel_mm": list(radiograph.pixel_mm),
+              "pixel_spacing_source": radiograph.spacing_source, "sides": {}}
+    for i, s in enumerate(sides):
+        record = {"drr_bmd_g_cm2": _round(bmd[i]), **facts[s]}
+        if calibrated is not None:
+            record["dxa_equivalent_abmd_g_cm2"] = _round(calibrated[i])
+        if t_reference is not None:
+            value = calibrated[i] if calibrated is not None else bmd[i]
+            record["t_score"] = _round((value - t_reference[0]) / t_reference[1], 2)
+            record["t_score_of"] = "dxa_equivalent_abmd_g_cm2" if calibrated is not None else "drr_bmd_g_cm2"
+        result["sides"][s] = record
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        k = model.channels.index(BMD_CHANNEL)
+        for i, s in enumerate(sides):
+            png, nii = out_dir / f"{s}_decomposition.png", out_dir / f"{s}_drr.nii.gz"
+            _picture(png, crops[i], prediction[i], model.channels, k, s, bmd[i])
+            _write_drr(nii, prediction[i], model.crop.pack_settings.crop_pixel_mm)
+            result["sides"][s]["files"] = [png.name, nii.name]
+        write_json(out_dir / "estimate.json", result)
+    return result
+
+
+def _round(v, digits: int = 4):
+    return None if not np.isfinite(v) else round(float(v), digits)
+
+
+def describe(result: dict) -> str:
+    """The result as text, one line per hip."""
+    lines = []
+    for s, r in result["sides"].items():
+        b = r["drr_bmd_g_cm2"]
+        text = f"{s} hip: BMD {b:.3f} g/cm2 (DRR-BMD)" if b is not None else f"{s} hip: BMD not measurable"
+        if r.get("dxa_equivalent_abmd_g_cm2") is not None:
+            text += f", DXA-equivalent aBMD {r['dxa_equivalent_abmd_g_cm2']:.3f} g/cm2"
+        if r.get("t_score") is not None:
+            text += f", T-score {r['t_score']:+.1f}"
+        if r.get("locator_confidence") is not None and r["locator_confidence"] < LOW_CONFIDENCE:
+            text += f" (hip position uncertain: locator confidence {r['locator_confidence']:.2f})"
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def _picture(path: Path, crop: np.ndarray, prediction: np.ndarray, channels: list[str], k: int, side: str,
+             bmd: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [k] + [channels.index(c) for c in ("bone", "femur", "pelvis") if c in channels]
+    fig, axes = plt.subplots(1, 1 + len(shown), figsize=(1.6 * (1 + len(shown)), 3.3))
+    lo, hi = np.percentile(crop, [1, 99])
+    axes[0].imshow(crop, cmap="gray", vmin=lo, vmax=hi)
+    axes[0].set_title(f"{side} hip" + (" (mirrored)" if side == "left" else ""), fontsize=8)
+    for ax, j in zip(axes[1:], shown):
+        ax.imshow(prediction[j], cmap="magma", vmin=0)
+        ax.set_title(channels[j] + (f"\nBMD {bmd:.3f} g/cm2" if j == k and np.isfinite(bmd) else ""), fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def _write_drr(path: Path, prediction: np.ndarray, crop_pixel_mm) -> None:
+    """The predicted channels (C, H, W) as a NIfTI volume, one slice per channel, g/cm2."""
+    import SimpleITK as sitk
+
+    from bonedrr.images import write_image
+
+    image = sitk.GetImageFromArray(prediction.astype(np.float32))
+    image.SetSpacing((float(crop_pixel_mm[1]), float(crop_pixel_mm[0]), 1.0))
+    write_image(image, path)

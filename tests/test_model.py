@@ -1,0 +1,273 @@
+"""The decomposition model: network, losses, augmentation, training (reproducible, resumable), and
+`bonedrr estimate` on real demo radiographs (DICOM and PNG) with a model trained on real shards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from bonedrr.model.augment import AugmentSettings, RandomAugment, affine, affine_matrix, shift_matrix
+from bonedrr.model.losses import gc_loss, gradient_correlation
+from bonedrr.model.network import PatchDiscriminator, UNet
+from bonedrr.register import gradient_correlation as register_gc
+from bonedrr.train import CHECKPOINT_FILE, MODEL_FILE, Stage, TrainSettings, load_model, train_model
+
+from conftest import REPO
+from synthetic_shards import SyntheticShards
+
+PHANTOM = {"method": "phantom", "phantom_rods_mg_cm3": [0, 100, 200, 400, 800]}
+TINY = TrainSettings(stages=(Stage(("pelvis", "femur", "bone"), 2), Stage(("proximal_femur",), 2)), batch_size=4,
+                     base_channels=4, depth=2, locator_epochs=1, locator_base_channels=4, seed=3)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Weights are reproducible for a fixed thread count; one thread also keeps a busy CI machine fast."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_unet_and_discriminator_shapes():
+    for depth, shape in ((2, (32, 16)), (3, (128, 64)), (4, (128, 256))):
+        net = UNet(1, 5, base_channels=4, depth=depth)
+        assert net(torch.rand(2, 1, *shape) * 4000).shape == (2, 5, *shape)
+    d = PatchDiscriminator(1 + 3, base_channels=4, layers=3)
+    assert d(torch.rand(2, 1, 128, 64), torch.rand(2, 3, 128, 64)).shape == (2, 1, 16, 8)
+
+
+def test_input_normalisation_makes_exposure_irrelevant():
+    net = UNet(1, 2, base_channels=4, depth=2).eval()
+    x = torch.rand(1, 1, 32, 16)
+    with torch.no_grad():
+        a, b = net(x), net(x * 3700.0 + 120.0)
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_gradient_correlation_equals_the_registration_similarity(real_ct):
+    ct = sitk.GetArrayFromImage(real_ct).astype(np.float64)
+    pairs = [(ct[10], ct[12]), (ct[20], ct[40]), (ct[:, 30], ct[:, 31] * 2 + 5), (ct[30], ct[30] ** 2)]
+    for a, b in pairs:
+        expected = register_gc(a, b)
+        got = float(gradient_correlation(torch.tensor(a)[None, None], torch.tensor(b)[None, None]))
+        assert got == pytest.approx(expected, abs=2e-5)
+    a, b = pairs[0]
+    assert float(gc_loss(torch.tensor(a)[None, None], torch.tensor(a)[None, None])) == pytest.approx(0, abs=1e-6)
+
+
+def test_known_affine_moves_input_and_target_identically():
+    rng = np.random.default_rng(1)
+    image = torch.tensor(rng.random((32, 32)), dtype=torch.float32)[None, None]
+    # deterministic twin: an integer shift and a quarter turn are exact pixel moves
+    moved = affine(image, shift_matrix(torch.tensor([[3.0, -2.0]]), (32, 32)))
+    assert torch.allclose(moved[0, 0, 3:, :30], image[0, 0, :29, 2:], atol=1e-5)
+    turned = affine(image, affine_matrix(torch.tensor([90.0]), torch.tensor([1.0]), torch.zeros(1, 2), (32, 32)))
+    assert torch.allclose(turned, torch.rot90(image, 1, (2, 3)), atol=1e-5)
+    # random draw: geometry shared by radiograph and targets; intensity changes only the radiograph
+    xray = image * 1000
+    targets = torch.cat([image, 2 * image, torch.ones_like(image)], 1)  # the last: where the image still is
+    s = AugmentSettings(rotate_deg=10, scale=0.1, shift=0.1, gamma=0, contrast=0, noise=0)
+    ax, at = RandomAugment(s, torch.Generator().manual_seed(5))(xray, targets)
+    assert not torch.allclose(at[:, :1], image, atol=1e-2)  # it did move
+    assert torch.allclose(at[:, 1], 2 * at[:, 0], atol=1e-6)
+    # inside the moved image (and above the 1 % level the intensity step clips at), the radiograph is
+    # gain x target + offset: the same pixels went to the same places
+    inside = ((at[:, 2] > 0.9999) & (at[:, 0] > 0.05)).flatten().numpy()
+    assert inside.sum() > 500
+    corr = np.corrcoef(ax.flatten().numpy()[inside], at[:, 0].flatten().numpy()[inside])[0, 1]
+    assert corr == pytest.approx(1.0, abs=1e-6)
+    assert not torch.allclose(ax, at[:, :1] * 1000, atol=1.0)  # but at another exposure
+    # with intensity augmentation the radiograph's tone curve changes, the targets do not
+    s2 = AugmentSettings(rotate_deg=10, scale=0.1, shift=0.1, gamma=0.5, contrast=0.3, noise=0.05)
+    ax2, at2 = RandomAugment(s2, torch.Generator().manual_seed(5))(xray, targets)
+    assert torch.allclose(at2, at, atol=1e-6)
+
+
+def _state(model):
+    return {f"{i}.{k}": v for i, n in enumerate(model.stage_nets + [model.locator])
+            for k, v in n.state_dict().items()}
+
+
+def test_seeded_training_is_reproducible_and_resume_gives_the_same_weights(tmp_path):
+    data = SyntheticShards(8, (32, 16), seed=2)
+    a = train_model(None, tmp_path / "a", TINY, dataset=data, progress=False)
+    b = train_model(None, tmp_path / "b", TINY, dataset=data, progress=False)
+    # killed inside stage 2 (after 3 epochs), then started again
+    assert train_model(None, tmp_path / "c", TINY, dataset=data, stop_after_epochs=3, progress=False) is None
+    assert (tmp_path / "c" / CHECKPOINT_FILE).is_file() and not (tmp_path / "c" / MODEL_FILE).exists()
+    c = train_model(None, tmp_path / "c", TINY, dataset=data, progress=False)
+    sa, sb, sc = _state(a), _state(b), _state(c)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert all(torch.equal(sa[k], sc[k]) for k in sa)
+    log = (tmp_path / "c" / "train_log.tsv").read_text().splitlines()
+    assert len(log) == 1 + 2 + 2 + 1 and log[0].startswith("phase\tepoch\tloss")
+    # another seed, other weights
+    d = train_model(None, tmp_path / "d", TrainSettings(**{**TINY.__dict__, "seed": 4}), dataset=data, progress=False)
+    assert not torch.equal(_state(d)["0.head.weight"], sa["0.head.weight"])
+
+
+def test_gan_term_trains_a_discriminator(tmp_path):
+    data = SyntheticShards(4, (32, 16), seed=2)
+    s = TrainSettings(**{**TINY.__dict__, "gan": 0.1, "locator_epochs": 0,
+                         "stages": (Stage(("femur",), 1), Stage(("proximal_femur",), 1))})
+    model = train_model(None, tmp_path / "g", s, dataset=data, progress=False)
+    log = (tmp_path / "g" / "train_log.tsv").read_text().splitlines()
+    gan = [float(line.split("\t")[5]) for line in log[1:]]
+    assert all(g > 0 for g in gan) and model.locator is None
+    with pytest.raises(Exception, match="no hip locator"):
+        model.locate_hips(np.zeros((64, 64), np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Real shards: two demo patients at their true pose (no registration), packed as the workflow does.
+
+
+@pytest.fixture(scope="module")
+def real_shards(demo_cases, tmp_path_factory):
+    from bonedrr.bmd import bmd_case
+    from bonedrr.calibrate import calibrate_case
+    from bonedrr.drr import render_case, write_drr
+    from bonedrr.geometry import Geometry
+    from bonedrr.images import write_json
+    from bonedrr.ingest import ingest_case
+    from bonedrr.shards import PackSettings, pack_cohort
+
+    demo_dir, settings, truths = demo_cases
+    root = tmp_path_factory.mktemp("model_cohort")
+    for truth in truths:
+        out, src, files = root / truth["case_id"], demo_dir / truth["case_id"], truth["files"]
+        ingest_case(truth["case_id"], src / files["ct"], src / files["xray"], out, pixel_mm=settings.pixel_mm,
+                    sdd_mm=settings.sdd_mm, clinical=truth["clinical"])
+        shutil.copy(src / "labels.nii.gz", out / "labels.nii.gz")
+        calibrate_case(out / "ct.nii.gz", out / "labels.nii.gz", out, PHANTOM)
+        write_json(out / "pose.json", {"world_to_camera": truth["geometry"]["world_to_camera"],
+                                       "geometry": truth["geometry"], "similarity_value": 0.7, "converged": True,
+                                       "qa_flags": []})
+        write_drr(out / "drr.h5", render_case(out / "density.nii.gz", out / "labels.nii.gz",
+                                              Geometry.from_dict(truth["geometry"]), device="cpu"))
+        bmd_case(out / "density.nii.gz", out / "labels.nii.gz", out / "drr.h5", out / "case.json",
+                 out / "bmd.json", calibration_json=out / "calibration.json")
+    pack = PackSettings(crop_mm=(179.2, 89.6), crop_px=(64, 32), folds=2, seed=0)
+    pack_cohort([root / t["case_id"] for t in truths], root / "shards", pack, cohort="tiny")
+    return root / "shards", demo_dir, truths
+
+
+@pytest.fixture(scope="module")
+def real_model(real_shards, tmp_path_factory):
+    shards, _, _ = real_shards
+    out = tmp_path_factory.mktemp("models") / "tiny_all"
+    settings = TrainSettings(stages=(Stage(("pelvis", "femur", "bone", "muscle"), 12), Stage(("proximal_femur",), 12)),
+                             batch_size=2, base_channels=8, depth=3, locator_epochs=25, seed=0, dxa_calibration=True)
+    with torch.random.fork_rng():
+        torch.set_num_threads(1)
+        train_model(shards, out, settings, progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_training_on_real_shards_lowers_the_loss_and_predicts_bmd(real_shards, real_model):
+    from bonedrr.dataset import ShardDataset
+
+    log = [line.split("\t") for line in (real_model / "train_log.tsv").read_text().splitlines()[1:]]
+    for phase in ("stage1", "stage2", "locator"):
+        losses = [float(r[2]) for r in log if r[0] == phase]
+        assert losses[-1] < 0.7 * losses[0], (phase, losses)
+    assert (real_model / "curves.png").stat().st_size > 10_000
+    model = load_model(real_model)
+    assert model.channels == ["pelvis", "femur", "bone", "muscle", "proximal_femur"]
+    assert model.crop_shape == (64, 32) and model.calibration is not None
+    data = ShardDataset(real_shards[0], channels=model.channels)
+    batch = [data[i] for i in range(len(data))]
+    xray = np.stack([b["xray"][0].numpy() for b in batch])
+    pred = model.predict(xray)
+    assert pred.shape == (len(data), 5, 64, 32) and pred.min() >= 0
+    true = np.stack([b["drr"].numpy() for b in batch])
+    # fitted to its 4 training hips: the proximal femur's pixels within 0.1 g/cm2 on average
+    assert np.abs(pred[:, 4] - true[:, 4]).mean() < 0.1
+    bmd = model.bmd(pred)
+    assert np.all(np.isfinite(bmd)) and np.all((bmd > 0.2) & (bmd < 2.0))
+
+
+def _run(*args):
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "bonedrr", *args], capture_output=True, text=True,
+                       env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"})
+    return p, time.perf_counter() - t0
+
+
+@pytest.mark.slow
+def test_estimate_cli_on_dicom_and_png_radiographs(real_shards, real_model, tmp_path):
+    _, demo_dir, truths = real_shards
+    dicom = demo_dir / truths[0]["case_id"] / truths[0]["files"]["xray"]
+    png = demo_dir / truths[1]["case_id"] / truths[1]["files"]["xray"]
+    assert dicom.suffix == ".dcm" and png.suffix == ".png"
+    timings = {}
+    p, timings["dicom"] = _run("estimate", "--model", str(real_model), "--xray", str(dicom), "--out", str(tmp_path / "a"),
+                               "--threads", "1")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["right hip", "left hip"]
+    assert all(" g/cm2 (DRR-BMD), DXA-equivalent aBMD " in line for line in lines)
+    result = json.loads((tmp_path / "a" / "estimate.json").read_text())
+    assert set(result["sides"]) == {"right", "left"} and result["pixel_spacing_source"] == "ImagerPixelSpacing"
+    for side, r in result["sides"].items():
+        assert 0.2 < r["drr_bmd_g_cm2"] < 2.0
+        assert (tmp_path / "a" / f"{side}_decomposition.png").stat().st_size > 5_000
+        drr = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a" / f"{side}_drr.nii.gz")))
+        assert drr.shape == (5, 64, 32)
+    # the located femoral heads lie near the true ones (4 training overviews: a loose bound, in mm)
+    truth_heads = json.loads((real_shards[0].parent / truths[0]["case_id"] / "bmd.json").read_text())["sides"]
+    for side in ("right", "left"):
+        err_px = np.subtract(result["sides"][side]["femoral_head_px"], truth_heads[side]["femoral_head_px"])
+        assert np.linalg.norm(err_px) * 2.8 < 15.0, (side, err_px)
+    text = (tmp_path / "a" / "estimate.json").read_text()
+    assert "Quispe" not in text and str(demo_dir) not in text and "PatientName" not in text
+
+    p, timings["png"] = _run("estimate", "--model", str(real_model), "--xray", str(png), "--side", "left", "--json",
+                             "--pixel-mm", "2.8", "2.8", "--t-reference", "0.94", "0.12", "--threads", "1")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)["sides"]["left"]
+    assert r["t_score"] == pytest.approx((r["dxa_equivalent_abmd_g_cm2"] - 0.94) / 0.12, abs=0.01)
+    # JPEG of the same radiograph (lossy): a BMD close to the PNG's
+    from PIL import Image
+
+    jpg = tmp_path / "x.jpg"
+    Image.open(png).convert("L").save(jpg, quality=50)
+    p, timings["jpeg"] = _run("estimate", "--model", str(real_model), "--xray", str(jpg), "--side", "left", "--json",
+                              "--pixel-mm", "2.8", "2.8", "--threads", "1")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["sides"]["left"]["drr_bmd_g_cm2"] == pytest.approx(r["drr_bmd_g_cm2"], abs=0.05)
+    print("estimate wall time (s, including python and torch start-up):", timings)
+
+
+@pytest.mark.slow
+def test_estimate_errors_are_one_line(real_shards, real_model, tmp_path):
+    _, demo_dir, truths = real_shards
+    dicom = demo_dir / truths[0]["case_id"] / truths[0]["files"]["xray"]
+    p, _ = _run("estimate", "--model", str(tmp_path / "nope"), "--xray", str(dicom))
+    assert p.returncode == 2
+    assert p.stderr.strip() == f"bonedrr estimate: error: {tmp_path / 'nope'}: model folder not found"
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"not an image at all")
+    p, _ = _run("estimate", "--model", str(real_model), "--xray", str(bad))
+    assert p.returncode == 2
+    assert p.stderr.strip() == f"bonedrr estimate: error: {bad}: not a DICOM file (no DICM preamble)"
+    png = demo_dir / truths[1]["case_id"] / truths[1]["files"]["xray"]
+    p, _ = _run("estimate", "--model", str(real_model), "--xray", str(png))
+    assert p.returncode == 2
+    assert p.stderr.strip() == (f"bonedrr estimate: error: {png}: a PNG/JPEG has no pixel spacing: "
+                                "give --pixel-mm ROW COL (mm at the detector)")
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    p, _ = _run("estimate", "--model", str(empty), "--xray", str(dicom))
+    assert p.stderr.strip() == f"bonedrr estimate: error: {empty}: no model.pt in the model folder"
