@@ -35,6 +35,7 @@ include: "workflow/rules/drr.smk"
 include: "workflow/rules/bmd.smk"
 include: "workflow/rules/pack.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/validate.smk"
 
 
 rule all:

@@ -15,10 +15,10 @@ from bonedrr.dataset import ShardDataset
 pytestmark = pytest.mark.slow
 
 PHANTOM = {"method": "phantom", "phantom_rods_mg_cm3": [0, 100, 200, 400, 800]}
-TINY_TRAINING = {"stages": [{"channels": ["pelvis", "femur", "bone", "muscle"], "epochs": 10},
-                            {"channels": ["proximal_femur"], "epochs": 10}],
+TINY_TRAINING = {"stages": [{"channels": ["pelvis", "femur", "bone", "muscle"], "epochs": 3},
+                            {"channels": ["proximal_femur"], "epochs": 5}],
                  "network": {"base_channels": 4, "depth": 2}, "locator": {"epochs": 1, "base_channels": 4},
-                 "batch_size": 2}
+                 "batch_size": 2, "lr": 0.02}
 
 
 @pytest.fixture(scope="module")

@@ -298,34 +298,29 @@ def _true_heads(demo_case: Path) -> list[dict]:
 
 def pose_sweep(model, patients: list[tuple[str, Path]], pack, default_pixel_mm, threshold: float) -> list[dict]:
     """BMD of each hip on each radiograph of the given demo patients, as ``bonedrr estimate`` reads it
-    (hips located by the model) and at the true hip centres. One row per (patient, side, radiograph)."""
+    (the file read, the hips located by the model's locator and cut out by
+    :func:`bonedrr.estimate._crops`), and at the true hip centres. One row per (patient, side, radiograph)."""
     from bonedrr.dicom import read_radiograph
+    from bonedrr.estimate import _crops as estimate_crops
 
     rows = []
     for patient_id, case_dir in patients:
-        files = _radiographs_of(case_dir)
-        truths = _true_heads(case_dir)
-        for k, (path, true_heads) in enumerate(zip(files, truths)):
+        for k, (path, true_heads) in enumerate(zip(_radiographs_of(case_dir), _true_heads(case_dir))):
             radiograph = read_radiograph(path, default_pixel_mm)
+            sides = [s for s in ("right", "left") if true_heads.get(s) is not None]
             try:
-                located = model.locate_hips(radiograph.pixels)
-            except BonedrrError as e:  # a model without a locator: true hip centres only
-                log.warning("%s: %s", path.name, e)
-                located = {}
-            for side in ("right", "left"):
-                true_head = true_heads.get(side)
-                if true_head is None:
-                    continue
-                heads = {"true": true_head}
-                if side in located:
-                    heads["located"] = list(located[side])
-                crops = [recrop(radiograph.pixels, radiograph.pixel_mm, h, side, pack) for h in heads.values()]
-                values, _ = predicted_bmd(model, np.stack(crops), threshold)
+                located, facts = estimate_crops(model, radiograph.pixels, radiograph.pixel_mm, sides, False)
+            except BonedrrError as e:  # no locator, or a hip not found: true hip centres only
+                log.warning("%s %s: %s", case_dir.name, path.name, e)
+                located, facts = np.zeros((0,) + tuple(pack.crop_px), np.float32), {}
+            true = np.stack([recrop(radiograph.pixels, radiograph.pixel_mm, true_heads[s], s, pack) for s in sides])
+            values, _ = predicted_bmd(model, np.concatenate([true, located]), threshold)
+            for i, side in enumerate(sides):
                 row = {"patient_id": patient_id, "case_id": case_dir.name, "side": side, "radiograph": k,
-                       "bmd_true_hips": float(values[0]),
-                       "bmd_located_hips": float(values[1]) if len(values) > 1 else math.nan}
-                if "located" in heads:
-                    d = np.subtract(heads["located"], true_head) * radiograph.pixel_mm
+                       "bmd_true_hips": float(values[i]),
+                       "bmd_located_hips": float(values[len(sides) + i]) if facts else math.nan}
+                if facts:
+                    d = np.subtract(facts[side]["femoral_head_px"], true_heads[side]) * radiograph.pixel_mm
                     row["locator_error_mm"] = float(np.hypot(*d))
                 rows.append(row)
     return rows
@@ -544,14 +539,14 @@ def check_targets(result: dict) -> dict:
                            "met": None if not m else bool(m["icc_2_1"] >= TARGETS["icc_2_1"])}
         t[f"above_baseline_{key}"] = {"target": "model r > baseline r", "value": b and b["pearson_r"],
                                       "met": None if not (m and b) else bool(m["pearson_r"] > b["pearson_r"])}
-    t["jpeg_1_50"] = {"target": f"Pearson r (QCT vBMD) at >= {TARGETS['jpeg_ratio']:.0f}x within "
-                                f"{TARGETS['jpeg_max_r_drop']} of uncompressed", "value": None, "met": None}
+    t["jpeg_1_50"] = {"target": f"Pearson r (QCT vBMD) at every ratio >= {TARGETS['jpeg_ratio']:.0f}x within "
+                                f"{TARGETS['jpeg_max_r_drop']} of uncompressed (value: the largest change)",
+                      "value": None, "met": None}
     m = result["model"].get("qct_vbmd")
     strong = [j for j in result["jpeg"] if j["ratio_raw8"] >= TARGETS["jpeg_ratio"]]
     if m and strong:
-        worst = min(j["qct_vbmd"]["pearson_r"] for j in strong)
-        t["jpeg_1_50"].update(value=m["pearson_r"] - worst,
-                              met=bool(m["pearson_r"] - worst <= TARGETS["jpeg_max_r_drop"]))
+        change = max(abs(j["qct_vbmd"]["pearson_r"] - m["pearson_r"]) for j in strong)
+        t["jpeg_1_50"].update(value=change, met=bool(change <= TARGETS["jpeg_max_r_drop"]))
     pose = result.get("pose")
     value = pose["bmd_located_hips"]["rms_cv"] if pose else None
     t["pose_rms_cv"] = {"target": f"< {TARGETS['pose_rms_cv']:.0%}", "value": value,

@@ -19,6 +19,8 @@ import numpy as np
 from bonedrr.images import atomic_path
 
 _TRUTH_ORDER = ("qct_vbmd", "drr_bmd", "dxa_abmd")
+#: The plot files, always written (a placeholder says why one is empty).
+PLOTS = ("scatter", "bland_altman", "examples", "jpeg", "pose")
 _LABELS = {"drr_bmd": ("DRR-BMD", "g/cm2"), "qct_vbmd": ("QCT vBMD", "mg/cm3"), "dxa_abmd": ("DXA aBMD", "g/cm2")}
 
 
@@ -150,6 +152,16 @@ def write_plots(folder: Path, rows: list[dict], jpeg: list[dict], pose: list[dic
         b.legend(fontsize=8)
         fig.tight_layout()
         plots["pose"] = _save(fig, folder / "pose.png")
+    reasons = {"scatter": "fewer than 3 held-out hips with a ground truth", "examples": "no held-out hip",
+               "jpeg": "no JPEG sweep (validate.jpeg_qualities empty, or no whole radiographs given)",
+               "pose": "no multi-pose sweep (a demo cohort with extra_views makes one)"}
+    reasons["bland_altman"] = reasons["scatter"]
+    for name in PLOTS:
+        if name not in plots:  # every plot file exists (the workflow declares them): say why it is empty
+            fig, ax = plt.subplots(figsize=(6, 1.2))
+            ax.text(0.5, 0.5, f"not measured: {reasons[name]}", ha="center", va="center", fontsize=9)
+            ax.axis("off")
+            _save(fig, folder / f"{name}.png")
     return plots
 
 

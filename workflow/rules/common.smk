@@ -51,6 +51,7 @@ def all_outputs():
             outputs.append(f"results/{cohort}/qc/registration.tsv")
         if packable_cases(cohort):
             outputs += [f"results/{cohort}/qc/bmd.tsv", f"results/{cohort}/shards/manifest.json"]
+    outputs += validation_outputs()
     return outputs
 
 
@@ -199,3 +200,38 @@ def train_args(wildcards):
 def model_outputs():
     """The model trained on every fold of each cohort with shards (what `bonedrr estimate` uses)."""
     return [f"results/models/{cohort}_all/model.pt" for cohort in CASES if packable_cases(cohort)]
+
+
+def validation_folds(cohort):
+    """The held-out folds the validation of a cohort uses (config validate.folds; null: every fold)."""
+    return CONFIG["validate"]["folds"] or list(range(CONFIG["shards"]["folds"]))
+
+
+def validate_inputs(wildcards):
+    """Shards, one model per validated fold, the whole radiographs and BMD records of the cohort's cases
+    (the JPEG sweep re-crops them), and a demo cohort's patient folders (the multi-pose sweep)."""
+    cohort = wildcards.cohort
+    cases = packable_cases(cohort)
+    files = {"manifest": f"results/{cohort}/shards/manifest.json",
+             "models": [f"results/models/{cohort}_fold{k}/model.pt" for k in validation_folds(cohort)],
+             "xrays": [f"results/{cohort}/{case}/xray.nii.gz" for case in cases],
+             "bmd": [f"results/{cohort}/{case}/bmd.json" for case in cases]}
+    if is_demo(cohort):
+        files["demo"] = [demo_case_dir(cohort, case) for case in cases]
+    return files
+
+
+def validate_args(wildcards):
+    v, cohort = CONFIG["validate"], CONFIG["cohorts"][wildcards.cohort]
+    x = cohort["xray"]
+    args = [f"--jpeg-qualities {' '.join(str(q) for q in v['jpeg_qualities'])}", f"--examples {v['examples']}",
+            f"--threshold {CONFIG['bmd']['threshold_g_cm2']}", f"--device {CONFIG['device']}",
+            f"--pixel-mm {x['pixel_mm'][0]} {x['pixel_mm'][1]}"]
+    if is_demo(wildcards.cohort) and cohort["demo"]["extra_views"] > 0:
+        args.append(f"--demo-root results/{wildcards.cohort}/demo_input")
+    return " ".join(args)
+
+
+def validation_outputs():
+    """The validation report of each cohort with shards."""
+    return [f"results/validation/{cohort}/report.html" for cohort in CASES if packable_cases(cohort)]
