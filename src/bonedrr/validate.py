@@ -401,6 +401,7 @@ def validate_cohort(shard_dir: str | Path, model_dirs: list[str | Path], out_dir
         train_bmd, _ = predicted_bmd(model, train["xray"], settings.threshold_g_cm2)
         model_fits = fit_calibrations(train_bmd, train)
         base_fits = fit_calibrations(roi_intensity(train["xray"], train["mask"]), train)
+        ceiling_fits = fit_calibrations(train["drr_bmd"], train)
         held_roi = roi_intensity(held["xray"], held["mask"])
         fold_info[fold] = {"n_held_out": len(held["sample_id"]), "n_train": len(train["sample_id"]),
                            "train_folds": sorted(set(train["fold"])), "model_calibration": model_fits,
@@ -419,6 +420,7 @@ def validate_cohort(shard_dir: str | Path, model_dirs: list[str | Path], out_dir
                 row[f"true_{key}"] = held[key][i]
                 row[f"pred_{key}"] = in_truth_units(pred_bmd[i:i + 1], model_fits, key, True)[0]
                 row[f"baseline_{key}"] = apply_line(base_fits[key], held_roi[i:i + 1])[0]
+                row[f"ceiling_{key}"] = in_truth_units(held["drr_bmd"][i:i + 1], ceiling_fits, key, True)[0]
             if BMD_CHANNEL in im:
                 row["psnr_db_proximal_femur"] = im[BMD_CHANNEL]["psnr_db"][i]
                 row["ssim_proximal_femur"] = im[BMD_CHANNEL]["ssim"][i]
@@ -481,16 +483,17 @@ def summarise(per_sample, jpeg_rows, pose_rows, images, fold_info, cohort, setti
                            "fitted like the others)",
             "jpeg_ratio": "uncompressed 8-bit size (rows x cols bytes) / JPEG size of the whole radiograph",
             "rms_cv": "sqrt(mean over hips of (SD / mean)^2) of BMD over each hip's radiographs (Gluer 1995)",
+            "ceiling": "the true DRR-BMD, calibrated to QCT and DXA like the predictions: what a perfect decomposition "
+                       "would reach",
         },
         "bmd_threshold_g_cm2": settings.threshold_g_cm2,
-        "model": {}, "baseline": {}, "per_fold": {},
+        "model": {}, "baseline": {}, "ceiling": {}, "per_fold": {},
     }
     for key, (label, unit) in TRUTHS.items():
         truth = _column(per_sample, f"true_{key}")
-        for who in ("model", "baseline"):
-            pred = _column(per_sample, f"{'pred' if who == 'model' else 'baseline'}_{key}")
-            m = metrics.agreement(pred, truth)
-            if m["n"] >= 3:
+        for who, prefix in (("model", "pred"), ("baseline", "baseline"), ("ceiling", "ceiling")):
+            m = metrics.agreement(_column(per_sample, f"{prefix}_{key}"), truth)
+            if m["n"] >= 3 and not (who == "ceiling" and key == "drr_bmd"):
                 result[who][key] = {"label": label, "unit": unit, **m}
     for fold in fold_info:
         rows = [r for r in per_sample if r["fold"] == fold]
@@ -556,8 +559,8 @@ def check_targets(result: dict) -> dict:
 
 PREDICTION_COLUMNS = ("fold", "sample_id", "case_id", "patient_id", "side", "pred_drr_bmd", "true_drr_bmd",
                       "pred_qct_vbmd", "true_qct_vbmd", "pred_dxa_abmd", "true_dxa_abmd", "baseline_roi_intensity",
-                      "baseline_drr_bmd", "baseline_qct_vbmd", "baseline_dxa_abmd", "psnr_db_proximal_femur",
-                      "ssim_proximal_femur")
+                      "baseline_drr_bmd", "baseline_qct_vbmd", "baseline_dxa_abmd", "ceiling_qct_vbmd",
+                      "ceiling_dxa_abmd", "psnr_db_proximal_femur", "ssim_proximal_femur")
 
 
 def write_predictions(path: Path, rows: list[dict]) -> None:

@@ -199,19 +199,20 @@ def write_report(path: Path, result: dict, plots: dict[str, Path]) -> None:
              f"<p>{result['n_samples']} held-out hips, folds {', '.join(map(str, result['folds']))}; each hip predicted "
              "by the model of the fold that held its patient out (patient-disjoint cross-validation).</p>"]
     rows = []
+    names = {"model": "decomposition", "baseline": "baseline", "ceiling": "true DRR-BMD (ceiling)"}
     for key in _TRUTH_ORDER:
-        for who in ("model", "baseline"):
-            m = result[who].get(key)
+        for who in ("model", "baseline", "ceiling"):
+            m = result.get(who, {}).get(key)
             if not m:
                 continue
-            rows.append([f"{m['label']} ({m['unit']})", "decomposition" if who == "model" else "baseline",
+            rows.append([f"{m['label']} ({m['unit']})", names[who],
                          _fmt(m["n"]), _fmt(m["pearson_r"]), _fmt(m["icc_2_1"]), _fmt(m["icc_3_1"]), _fmt(m["mae"], 4),
                          _fmt(m["rmse"], 4), _fmt(m["bias"], 4), f"{_fmt(m['loa_low'], 4)} .. {_fmt(m['loa_high'], 4)}"])
     parts += ["<h2>Agreement with each ground truth</h2>",
               _table(["truth", "method", "n", "Pearson r", "ICC(2,1)", "ICC(3,1)", "MAE", "RMSE", "bias",
                       "95% limits of agreement"], rows),
               f"<p class=note>ICC: {html.escape(d['icc'])}. Bland-Altman: {html.escape(d['bland_altman'])}. "
-              f"Calibration: {html.escape(d['calibration'])}. Baseline: BMD regressed linearly on the mean radiograph "
+              f"Calibration: {html.escape(d['calibration'])}. Ceiling: {html.escape(d['ceiling'])}. Baseline: BMD regressed linearly on the mean radiograph "
               "intensity in the proximal femur's projected area (the true mask), fitted on the training folds.</p>"]
     for name, title in (("scatter", "Predicted against true (identity dashed); top: decomposition, bottom: baseline"),
                         ("bland_altman", "Bland-Altman (bias solid, 95 % limits dashed)")):
