@@ -163,3 +163,12 @@ def test_report_is_self_contained_and_carries_no_patient_data(cohort, validated)
         assert secret not in page and secret not in (out / "predictions.csv").read_text()
     for name in ("scatter", "bland_altman", "examples", "jpeg", "pose"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 5000
+
+
+def test_a_model_that_saw_the_held_out_patients_is_refused(cohort, tmp_path):
+    from bonedrr.errors import BonedrrError
+
+    wrong = shutil.copytree(cohort["models"][1], tmp_path / "tiny_fold0")  # trained on fold 0
+    with pytest.raises(BonedrrError, match=r"the model of fold 0 was trained on 1 of its held-out patients "
+                                           r"\(demo_00[01]\)"):
+        v.validate_cohort(cohort["results"] / "shards", [wrong], tmp_path / "out", progress=False)

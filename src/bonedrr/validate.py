@@ -380,6 +380,7 @@ def validate_cohort(shard_dir: str | Path, model_dirs: list[str | Path], out_dir
         models = {}
         for d in model_dirs:
             models[fold_of_model(d)] = load_model(d, device=_device(settings.device))
+    model_paths = {fold_of_model(d): d for d in model_dirs}
     if not models:
         raise BonedrrError("no model to validate", shard_dir)
     all_index = ShardDataset(shard_dir).index
@@ -397,6 +398,11 @@ def validate_cohort(shard_dir: str | Path, model_dirs: list[str | Path], out_dir
         if not held["sample_id"]:
             log.warning("fold %d has no held-out samples", fold)
             continue
+        leaked = sorted(set(getattr(model, "info", {}).get("patients") or []) & set(held["patient_id"]))
+        if leaked:  # a model folder named for the wrong fold, or trained on everything
+            raise BonedrrError(f"the model of fold {fold} was trained on {len(leaked)} of its held-out patients "
+                               f"({', '.join(leaked[:3])}{', ...' if len(leaked) > 3 else ''})",
+                               model_paths.get(fold, shard_dir))
         pred_bmd, pred = predicted_bmd(model, held["xray"], settings.threshold_g_cm2)
         train_bmd, _ = predicted_bmd(model, train["xray"], settings.threshold_g_cm2)
         model_fits = fit_calibrations(train_bmd, train)
