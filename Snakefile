@@ -37,6 +37,7 @@ include: "workflow/rules/outcome.smk"
 include: "workflow/rules/bmd.smk"
 include: "workflow/rules/pack.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/validate.smk"
 
 
 rule all:

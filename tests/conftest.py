@@ -51,3 +51,16 @@ def demo_cases(tmp_path_factory):
 
 def hu_array(image: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(image).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def demo_case_with_views(demo_cases, tmp_path_factory):
+    """demo_cases' first patient made again with two extra views (``views/``): its folder."""
+    import dataclasses
+
+    from bonedrr.demo.cohort import make_case
+
+    folder, settings, _ = demo_cases
+    case = tmp_path_factory.mktemp("views") / "demo_000"
+    make_case(case, "demo_000", 0, dataclasses.replace(settings, extra_views=2))
+    return case

@@ -127,3 +127,34 @@ def test_demo_case_is_reproducible(tmp_path, demo_cases):
     assert json.dumps(again, sort_keys=True) == json.dumps(truths[1], sort_keys=True)
     assert (tmp_path / "demo_001" / "xray.png").read_bytes() == (folder / "demo_001" / "xray.png").read_bytes()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_extra_views_differ_in_pose_carry_no_phi_and_leave_the_case_unchanged(demo_cases, demo_case_with_views):
+    import pydicom
+
+    folder, settings, truths = demo_cases
+    case = demo_case_with_views
+    truth = json.loads((case / "truth.json").read_text())
+    # The case itself is the one made without views: same truth, same radiograph.
+    assert json.dumps(truth, sort_keys=True) == json.dumps(truths[0], sort_keys=True)
+    assert (case / "xray.dcm").read_bytes() == (folder / "demo_000" / "xray.dcm").read_bytes()
+    views = json.loads((case / "views" / "views.json").read_text())
+    assert [v["file"] for v in views["views"]] == ["view1.dcm", "view2.dcm"]
+    poses = [np.asarray(truth["geometry"]["world_to_camera"])] + [
+        np.asarray(v["geometry"]["world_to_camera"]) for v in views["views"]]
+    for i in range(len(poses)):
+        for j in range(i + 1, len(poses)):
+            # Rotations differ by more than half a degree, or positions by more than a millimetre.
+            angle = np.degrees(np.arccos(np.clip((np.trace(poses[i][:3, :3].T @ poses[j][:3, :3]) - 1) / 2, -1, 1)))
+            assert angle > 0.5 or np.linalg.norm(poses[i][:3, 3] - poses[j][:3, 3]) > 1.0
+    main = pydicom.dcmread(case / "xray.dcm")
+    for v in views["views"]:
+        ds = pydicom.dcmread(case / "views" / v["file"])
+        assert ds.Rows == settings.rows and ds.Columns == settings.cols
+        assert [float(s) for s in ds.ImagerPixelSpacing] == list(settings.pixel_mm)
+        for tag in ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName", "ReferringPhysicianName",
+                    "AccessionNumber", "StudyDate"):
+            assert not str(ds.get(tag, "")), tag
+        raw = (case / "views" / v["file"]).read_bytes()
+        assert str(main.PatientName).encode() not in raw and str(main.PatientID).encode() not in raw
+        assert ds.pixel_array.std() > 1000  # an image, not a blank

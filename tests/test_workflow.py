@@ -49,8 +49,15 @@ def workdir(tmp_path_factory) -> Path:
                                   "plans": {"target_spacing_mm": 9.0, "patch_size": [48, 48], "batch_size": 4,
                                             "base_features": 8, "max_features": 32}}},
         "real": {"samples": "real.tsv", "calibration": {"method": "internal"}},
-    }, "train": {"stages": [{"channels": ["femur", "bone"], "epochs": 2}, {"channels": ["proximal_femur"], "epochs": 2}],
-                 "network": {"base_channels": 4, "depth": 3}, "locator": {"epochs": 2, "base_channels": 4}}}
+    }}
+    # Small enough to train and validate in seconds: two folds, one patient each (seed 1 puts demo_000
+    # and demo_001 apart), tiny models, a two-point JPEG sweep.
+    config["shards"] = {"folds": 2, "seed": 1, "crop_px": [64, 32]}
+    config["train"] = {"stages": [{"channels": ["pelvis", "femur", "bone", "muscle"], "epochs": 2},
+                                  {"channels": ["proximal_femur"], "epochs": 2}],
+                       "network": {"base_channels": 4, "depth": 2}, "locator": {"epochs": 1, "base_channels": 4},
+                       "batch_size": 2, "lr": 0.02}
+    config["validate"] = {"jpeg_qualities": [50, 5], "examples": 1}
     (d / "config.yaml").write_text(yaml.safe_dump(config))
     return d
 
@@ -140,9 +147,10 @@ def test_model_is_trained_on_the_cohort_with_shards(workdir, run):
 
     folder = workdir / "results" / "models" / "tiny_all"
     model = load_model(folder)
-    assert model.channels == ["femur", "bone", "proximal_femur"] and model.info["n_train"] == 4
+    assert model.channels == ["pelvis", "femur", "bone", "muscle", "proximal_femur"]
+    assert model.info["n_train"] == 4  # both hips of both patients
     log = (folder / "train_log.tsv").read_text().splitlines()
-    assert [line.split("\t")[0] for line in log[1:]] == ["stage1"] * 2 + ["stage2"] * 2 + ["locator"] * 2
+    assert [line.split("\t")[0] for line in log[1:]] == ["stage1"] * 2 + ["stage2"] * 2 + ["locator"]
     assert (folder / "curves.png").stat().st_size > 10_000 and (folder / "checkpoint.pt").is_file()
     assert not (workdir / "results" / "models" / "real_all").exists()  # no labels, no shards, no model
 
@@ -154,6 +162,17 @@ def test_registration_table_lists_errors_against_truth(workdir, run):
     assert [r["case_id"] for r in rows] == ["demo_000", "demo_001"]
     for r in rows:  # 5.6 mm pixels in this tiny run: a few mm at most
         assert float(r["mpd_mm"]) < 3.0 and float(r["rotation_error_deg"]) < 3.0
+
+
+def test_validation_metrics_and_report_come_from_the_workflow(workdir, run):
+    out = workdir / "results" / "validation" / "tiny"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["folds"] == [0, 1] and metrics["n_samples"] == 4
+    assert metrics["definitions"]["icc"].startswith("ICC(2,1)")
+    assert [e["quality"] for e in metrics["jpeg"]] == [50, 5]
+    assert metrics["pose"]["bmd_true_hips"]["n_measurements"] == 16  # 2 patients x 2 hips x (1 + 3 views)
+    assert (out / "predictions.csv").read_text().count("\n") == 5
+    assert "data:image/png;base64," in (out / "report.html").read_text()
 
 
 def test_no_identifying_value_reaches_results_or_logs(workdir, run):

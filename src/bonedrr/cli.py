@@ -30,7 +30,7 @@ def _demo_cohort(args) -> None:
     settings = DemoSettings(seed=args.seed, rows=args.rows, cols=args.cols, pixel_mm=tuple(args.pixel_mm),
                             sdd_mm=args.sdd_mm, nifti_png_every=args.nifti_png_every,
                             abmd_range=tuple(args.abmd_range), proximal_femur_cut_mm=args.cut_mm,
-                            template=args.template)
+                            template=args.template, extra_views=args.extra_views)
     indices = args.cases if args.cases is not None else list(range(args.n))
     out = Path(args.out)
     if not args.samplesheet_only:
@@ -215,6 +215,23 @@ def _pack(args) -> None:
              len(manifest["shards"]), manifest["n_excluded"])
 
 
+def _validate(args) -> None:
+    from bonedrr.validate import ValidationSettings, validate_cohort
+
+    settings = ValidationSettings(threshold_g_cm2=args.threshold, jpeg_qualities=tuple(args.jpeg_qualities),
+                                  examples=args.examples, device=args.device)
+    result = validate_cohort(args.shards, args.models, args.out, cases_root=args.cases_root,
+                             demo_root=args.demo_root, default_pixel_mm=args.pixel_mm, settings=settings,
+                             cohort=args.cohort)
+    for key, m in result["model"].items():
+        b = result["baseline"].get(key, {})
+        log.info("%s (n %d): r %.3f (baseline %.3f), ICC(2,1) %.3f, MAE %.4g %s", m["label"], m["n"], m["pearson_r"],
+                 b.get("pearson_r", float("nan")), m["icc_2_1"], m["mae"], m["unit"])
+    if result.get("pose"):
+        log.info("multi-pose RMS-CV %.2f %% (true hip centres %.2f %%)",
+                 100 * result["pose"]["bmd_located_hips"]["rms_cv"], 100 * result["pose"]["bmd_true_hips"]["rms_cv"])
+
+
 def _train(args) -> None:
     import torch
 
@@ -306,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DXA total-hip aBMD range to draw from, g/cm2")
     p.add_argument("--cut-mm", type=float, default=80.0, help="proximal femur length below the head's top, mm")
     p.add_argument("--template", help="template folder (ct.nii.gz + TotalSegmentator labels.nii.gz)")
+    p.add_argument("--extra-views", type=int, default=0,
+                   help="extra radiographs of each patient at other poses, in views/ (multi-pose repeatability)")
     p.set_defaults(func=_demo_cohort)
 
     p = sub.add_parser("ingest", help="check and convert one case's CT and radiograph")
@@ -501,6 +520,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=BMD_THRESHOLD_G_CM2,
                    help="projected-bone threshold of DRR-BMD and the masks, g/cm2")
     p.set_defaults(func=_pack)
+
+    p = sub.add_parser("validate", help="BMD of held-out radiographs per fold model: metrics, sweeps, baseline, report")
+    p.add_argument("--shards", required=True, help="the cohort's shard folder")
+    p.add_argument("--models", nargs="+", required=True, help="model folders named <cohort>_fold<k> (k held out)")
+    p.add_argument("--out", required=True, help="folder for predictions.csv, metrics.json, plots/, report.html")
+    p.add_argument("--cohort", help="cohort name (shown in the report)")
+    p.add_argument("--cases-root", help="the cohort's results folder (whole radiographs for the JPEG sweep)")
+    p.add_argument("--demo-root", help="a demo cohort's demo_input folder (extra views: the multi-pose sweep)")
+    p.add_argument("--pixel-mm", type=float, nargs=2, default=list(DEMO["pixel_mm"]), metavar=("ROW", "COL"),
+                   help="detector pixel of radiographs without spacing (the cohort's xray.pixel_mm)")
+    p.add_argument("--jpeg-qualities", type=int, nargs="*", default=[95, 75, 50, 30, 20, 10, 5, 3, 1],
+                   help="JPEG qualities of the compression sweep (none: no sweep)")
+    p.add_argument("--examples", type=int, default=4, help="example decompositions in the report")
+    p.add_argument("--threshold", type=float, default=BMD_THRESHOLD_G_CM2, help="DRR-BMD threshold, g/cm2")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(func=_validate)
 
     p = sub.add_parser("train", help="train the decomposition model (and hip locator) on a cohort's shards")
     p.add_argument("--shards", required=True, help="the cohort's shard folder (results/<cohort>/shards)")

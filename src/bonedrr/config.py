@@ -94,6 +94,11 @@ def validate_config(config: dict) -> dict:
     config["shards"] = {"crop_mm": [240.0, 120.0], "crop_px": [128, 64], "head_position": [0.3, 0.7], "folds": 5,
                         "seed": 0, "shard_size_mb": 1000, "compression": "lzf", **config.get("shards", {})}
     config["train"] = {"threads": 2, **config.get("train", {})}  # other defaults: bonedrr.train.TrainSettings
+    config["validate"] = {"folds": None, "jpeg_qualities": [95, 75, 50, 30, 20, 10, 5, 3, 1], "examples": 4,
+                          **config.get("validate", {})}
+    if config["validate"]["folds"] and max(config["validate"]["folds"]) >= config["shards"]["folds"]:
+        raise ConfigError(f"config error: field 'validate.folds': folds are 0..{config['shards']['folds'] - 1} "
+                          f"(shards.folds is {config['shards']['folds']})")
     if config["shards"]["crop_px"][0] != 2 * config["shards"]["crop_px"][1]:
         raise ConfigError(f"config error: field 'shards.crop_px': {config['shards']['crop_px']} is not portrait 2:1 "
                           "(rows = 2 x cols)")
@@ -108,7 +113,7 @@ def validate_config(config: dict) -> dict:
             raise ConfigError(f"config error: cohort {name!r}: field 'calibration': method "
                               f"{calibration['method']!r} needs {needs!r}")
         if "demo" in cohort:
-            defaults = {k: DEMO[k] for k in ("rows", "cols", "nifti_png_every", "template")}
+            defaults = {k: DEMO[k] for k in ("rows", "cols", "nifti_png_every", "template", "extra_views")}
             cohort["demo"] = {**defaults, "abmd_range": list(DEMO["abmd_range"]), **cohort["demo"]}
             cohort.setdefault("segmentation", copy.deepcopy(DEMO_SEGMENTATION))
         if "segmentation" in cohort:

@@ -84,6 +84,7 @@ def all_outputs():
             outputs.append(f"results/{cohort}/qc/registration.tsv")
             outputs.append(f"results/{cohort}/qc/segmentation.tsv")
             outputs += [f"results/{cohort}/qc/bmd.tsv", f"results/{cohort}/shards/manifest.json"]
+    outputs += validation_outputs()
     return outputs
 
 
@@ -129,7 +130,7 @@ def demo_args(wildcards):
         f"--n {d['n_patients']} --seed {d['seed']} --rows {d['rows']} --cols {d['cols']} "
         f"--pixel-mm {x['pixel_mm'][0]} {x['pixel_mm'][1]} --sdd-mm {x['sdd_mm']} "
         f"--nifti-png-every {d['nifti_png_every']} --abmd-range {d['abmd_range'][0]} {d['abmd_range'][1]} "
-        f"--cut-mm {CONFIG['proximal_femur_cut_mm']}"
+        f"--cut-mm {CONFIG['proximal_femur_cut_mm']} --extra-views {d['extra_views']}"
         f"{template}"
     )
 
@@ -234,7 +235,7 @@ def segmentation_config(cohort):
 def segmenter_training_cases(cohort):
     """Cases whose reference labels train the cohort's model (`segmentation.training_cases`)."""
     wanted = segmentation_config(cohort).get("training_cases")
-    labelled = [case for case in CASES[cohort] if has_reference_labels(cohort, case) and ingest_ok(cohort, case)]
+    labelled = [case for case in CASES[cohort] if has_reference_labels(cohort, case)]
     if wanted is None:
         chosen = labelled
     elif isinstance(wanted, int):
@@ -270,21 +271,32 @@ def reference_labels_dependency(cohort, case):
     return demo_case_dir(cohort, case) if is_demo(cohort) else reference_labels_file(cohort, case)
 
 
+def segmenter_trained_on(cohort):
+    """The training cases whose input passed ingest (a case that failed is left out, and recorded)."""
+    return [case for case in segmenter_training_cases(cohort) if ingest_ok(cohort, case)]
+
+
 def train_segmenter_inputs(wildcards):
-    cases = segmenter_training_cases(wildcards.cohort)
-    return {"ct": [f"results/{wildcards.cohort}/{case}/ct.nii.gz" for case in cases],
-            "references": [reference_labels_dependency(wildcards.cohort, case) for case in cases]}
+    cohort = wildcards.cohort
+    statuses = [checkpoints.ingest_check.get(cohort=cohort, case=case).output.status
+                for case in segmenter_training_cases(cohort)]
+    cases = segmenter_trained_on(cohort)
+    if not cases:
+        raise WorkflowError(f"cohort {cohort!r}: every training case of the segmenter failed ingest "
+                            f"(see results/{cohort}/qc/failures.tsv)")
+    return {"status": statuses, "ct": [f"results/{cohort}/{case}/ct.nii.gz" for case in cases],
+            "references": [reference_labels_dependency(cohort, case) for case in cases]}
 
 
 def train_segmenter_labels(wildcards):
     return " ".join(shlex.quote(reference_labels_file(wildcards.cohort, case))
-                    for case in segmenter_training_cases(wildcards.cohort))
+                    for case in segmenter_trained_on(wildcards.cohort))
 
 
 def train_segmenter_args(wildcards, threads):
     """`bonedrr train-segmenter` options from the cohort's `segmentation` block."""
     s = segmentation_config(wildcards.cohort)
-    args = [f"--case-ids {' '.join(segmenter_training_cases(wildcards.cohort))}", f"--trainer {s['trainer']}",
+    args = [f"--case-ids {' '.join(segmenter_trained_on(wildcards.cohort))}", f"--trainer {s['trainer']}",
             f"--fold {s['fold']}", f"--configuration {s['configuration']}", f"--device {s['device']}",
             f"--processes {max(1, threads - 1)}", f"--threads {threads}"]
     for key in ("epochs", "iterations_per_epoch", "val_iterations_per_epoch"):
@@ -367,3 +379,38 @@ def train_args(wildcards):
 def model_outputs():
     """The model trained on every fold of each cohort with shards (what `bonedrr estimate` uses)."""
     return [f"results/models/{cohort}_all/model.pt" for cohort in CASES if labelled_cases(cohort)]
+
+
+def validation_folds(cohort):
+    """The held-out folds the validation of a cohort uses (config validate.folds; null: every fold)."""
+    return CONFIG["validate"]["folds"] or list(range(CONFIG["shards"]["folds"]))
+
+
+def validate_inputs(wildcards):
+    """Shards, one model per validated fold, the whole radiographs and BMD records of the cohort's cases
+    (the JPEG sweep re-crops them), and a demo cohort's patient folders (the multi-pose sweep)."""
+    cohort = wildcards.cohort
+    cases = packable_cases(cohort)
+    files = {"manifest": f"results/{cohort}/shards/manifest.json",
+             "models": [f"results/models/{cohort}_fold{k}/model.pt" for k in validation_folds(cohort)],
+             "xrays": [f"results/{cohort}/{case}/xray.nii.gz" for case in cases],
+             "bmd": [f"results/{cohort}/{case}/bmd.json" for case in cases]}
+    if is_demo(cohort):
+        files["demo"] = [demo_case_dir(cohort, case) for case in cases]
+    return files
+
+
+def validate_args(wildcards):
+    v, cohort = CONFIG["validate"], CONFIG["cohorts"][wildcards.cohort]
+    x = cohort["xray"]
+    args = [f"--jpeg-qualities {' '.join(str(q) for q in v['jpeg_qualities'])}", f"--examples {v['examples']}",
+            f"--threshold {CONFIG['bmd']['threshold_g_cm2']}", f"--device {CONFIG['device']}",
+            f"--pixel-mm {x['pixel_mm'][0]} {x['pixel_mm'][1]}"]
+    if is_demo(wildcards.cohort) and cohort["demo"]["extra_views"] > 0:
+        args.append(f"--demo-root results/{wildcards.cohort}/demo_input")
+    return " ".join(args)
+
+
+def validation_outputs():
+    """The validation report of each cohort with shards."""
+    return [f"results/validation/{cohort}/report.html" for cohort in CASES if labelled_cases(cohort)]

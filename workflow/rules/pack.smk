@@ -18,7 +18,7 @@ rule pack_shards:
         runtime=120,
     params:
         cli=BONEDRR,
-        cases=lambda wc: " ".join(f"results/{wc.cohort}/{case}" for case in packable_cases(wc.cohort)),
+        cases=lambda wc, input: " ".join(str(Path(p).parent) for p in input if p.endswith("case.json")),
         args=pack_args,
     conda:
         "../../envs/pack.yaml"

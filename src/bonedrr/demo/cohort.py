@@ -8,7 +8,11 @@ Each case folder holds
 * ``labels.nii.gz``: the true canonical labels (a lab's manual segmentation of this patient);
 * ``truth.json``: true pose and geometry, QCT vBMD and DXA aBMD of each proximal femur, and every
   random draw; its ``clinical`` block is what a clinic's sample sheet would hold;
-* ``preview.png``: the CT (coronal) beside its radiograph.
+* ``preview.png``: the CT (coronal) beside its radiograph;
+* ``views/`` (only with ``extra_views`` > 0): more radiographs of the same patient at other poses and
+  exposures (``view1.dcm``, ...; same CT, same simulator), and ``views.json`` with each view's true
+  geometry and exposure. They are for the multi-pose repeatability sweep of the validation stage; the
+  pipeline's training never sees them. Their DICOM headers carry no patient data.
 
 DICOM files carry a made-up patient name, id, birth date and institution, so that de-identification
 downstream has real work to do. The folder is written under a temporary name and renamed when
@@ -58,6 +62,8 @@ class DemoSettings:
         abmd_range: DXA total-hip aBMD range (g/cm2) the patients are drawn from.
         proximal_femur_cut_mm: Length of the proximal femur region (see ``labels.proximal_femur_mask``).
         template: Folder with the template CT and labels (None: the vendored one).
+        extra_views: Extra radiographs of each patient at other poses (``views/``; 0: none). They are
+            drawn from their own random stream, so the case's other files and truth do not change.
     """
 
     seed: int = DEFAULTS["seed"]
@@ -69,6 +75,7 @@ class DemoSettings:
     abmd_range: tuple[float, float] = DEFAULTS["abmd_range"]
     proximal_femur_cut_mm: float = 80.0
     template: str | None = DEFAULTS["template"]
+    extra_views: int = 0
 
 
 _TEMPLATES: dict = {}
@@ -148,6 +155,8 @@ def make_case(out_dir: str | Path, case: str, index: int, settings: DemoSettings
         write_image(image_like(patient.labels, patient.grid), tmp / files["labels"])
         write_json(tmp / "truth.json", truth)
         _preview(tmp / "preview.png", hu, patient, image, case)
+        if settings.extra_views > 0:
+            _write_views(tmp / "views", patient, centre, settings, index, case)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -155,6 +164,38 @@ def make_case(out_dir: str | Path, case: str, index: int, settings: DemoSettings
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return truth
+
+
+#: How far an extra view's pose strays from an AP view centred on the hips: rotation (degrees, about
+#: each camera axis) and shift (mm), drawn uniformly within +-.
+VIEW_ROTATION_DEG, VIEW_SHIFT_MM = 5.0, 10.0
+
+
+def _write_views(folder: Path, patient: vp.Materials, centre: list[float], settings: DemoSettings, index: int,
+                 case: str) -> None:
+    """Extra radiographs of one patient (see the module docstring): each with its own pose, source
+    distances and exposure, from the random stream ``(seed, index, 1, k)``; 16-bit DICOM DX with spacing
+    and distance tags and no patient data."""
+    folder.mkdir()
+    views = []
+    for k in range(1, settings.extra_views + 1):
+        rng = np.random.default_rng([settings.seed, index, 1, k])
+        sdd = float(round(settings.sdd_mm + rng.uniform(-50, 50)))
+        sod = sdd - float(rng.uniform(180, 230))
+        rotation = [float(v) for v in rng.uniform(-VIEW_ROTATION_DEG, VIEW_ROTATION_DEG, 3)]
+        shift = [float(v) for v in rng.uniform(-VIEW_SHIFT_MM, VIEW_SHIFT_MM, 3)]
+        geometry = Geometry.centered(sdd, settings.rows, settings.cols, settings.pixel_mm)
+        geometry = geometry.with_pose(ap_pose(centre, sod, rotation, shift))
+        exposure = XrayExposure.random(rng)
+        image = simulate_radiograph(project(patient.densities(), patient.grid, geometry), geometry.pixel_mm,
+                                    exposure, rng)
+        name = f"view{k}.dcm"
+        write_radiograph_dicom(folder / name, np.round(image * 65535).astype(np.uint16), geometry.pixel_mm, sdd,
+                               sod, {"PatientIdentityRemoved": "YES", "StudyDate": ""},
+                               key=f"{settings.seed}/{case}/view{k}", bits_stored=16, kvp=exposure.kvp)
+        views.append({"file": name, "geometry": geometry.to_dict(), "source_to_centre_mm": sod,
+                      "pose_rotvec_deg": rotation, "pose_shift_mm": shift, "exposure": asdict(exposure)})
+    write_json(folder / "views.json", {"case_id": case, "view_centre_world_mm": centre, "views": views})
 
 
 def _mkdir(p: Path) -> Path:

@@ -1,0 +1,593 @@
+"""The ``validate`` stage: BMD from held-out radiographs, against every ground truth, with a baseline.
+
+For each fold k that has a model (``results/models/<cohort>_fold<k>``, trained without fold k), the
+held-out samples of fold k are decomposed and their BMD read off the predicted proximal-femur DRR
+exactly as from the true one (:func:`bonedrr.bmd.drr_bmd`). Each sample is predicted once, by the
+model that never saw its patient (the folds are patient-disjoint), and the metrics pool all held-out
+folds.
+
+Ground truths (per hip): the DRR-BMD of the true DRR (g/cm2), the QCT vBMD of the proximal femur
+(mg/cm3) and DXA total-hip aBMD (g/cm2), where known. The predicted DRR-BMD is compared with the
+DRR-BMD as it is; against QCT and DXA, whose units or regions differ, it is first mapped by a line
+fitted on the *training* folds of the same model (the fold's own model predicting its training
+samples), never on held-out data.
+
+The baseline is the conventional approach the paper improves on: BMD regressed linearly on the mean
+radiograph intensity in the same region, the proximal femur's projected bone area (the true mask: a
+favour to the baseline, which in practice would need a segmentation), on each crop's robust intensity
+scale (:func:`roi_intensity`), fitted on the training folds per ground truth.
+
+Robustness:
+
+* **JPEG**: each held-out hip's whole radiograph (``results/<cohort>/<case>/xray.nii.gz``) is mapped
+  linearly to 8 bits, JPEG-encoded with Pillow at decreasing quality, decoded, mapped back, and cut
+  exactly as the shards were (:func:`bonedrr.shards.crop_grid`); then predicted again. The
+  compression ratio is the uncompressed 8-bit size (rows x cols bytes) over the JPEG file's size
+  (the usual definition: 8 / bits per pixel); the ratio to the 8-bit PNG (lossless) size is recorded
+  too.
+* **Multi-pose repeatability** (demo cohorts with ``extra_views``): every radiograph of a held-out
+  patient (the case's own and its ``views/``) goes through what ``bonedrr estimate`` does (read the
+  file, locate the hips with the model's locator, crop, decompose); the root-mean-square coefficient of
+  variation of BMD over each hip's radiographs is reported (Gluer et al. 1995), with the hips located
+  by the model and, to separate the locator's share, at their true projected centres.
+
+Metrics are those of :mod:`bonedrr.metrics` (ICC(2,1) reported; T-scores against NHANES III,
+classification only against DXA). Outputs in ``results/validation/<cohort>/``: ``predictions.csv``,
+``metrics.json``, ``plots/*.png``, ``report.html`` (self-contained; sample ids are pseudonymous case
+ids, nothing from a DICOM header).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bonedrr import metrics
+from bonedrr.bmd import BMD_THRESHOLD_G_CM2, drr_bmd
+from bonedrr.errors import BonedrrError, InputError
+from bonedrr.images import atomic_path, write_json
+
+log = logging.getLogger("bonedrr.validate")
+
+#: Ground truths: sample key -> (label, unit).
+TRUTHS = {"drr_bmd": ("DRR-BMD", "g/cm2"), "qct_vbmd": ("QCT vBMD", "mg/cm3"), "dxa_abmd": ("DXA aBMD", "g/cm2")}
+BMD_CHANNEL = "proximal_femur"
+DEFAULT_QUALITIES = (95, 75, 50, 30, 20, 10, 5, 3, 1)
+#: Issue 7's targets on the demo cohort (checked and reported in metrics.json).
+TARGETS = {"pearson_r": 0.95, "icc_2_1": 0.9, "jpeg_ratio": 50.0, "jpeg_max_r_drop": 0.02, "pose_rms_cv": 0.03}
+
+
+@dataclass
+class ValidationSettings:
+    """Config ``validate`` (documented in config/README.md).
+
+    Args:
+        threshold_g_cm2: Projected-bone threshold of DRR-BMD (config ``bmd.threshold_g_cm2``).
+        jpeg_qualities: Pillow JPEG qualities of the compression sweep (empty: no sweep).
+        examples: Example decompositions shown in the report.
+        device: Where the models run (``auto``, ``cpu``, ``cuda``).
+    """
+
+    threshold_g_cm2: float = BMD_THRESHOLD_G_CM2
+    jpeg_qualities: tuple[int, ...] = DEFAULT_QUALITIES
+    examples: int = 4
+    device: str = "cpu"
+
+
+def fold_of_model(model_dir: str | Path) -> int:
+    """The held-out fold of a model folder named ``<anything>_fold<k>`` (the workflow's naming)."""
+    m = re.search(r"fold(\d+)$", Path(model_dir).name.rstrip("/"))
+    if not m:
+        raise InputError("a validation model folder must be named <cohort>_fold<k> (k: its held-out fold)", model_dir)
+    return int(m.group(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples and predictions
+
+
+def load_samples(dataset, channels: list[str] | None = None) -> dict:
+    """All items of a :class:`bonedrr.dataset.ShardDataset` as stacked arrays (and the index fields)."""
+    items = [dataset[i] for i in range(len(dataset))]
+    out = {"xray": np.stack([it["xray"][0].numpy() for it in items]) if items else np.zeros((0, 1, 1), np.float32),
+           "drr": np.stack([it["drr"].numpy() for it in items]) if items else None,
+           "mask": np.stack([it["mask"][0].numpy() for it in items]) if items else None}
+    for key in ("drr_bmd", "qct_vbmd", "dxa_abmd"):
+        out[key] = np.array([it[key] for it in items], float)
+    for key in ("sample_id", "patient_id", "fold"):
+        out[key] = [it[key] for it in items]
+    out["case_id"] = [row["case_id"] for row in dataset.index]
+    out["side"] = [row["side"] for row in dataset.index]
+    out["channels"] = list(dataset.channels)
+    return out
+
+
+def predicted_bmd(model, xray: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(DRR-BMD of each predicted proximal-femur channel, the predictions (N, C, H, W))."""
+    if len(xray) == 0:
+        return np.zeros(0), np.zeros((0, len(model.channels), 1, 1), np.float32)
+    pred = model.predict(np.asarray(xray, np.float32))
+    k = list(model.channels).index(BMD_CHANNEL)
+    return np.array([drr_bmd(p[k], threshold) for p in pred], float), pred
+
+
+def roi_intensity(xray: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The baseline's feature: mean radiograph value inside the proximal femur's projected area, on the
+    crop's own robust scale (1st percentile -> 0, 99th -> 1: the normalisation the model's input gets,
+    so DICOM, PNG and JPEG files of any bit depth are comparable)."""
+    out = np.full(len(xray), np.nan)
+    for i, (x, m) in enumerate(zip(xray, mask)):
+        lo, hi = np.percentile(x, [1, 99])
+        if (m > 0.5).any() and hi > lo:
+            out[i] = float((x[m > 0.5].mean() - lo) / (hi - lo))
+    return out
+
+
+def fit_calibrations(x_train: np.ndarray, train: dict) -> dict:
+    """Per ground truth, the line ``truth = slope * x + intercept`` fitted on training samples (None
+    where fewer than 2 training samples with distinct ``x`` have that truth)."""
+    fits = {}
+    for key in TRUTHS:
+        y = train[key]
+        ok = np.isfinite(x_train) & np.isfinite(y)
+        if ok.sum() < 2 or np.ptp(x_train[ok]) == 0:
+            fits[key] = None
+            continue
+        slope, intercept = metrics.fit_line(x_train[ok], y[ok])
+        fits[key] = {"slope": slope, "intercept": intercept, "n": int(ok.sum())}
+    return fits
+
+
+def apply_line(fit: dict | None, x: np.ndarray) -> np.ndarray:
+    return np.full(len(x), np.nan) if fit is None else fit["slope"] * np.asarray(x, float) + fit["intercept"]
+
+
+def in_truth_units(x: np.ndarray, fits: dict, key: str, identity_for_drr: bool) -> np.ndarray:
+    """A prediction on the DRR-BMD scale expressed against ground truth ``key``: as it is for DRR-BMD
+    (when ``identity_for_drr``), else through the training-fold line."""
+    return np.asarray(x, float) if (key == "drr_bmd" and identity_for_drr) else apply_line(fits.get(key), x)
+
+
+def image_metrics(pred: np.ndarray, true: np.ndarray, pred_channels: list[str], true_channels: list[str]) -> dict:
+    """PSNR and SSIM per shared channel and sample: ``{channel: {"psnr_db": [...], "ssim": [...]}}``.
+    Data range: the true image's maximum (:mod:`bonedrr.metrics`)."""
+    out = {}
+    for c in pred_channels:
+        if c not in true_channels:
+            continue
+        i, j = pred_channels.index(c), true_channels.index(c)
+        ps, ss = [], []
+        for p, t in zip(pred[:, i], true[:, j]):
+            if t.max() <= 0:
+                ps.append(math.nan), ss.append(math.nan)
+                continue
+            ps.append(metrics.psnr(p, t)), ss.append(metrics.ssim(p, t))
+        out[c] = {"psnr_db": ps, "ssim": ss}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# JPEG
+
+
+def jpeg_roundtrip(image: np.ndarray, quality: int) -> tuple[np.ndarray, dict]:
+    """``image`` mapped linearly to 8 bits, JPEG-encoded at ``quality``, decoded and mapped back.
+
+    Returns:
+        (the decoded image in the input's scale, ``{"jpeg_bytes", "png_bytes", "ratio_raw8",
+        "ratio_png"}``): sizes of the JPEG and of the lossless 8-bit PNG, and the compression ratios
+        (uncompressed 8-bit size over the JPEG's; PNG size over the JPEG's).
+
+    Example:
+        >>> img = np.add.outer(np.arange(64.0), np.arange(96.0))
+        >>> out, size = jpeg_roundtrip(img, 90)
+        >>> bool(np.abs(out - img).max() < 2.0), size["ratio_raw8"] > 5
+        (True, True)
+    """
+    from PIL import Image
+
+    a = np.asarray(image, np.float64)
+    lo, hi = float(a.min()), float(a.max())
+    scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    u8 = np.clip(np.round((a - lo) / scale), 0, 255).astype(np.uint8)
+    jpg, png = io.BytesIO(), io.BytesIO()
+    Image.fromarray(u8).save(jpg, "JPEG", quality=int(quality), optimize=True)
+    Image.fromarray(u8).save(png, "PNG", optimize=True)
+    decoded = np.asarray(Image.open(io.BytesIO(jpg.getvalue())), np.float64)
+    n_jpg, n_png = len(jpg.getvalue()), len(png.getvalue())
+    return (decoded * scale + lo).astype(np.float32), {"jpeg_bytes": n_jpg, "png_bytes": n_png,
+                                                       "ratio_raw8": u8.size / n_jpg, "ratio_png": n_png / n_jpg}
+
+
+def _pack_settings(shard_dir: Path):
+    from bonedrr.shards import PackSettings
+
+    path = shard_dir / "manifest.json"
+    if not path.is_file():
+        raise InputError("no manifest.json: not a packed shard folder (or its pack did not finish)", shard_dir)
+    manifest = json.loads(path.read_text())
+    s = dict(manifest["settings"])
+    s["channels"] = tuple(s.get("channels", ()))
+    return PackSettings(**s)
+
+
+def recrop(radiograph: np.ndarray, pixel_mm, head_px, side: str, pack) -> np.ndarray:
+    """The hip crop of a whole radiograph, cut exactly as ``bonedrr pack`` cut the shards."""
+    from bonedrr.shards import crop_grid, resample
+
+    grid = crop_grid(head_px, side, pixel_mm, pack)
+    return resample(np.asarray(radiograph, np.float32), grid["rows"], grid["cols"], grid["zoom"])
+
+
+def _case_radiograph(case_dir: Path) -> tuple[np.ndarray, tuple[float, float], dict]:
+    """A case's ingested radiograph, its (row, col) pixel size and its bmd.json record."""
+    import SimpleITK as sitk
+
+    from bonedrr.images import read_volume
+
+    image = read_volume(case_dir / "xray.nii.gz")
+    pixels = sitk.GetArrayFromImage(image).astype(np.float32)
+    pixels = pixels.reshape(pixels.shape[-2:])
+    spacing = image.GetSpacing()
+    bmd_path = case_dir / "bmd.json"
+    if not bmd_path.is_file():
+        raise InputError("no bmd.json (the bmd stage has not run)", case_dir)
+    return pixels, (float(spacing[1]), float(spacing[0])), json.loads(bmd_path.read_text())
+
+
+def jpeg_sweep(model, held_out: dict, cases_root: Path, pack, qualities, threshold: float) -> list[dict]:
+    """Per held-out sample and quality: the predicted DRR-BMD after JPEG, and the file sizes."""
+    rows = []
+    cache: dict = {}
+    for i, (case, side) in enumerate(zip(held_out["case_id"], held_out["side"])):
+        if case not in cache:
+            cache[case] = _case_radiograph(cases_root / case)
+        image, pixel_mm, bmd = cache[case]
+        head = bmd["sides"][side]["femoral_head_px"]
+        crops, sizes = [], []
+        for q in qualities:
+            decoded, size = jpeg_roundtrip(image, q)
+            crops.append(recrop(decoded, pixel_mm, head, side, pack))
+            sizes.append(size)
+        values, _ = predicted_bmd(model, np.stack(crops), threshold)
+        for q, v, size in zip(qualities, values, sizes):
+            rows.append({"sample_index": i, "quality": int(q), "pred_drr_bmd": float(v), **size})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-pose repeatability
+
+
+def _radiographs_of(demo_case: Path) -> list[Path]:
+    main = [p for p in (demo_case / n for n in ("xray.dcm", "xray.png", "xray.jpg")) if p.is_file()]
+    views = sorted((demo_case / "views").glob("view*.dcm"), key=lambda p: int(p.stem[4:]))
+    return main + views
+
+
+def _true_heads(demo_case: Path) -> list[dict]:
+    """Each radiograph's true femoral-head centres (row, col) per side, in :func:`_radiographs_of` order."""
+    import SimpleITK as sitk
+
+    from bonedrr.geometry import Geometry
+    from bonedrr.images import index_to_world
+    from bonedrr.labels import SIDES, femoral_head_centre
+
+    labels = sitk.ReadImage(str(demo_case / "labels.nii.gz"))
+    array = sitk.GetArrayFromImage(labels)
+    centres = {s: femoral_head_centre(array, s, index_to_world(labels)) for s in SIDES}
+    geometries = [json.loads((demo_case / "truth.json").read_text())["geometry"]]
+    views = demo_case / "views" / "views.json"
+    if views.is_file():
+        geometries += [v["geometry"] for v in json.loads(views.read_text())["views"]]
+    out = []
+    for g in geometries:
+        geometry = Geometry.from_dict(g)
+        out.append({s: (None if c is None else [float(v) for v in geometry.project(np.asarray(c)[None])[0]])
+                    for s, c in centres.items()})
+    return out
+
+
+def pose_sweep(model, patients: list[tuple[str, Path]], pack, default_pixel_mm, threshold: float) -> list[dict]:
+    """BMD of each hip on each radiograph of the given demo patients, as ``bonedrr estimate`` reads it
+    (the file read, the hips located by the model's locator and cut out by
+    :func:`bonedrr.estimate._crops`), and at the true hip centres. One row per (patient, side, radiograph)."""
+    from bonedrr.dicom import read_radiograph
+    from bonedrr.estimate import _crops as estimate_crops
+
+    rows = []
+    for patient_id, case_dir in patients:
+        for k, (path, true_heads) in enumerate(zip(_radiographs_of(case_dir), _true_heads(case_dir))):
+            radiograph = read_radiograph(path, default_pixel_mm)
+            sides = [s for s in ("right", "left") if true_heads.get(s) is not None]
+            try:
+                located, facts = estimate_crops(model, radiograph.pixels, radiograph.pixel_mm, sides, False)
+            except BonedrrError as e:  # no locator, or a hip not found: true hip centres only
+                log.warning("%s %s: %s", case_dir.name, path.name, e)
+                located, facts = np.zeros((0,) + tuple(pack.crop_px), np.float32), {}
+            true = np.stack([recrop(radiograph.pixels, radiograph.pixel_mm, true_heads[s], s, pack) for s in sides])
+            values, _ = predicted_bmd(model, np.concatenate([true, located]), threshold)
+            for i, side in enumerate(sides):
+                row = {"patient_id": patient_id, "case_id": case_dir.name, "side": side, "radiograph": k,
+                       "bmd_true_hips": float(values[i]),
+                       "bmd_located_hips": float(values[len(sides) + i]) if facts else math.nan}
+                if facts:
+                    d = np.subtract(facts[side]["femoral_head_px"], true_heads[side]) * radiograph.pixel_mm
+                    row["locator_error_mm"] = float(np.hypot(*d))
+                rows.append(row)
+    return rows
+
+
+def summarise_pose(rows: list[dict]) -> dict:
+    """RMS-CV of BMD over each hip's radiographs (located and true hips) and the locator's error."""
+    out = {}
+    for key in ("bmd_located_hips", "bmd_true_hips"):
+        groups: dict = {}
+        for r in rows:
+            groups.setdefault((r["patient_id"], r["side"]), []).append(r[key])
+        out[key] = metrics.rms_cv(groups.values())
+    errors = np.array([r.get("locator_error_mm", math.nan) for r in rows], float)
+    out["locator_error_mm"] = {"median": float(np.nanmedian(errors)) if np.isfinite(errors).any() else math.nan,
+                               "max": float(np.nanmax(errors)) if np.isfinite(errors).any() else math.nan}
+    out["radiographs_per_hip"] = (len(rows) / max(len({(r["patient_id"], r["side"]) for r in rows}), 1))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def validate_cohort(shard_dir: str | Path, model_dirs: list[str | Path], out_dir: str | Path, *,
+                    cases_root: str | Path | None = None, demo_root: str | Path | None = None,
+                    default_pixel_mm=(1.4, 1.4), settings: ValidationSettings | None = None,
+                    cohort: str | None = None, models: dict | None = None, progress: bool = True) -> dict:
+    """Validate the fold models of one cohort; write predictions.csv, metrics.json, plots and report.html.
+
+    Args:
+        shard_dir: The cohort's shard folder.
+        model_dirs: Model folders named ``*_fold<k>``, one per held-out fold to validate.
+        out_dir: ``results/validation/<cohort>``.
+        cases_root: ``results/<cohort>`` (whole radiographs for the JPEG sweep); None: no JPEG sweep.
+        demo_root: ``results/<cohort>/demo_input`` of a demo cohort with extra views; None: no pose sweep.
+        default_pixel_mm: The cohort's ``xray.pixel_mm`` (PNG/JPEG radiographs of the pose sweep).
+        settings: See :class:`ValidationSettings`.
+        cohort: Name shown in the report.
+        models: ``{fold: model}`` to use instead of loading ``model_dirs`` (objects honouring the
+            model API: ``channels``, ``crop_shape``, ``predict``, ``locate_hips``); for tests.
+        progress: Show a progress bar over folds.
+
+    Returns:
+        The metrics (as written to metrics.json).
+    """
+    from tqdm import tqdm
+
+    from bonedrr.dataset import ShardDataset
+
+    settings = settings or ValidationSettings()
+    shard_dir, out_dir = Path(shard_dir), Path(out_dir)
+    pack = _pack_settings(shard_dir)
+    if models is None:
+        from bonedrr.train import load_model
+
+        models = {}
+        for d in model_dirs:
+            models[fold_of_model(d)] = load_model(d, device=_device(settings.device))
+    model_paths = {fold_of_model(d): d for d in model_dirs}
+    if not models:
+        raise BonedrrError("no model to validate", shard_dir)
+    all_index = ShardDataset(shard_dir).index
+    patients_by_fold: dict = {}
+    for row in all_index:
+        patients_by_fold.setdefault(int(row["fold"]), {})[row["patient_id"]] = row["case_id"]
+
+    per_sample, jpeg_rows, pose_rows, examples, fold_info = [], [], [], [], {}
+    images: dict = {}
+    for fold in tqdm(sorted(models), desc="folds", unit="fold", disable=not progress):
+        model = models[fold]
+        channels = [c for c in model.channels if c in ShardDataset(shard_dir).channels]
+        held = load_samples(ShardDataset(shard_dir, folds=[fold], channels=channels))
+        train = load_samples(ShardDataset(shard_dir, exclude_folds=[fold], channels=channels))
+        if not held["sample_id"]:
+            log.warning("fold %d has no held-out samples", fold)
+            continue
+        leaked = sorted(set(getattr(model, "info", {}).get("patients") or []) & set(held["patient_id"]))
+        if leaked:  # a model folder named for the wrong fold, or trained on everything
+            raise BonedrrError(f"the model of fold {fold} was trained on {len(leaked)} of its held-out patients "
+                               f"({', '.join(leaked[:3])}{', ...' if len(leaked) > 3 else ''})",
+                               model_paths.get(fold, shard_dir))
+        pred_bmd, pred = predicted_bmd(model, held["xray"], settings.threshold_g_cm2)
+        train_bmd, _ = predicted_bmd(model, train["xray"], settings.threshold_g_cm2)
+        model_fits = fit_calibrations(train_bmd, train)
+        base_fits = fit_calibrations(roi_intensity(train["xray"], train["mask"]), train)
+        ceiling_fits = fit_calibrations(train["drr_bmd"], train)
+        held_roi = roi_intensity(held["xray"], held["mask"])
+        fold_info[fold] = {"n_held_out": len(held["sample_id"]), "n_train": len(train["sample_id"]),
+                           "train_folds": sorted(set(train["fold"])), "model_calibration": model_fits,
+                           "baseline_fit": base_fits}
+        im = image_metrics(pred, held["drr"], list(model.channels), held["channels"])
+        for c, v in im.items():
+            images.setdefault(c, {"psnr_db": [], "ssim": []})
+            images[c]["psnr_db"] += v["psnr_db"]
+            images[c]["ssim"] += v["ssim"]
+        k_pf = list(model.channels).index(BMD_CHANNEL)
+        for i in range(len(held["sample_id"])):
+            row = {"fold": fold, "sample_id": held["sample_id"][i], "case_id": held["case_id"][i],
+                   "patient_id": held["patient_id"][i], "side": held["side"][i],
+                   "pred_drr_bmd": pred_bmd[i], "baseline_roi_intensity": held_roi[i]}
+            for key in TRUTHS:
+                row[f"true_{key}"] = held[key][i]
+                row[f"pred_{key}"] = in_truth_units(pred_bmd[i:i + 1], model_fits, key, True)[0]
+                row[f"baseline_{key}"] = apply_line(base_fits[key], held_roi[i:i + 1])[0]
+                row[f"ceiling_{key}"] = in_truth_units(held["drr_bmd"][i:i + 1], ceiling_fits, key, True)[0]
+            if BMD_CHANNEL in im:
+                row["psnr_db_proximal_femur"] = im[BMD_CHANNEL]["psnr_db"][i]
+                row["ssim_proximal_femur"] = im[BMD_CHANNEL]["ssim"][i]
+            per_sample.append(row)
+        j_pf = held["channels"].index(BMD_CHANNEL)
+        for i in range(min(settings.examples - len(examples), len(held["sample_id"]))):
+            examples.append({"sample_id": held["sample_id"][i], "xray": held["xray"][i],
+                             "true": held["drr"][i, j_pf], "pred": pred[i, k_pf],
+                             "true_bmd": held["drr_bmd"][i], "pred_bmd": pred_bmd[i]})
+        if cases_root is not None and settings.jpeg_qualities:
+            offset = len(per_sample) - len(held["sample_id"])
+            for r in jpeg_sweep(model, held, Path(cases_root), pack, settings.jpeg_qualities, settings.threshold_g_cm2):
+                r["row"] = offset + r.pop("sample_index")
+                for key in TRUTHS:
+                    r[f"pred_{key}"] = in_truth_units(np.array([r["pred_drr_bmd"]]), model_fits, key, True)[0]
+                jpeg_rows.append(r)
+        if demo_root is not None:
+            patients = [(pid, Path(demo_root) / case) for pid, case in sorted(patients_by_fold.get(fold, {}).items())
+                        if (Path(demo_root) / case / "views").is_dir()]
+            pose_rows += pose_sweep(model, patients, pack, default_pixel_mm, settings.threshold_g_cm2)
+
+    result = summarise(per_sample, jpeg_rows, pose_rows, images, fold_info, cohort, settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_predictions(out_dir / "predictions.csv", per_sample)
+    write_json(out_dir / "metrics.json", _finite(result))
+    from bonedrr.validation_report import write_plots, write_report
+
+    plots = write_plots(out_dir / "plots", per_sample, jpeg_rows, pose_rows, examples, result)
+    write_report(out_dir / "report.html", result, plots)
+    return result
+
+
+def _device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _column(rows: list[dict], key: str) -> np.ndarray:
+    return np.array([r.get(key, math.nan) for r in rows], float)
+
+
+def summarise(per_sample, jpeg_rows, pose_rows, images, fold_info, cohort, settings) -> dict:
+    """metrics.json: pooled held-out metrics per ground truth for the model and the baseline, image
+    metrics, osteoporosis classification, the sweeps, and the issue's targets checked."""
+    result = {
+        "cohort": cohort, "n_samples": len(per_sample), "folds": sorted(fold_info),
+        "definitions": {
+            "icc": "ICC(2,1): two-way random effects, absolute agreement, single measurement (Shrout & Fleiss 1979)",
+            "bland_altman": "bias = mean(prediction - truth); limits of agreement = bias +- 1.96 SD (ddof 1)",
+            "psnr_ssim": "per sample and channel, data range = the true channel's maximum; SSIM: Wang et al. 2004, "
+                         "Gaussian window sigma 1.5 (11 x 11), K1 0.01, K2 0.03",
+            "t_score": metrics.T_SCORE_REFERENCE["population"] + f": mean {metrics.T_SCORE_REFERENCE['mean_g_cm2']}, "
+                       f"SD {metrics.T_SCORE_REFERENCE['sd_g_cm2']} g/cm2; applied to DXA aBMD and to predictions "
+                       "calibrated to DXA",
+            "calibration": "QCT and DXA: a line from the predicted DRR-BMD (baseline: ROI mean intensity) to the truth, "
+                           "fitted on the training folds of each fold's model; DRR-BMD: uncalibrated (baseline: "
+                           "fitted like the others)",
+            "jpeg_ratio": "uncompressed 8-bit size (rows x cols bytes) / JPEG size of the whole radiograph",
+            "rms_cv": "sqrt(mean over hips of (SD / mean)^2) of BMD over each hip's radiographs (Gluer 1995)",
+            "ceiling": "the true DRR-BMD, calibrated to QCT and DXA like the predictions: what a perfect decomposition "
+                       "would reach",
+        },
+        "bmd_threshold_g_cm2": settings.threshold_g_cm2,
+        "model": {}, "baseline": {}, "ceiling": {}, "per_fold": {},
+    }
+    for key, (label, unit) in TRUTHS.items():
+        truth = _column(per_sample, f"true_{key}")
+        for who, prefix in (("model", "pred"), ("baseline", "baseline"), ("ceiling", "ceiling")):
+            m = metrics.agreement(_column(per_sample, f"{prefix}_{key}"), truth)
+            if m["n"] >= 3 and not (who == "ceiling" and key == "drr_bmd"):
+                result[who][key] = {"label": label, "unit": unit, **m}
+    for fold in fold_info:
+        rows = [r for r in per_sample if r["fold"] == fold]
+        result["per_fold"][str(fold)] = {**fold_info[fold], "model": {
+            key: metrics.agreement(_column(rows, f"pred_{key}"), _column(rows, f"true_{key}")) for key in TRUTHS}}
+    result["osteoporosis"] = {}
+    if np.isfinite(_column(per_sample, "true_dxa_abmd")).sum() >= 3:
+        for who, col in (("model", "pred_dxa_abmd"), ("baseline", "baseline_dxa_abmd")):
+            result["osteoporosis"][who] = metrics.osteoporosis_classification(
+                _column(per_sample, col), _column(per_sample, "true_dxa_abmd"))
+    result["decomposition"] = {c: {"psnr_db": float(np.nanmean(v["psnr_db"])), "ssim": float(np.nanmean(v["ssim"])),
+                                   "n": int(np.isfinite(v["ssim"]).sum())} for c, v in images.items()}
+    result["jpeg"] = summarise_jpeg(per_sample, jpeg_rows)
+    result["pose"] = summarise_pose(pose_rows) if pose_rows else None
+    result["targets"] = check_targets(result)
+    return result
+
+
+def summarise_jpeg(per_sample: list[dict], jpeg_rows: list[dict]) -> list[dict]:
+    """Per JPEG quality: mean compression ratios, agreement with each truth, and the mean absolute
+    change of predicted DRR-BMD from the uncompressed prediction."""
+    out = []
+    for q in sorted({r["quality"] for r in jpeg_rows}, reverse=True):
+        rows = [r for r in jpeg_rows if r["quality"] == q]
+        base = np.array([per_sample[r["row"]]["pred_drr_bmd"] for r in rows], float)
+        entry = {"quality": q, "ratio_raw8": float(np.mean([r["ratio_raw8"] for r in rows])),
+                 "ratio_png": float(np.mean([r["ratio_png"] for r in rows])),
+                 "mean_abs_change_g_cm2": float(np.nanmean(np.abs(_column(rows, "pred_drr_bmd") - base))),
+                 "n": len(rows)}
+        for key in TRUTHS:
+            truth = np.array([per_sample[r["row"]][f"true_{key}"] for r in rows], float)
+            m = metrics.agreement(_column(rows, f"pred_{key}"), truth)
+            entry[key] = {"pearson_r": m["pearson_r"], "icc_2_1": m["icc_2_1"], "mae": m["mae"]}
+        out.append(entry)
+    return out
+
+
+def check_targets(result: dict) -> dict:
+    """Issue 7's targets, each with the value reached and whether it is met (None: not measurable)."""
+    t = {}
+    for key in ("qct_vbmd", "drr_bmd"):
+        m, b = result["model"].get(key), result["baseline"].get(key)
+        t[f"pearson_r_{key}"] = {"target": f">= {TARGETS['pearson_r']}", "value": m and m["pearson_r"],
+                                 "met": None if not m else bool(m["pearson_r"] >= TARGETS["pearson_r"])}
+        t[f"icc_{key}"] = {"target": f">= {TARGETS['icc_2_1']}", "value": m and m["icc_2_1"],
+                           "met": None if not m else bool(m["icc_2_1"] >= TARGETS["icc_2_1"])}
+        t[f"above_baseline_{key}"] = {"target": "model r > baseline r", "value": b and b["pearson_r"],
+                                      "met": None if not (m and b) else bool(m["pearson_r"] > b["pearson_r"])}
+    t["jpeg_1_50"] = {"target": f"Pearson r (QCT vBMD) at every ratio >= {TARGETS['jpeg_ratio']:.0f}x within "
+                                f"{TARGETS['jpeg_max_r_drop']} of uncompressed (value: the largest change)",
+                      "value": None, "met": None}
+    m = result["model"].get("qct_vbmd")
+    strong = [j for j in result["jpeg"] if j["ratio_raw8"] >= TARGETS["jpeg_ratio"]]
+    if m and strong:
+        change = max(abs(j["qct_vbmd"]["pearson_r"] - m["pearson_r"]) for j in strong)
+        t["jpeg_1_50"].update(value=change, met=bool(change <= TARGETS["jpeg_max_r_drop"]))
+    pose = result.get("pose")
+    value = pose["bmd_located_hips"]["rms_cv"] if pose else None
+    t["pose_rms_cv"] = {"target": f"< {TARGETS['pose_rms_cv']:.0%}", "value": value,
+                        "met": None if value is None or not np.isfinite(value) else bool(value < TARGETS["pose_rms_cv"])}
+    return t
+
+
+PREDICTION_COLUMNS = ("fold", "sample_id", "case_id", "patient_id", "side", "pred_drr_bmd", "true_drr_bmd",
+                      "pred_qct_vbmd", "true_qct_vbmd", "pred_dxa_abmd", "true_dxa_abmd", "baseline_roi_intensity",
+                      "baseline_drr_bmd", "baseline_qct_vbmd", "baseline_dxa_abmd", "ceiling_qct_vbmd",
+                      "ceiling_dxa_abmd", "psnr_db_proximal_femur", "ssim_proximal_femur")
+
+
+def write_predictions(path: Path, rows: list[dict]) -> None:
+    """predictions.csv: one row per held-out hip (units: g/cm2, QCT mg/cm3; empty = unknown)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, PREDICTION_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else
+                                (round(v, 6) if isinstance(v, float) else v)) for k, v in r.items()})
+
+
+def _finite(obj):
+    """NaN and infinities as null, so metrics.json is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
