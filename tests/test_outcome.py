@@ -49,17 +49,22 @@ def test_outcomes_and_failures_table(tmp_path):
     write_json(tmp_path / "ok.json", {"command": "ingest", "ok": True})
     write_json(tmp_path / "bad.json", {"command": "ingest", "ok": False, "reason": "x.dcm: no pixel data"})
     write_json(tmp_path / "pose.json", {"converged": False, "qa_flags": ["low_similarity"]})
+    write_json(tmp_path / "seg.json", {"command": "segment", "ok": False,
+                                       "reason": "ct.nii.gz: segmentation has no femur_left (the case is measured on side 'left')"})
     records = {"a": case_outcome("a", tmp_path / "ok.json"),
                "b": case_outcome("b", tmp_path / "bad.json"),
-               "c": case_outcome("c", tmp_path / "ok.json", tmp_path / "pose.json")}
+               "c": case_outcome("c", tmp_path / "ok.json", tmp_path / "pose.json"),
+               "d": case_outcome("d", tmp_path / "ok.json", None, tmp_path / "seg.json")}
     assert records["a"]["ok"] and not records["b"]["ok"] and records["c"]["stage"] == "register"
+    assert records["d"]["stage"] == "segment" and "no femur_left" in records["d"]["reason"]
     paths = []
     for case, record in records.items():
         write_json(tmp_path / f"{case}.outcome.json", record)
         paths.append(tmp_path / f"{case}.outcome.json")
     failures_table(paths, tmp_path / "failures.tsv")
     assert (tmp_path / "failures.tsv").read_text() == (
-        "case_id\tstage\treason\nb\tingest\tx.dcm: no pixel data\nc\tregister\tregistration QA: low_similarity\n")
+        "case_id\tstage\treason\nb\tingest\tx.dcm: no pixel data\nc\tregister\tregistration QA: low_similarity\n"
+        "d\tsegment\tct.nii.gz: segmentation has no femur_left (the case is measured on side 'left')\n")
 
 
 def test_a_failed_write_leaves_nothing_that_looks_complete(tmp_path):

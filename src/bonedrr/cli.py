@@ -16,7 +16,7 @@ from pathlib import Path
 from bonedrr import __version__
 from bonedrr.bmd import BMD_THRESHOLD_G_CM2
 from bonedrr.demo.naming import DEFAULTS as DEMO
-from bonedrr.errors import BonedrrError
+from bonedrr.errors import BonedrrError, InputError
 
 log = logging.getLogger("bonedrr")
 
@@ -285,7 +285,7 @@ def _case_outcome(args) -> None:
     from bonedrr.images import write_json
     from bonedrr.outcome import case_outcome
 
-    record = case_outcome(args.case_id, args.ingest_status, args.pose)
+    record = case_outcome(args.case_id, args.ingest_status, args.pose, args.segment_status)
     write_json(args.out, record)
     log.info("%s: %s", args.case_id, "ok" if record["ok"] else f"failed at {record['stage']}: {record['reason']}")
 
@@ -302,8 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bonedrr {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--status", metavar="JSON",
-                        help="record the outcome in this file; an input or config error is then recorded "
-                             "(and logged) and the exit status is 0, so a workflow can go on without the case")
+                        help="record the outcome in this file; an input error (the case's data) is then "
+                             "recorded (and logged) and the exit status is 0, so a workflow can go on without "
+                             "the case")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo-cohort", help="make virtual patients (CT + radiograph + truth) from the template CT")
@@ -425,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("case-outcome", help="whether a case reached the training data, or where and why it failed")
     p.add_argument("--case-id", required=True)
     p.add_argument("--ingest-status", required=True, help="status/ingest.json")
+    p.add_argument("--segment-status", help="status/segment.json")
     p.add_argument("--pose", help="pose.json (registration QA)")
     p.add_argument("--out", required=True, help="outcome.json to write")
     p.set_defaults(func=_case_outcome)
@@ -584,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"bonedrr {args.command}: error: {e}", file=sys.stderr)
-        if args.status:
+        if args.status and isinstance(e, InputError):  # the case's fault; a config error stops the run
             from bonedrr.outcome import write_status
 
             write_status(args.status, args.command, e)

@@ -3,9 +3,9 @@
 A case can fail in three ways, and none of them may stop the other cases or reach the shards:
 
 * its input cannot be used (unreadable or truncated DICOM, wrong modality, missing slices, NaN HU,
-  labels off the CT grid, ...): ``bonedrr --status FILE <command>`` records the command's error in a
-  status file and exits 0, so the workflow goes on with the other cases and knows this one failed
-  (the ``ingest_check`` checkpoint);
+  labels off the CT grid, ...), or its segmentation is empty or implausible: ``bonedrr --status FILE
+  <command>`` records the command's error in a status file and exits 0, so the workflow goes on with
+  the other cases and knows this one failed (the ``ingest_check`` and ``segment_check`` checkpoints);
 * its registration fails its QA (``pose.json``: ``converged`` false, with the flags);
 * any other job of the case fails (then Snakemake's ``--keep-going`` keeps the other cases going).
 
@@ -67,11 +67,14 @@ def accept_staged(staged: str | Path, out_dir: str | Path, names: list[str]) -> 
     shutil.rmtree(staged)
 
 
-def case_outcome(case_id: str, ingest_status: str | Path, pose: str | Path | None = None) -> dict:
+def case_outcome(case_id: str, ingest_status: str | Path, pose: str | Path | None = None,
+                 segment_status: str | Path | None = None) -> dict:
     """A case's outcome from its stage records: the first stage that failed, or ok."""
-    status = read_status(ingest_status)
-    if not status["ok"]:
-        return {"case_id": case_id, "ok": False, "stage": "ingest", "reason": status["reason"]}
+    for stage, path in (("ingest", ingest_status), ("segment", segment_status)):
+        if path is not None:
+            status = read_status(path)
+            if not status["ok"]:
+                return {"case_id": case_id, "ok": False, "stage": stage, "reason": status["reason"]}
     if pose is not None:
         record = json.loads(Path(pose).read_text())
         if not record.get("converged", False):

@@ -103,10 +103,17 @@ def ingested_cases(cohort):
     return [case for case in CASES[cohort] if ingest_ok(cohort, case)]
 
 
+def segment_ok(cohort, case):
+    """Whether the case's segmentation passed its checks (waits for its segment_check checkpoint)."""
+    status = checkpoints.segment_check.get(cohort=cohort, case=case).output.status
+    with open(status) as f:
+        return json.load(f)["ok"]
+
+
 def downstream_cases(cohort):
-    """The cases that get labels and go on to registration and DRRs: passed ingest, and in a
-    cohort that segments (labelled_cases)."""
-    return [case for case in labelled_cases(cohort) if ingest_ok(cohort, case)]
+    """The cases that go on to registration and DRRs: in a cohort that segments (labelled_cases),
+    passed ingest and segmentation."""
+    return [case for case in labelled_cases(cohort) if ingest_ok(cohort, case) and segment_ok(cohort, case)]
 
 
 def case_outcome_inputs(wildcards):
@@ -116,8 +123,10 @@ def case_outcome_inputs(wildcards):
     if ingest_ok(cohort, case):
         inputs["case"] = f"results/{cohort}/{case}/case.json"
         if case in labelled_cases(cohort):
-            inputs["pose"] = f"results/{cohort}/{case}/pose.json"
-            inputs["drr"] = f"results/{cohort}/{case}/drr.h5"
+            inputs["segment_status"] = checkpoints.segment_check.get(cohort=cohort, case=case).output.status
+            if segment_ok(cohort, case):
+                inputs["pose"] = f"results/{cohort}/{case}/pose.json"
+                inputs["drr"] = f"results/{cohort}/{case}/drr.h5"
     return inputs
 
 

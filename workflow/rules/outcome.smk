@@ -14,10 +14,11 @@ rule case_outcome:
         # a dry run, before the checkpoint, shows the status file unnamed
         status=lambda wc, input: input.status if "status" in input.keys() else input[0],
         pose=lambda wc, input: f"--pose {input.pose}" if "pose" in input.keys() else "",
+        segment=lambda wc, input: f"--segment-status {input.segment_status}" if "segment_status" in input.keys() else "",
     conda:
         "../../envs/ingest.yaml"
     shell:
-        "{params.cli} case-outcome --case-id {wildcards.case} --ingest-status {params.status} {params.pose} "
+        "{params.cli} case-outcome --case-id {wildcards.case} --ingest-status {params.status} {params.segment} {params.pose} "
         "--out {output} 2> {log}"
 
 

@@ -28,13 +28,14 @@ rule train_segmenter:
         "--progress-png {output.progress} {params.args} 2> {log}"
 
 
-rule segment:
+# A checkpoint, like ingest: an empty or implausible segmentation is recorded (status/segment.json,
+# with the reason; its record and overlay stay in the staging folder for review) and the case goes no
+# further, while the other cases go on.
+checkpoint segment_check:
     input:
         unpack(segment_inputs),
     output:
-        labels="results/{cohort}/{case}/labels.nii.gz",
-        record="results/{cohort}/{case}/segmentation.json",
-        overlay=report("results/{cohort}/{case}/segmentation.png", category="segment"),
+        status="results/{cohort}/{case}/status/segment.json",
     log:
         "results/{cohort}/logs/segment/{case}.log",
     threads: 1
@@ -45,11 +46,36 @@ rule segment:
     params:
         cli=BONEDRR,
         args=segment_args,
+        staged=lambda wc: f"results/{wc.cohort}/{wc.case}/.staged-segment",
     conda:
         "../../envs/segment.yaml"
     shell:
-        "{params.cli} segment --ct {input.ct} --model {input.model} --case {input.case} --out {output.labels} "
-        "--record {output.record} --overlay {output.overlay} --threads {threads} {params.args} 2> {log}"
+        "{params.cli} --status {output.status} segment --ct {input.ct} --model {input.model} --case {input.case} "
+        "--out {params.staged}/labels.nii.gz --record {params.staged}/segmentation.json "
+        "--overlay {params.staged}/segmentation.png --threads {threads} {params.args} 2> {log}"
+
+
+localrules:
+    segment,
+
+
+rule segment:
+    input:
+        status="results/{cohort}/{case}/status/segment.json",
+    output:
+        labels="results/{cohort}/{case}/labels.nii.gz",
+        record="results/{cohort}/{case}/segmentation.json",
+        overlay=report("results/{cohort}/{case}/segmentation.png", category="segment"),
+    log:
+        "results/{cohort}/logs/segment_accept/{case}.log",
+    params:
+        cli=BONEDRR,
+        staged=lambda wc: f"results/{wc.cohort}/{wc.case}/.staged-segment",
+    conda:
+        "../../envs/segment.yaml"
+    shell:
+        "{params.cli} accept-staged --staged {params.staged} --out results/{wildcards.cohort}/{wildcards.case} "
+        "labels.nii.gz segmentation.json segmentation.png 2> {log}"
 
 
 rule segmentation_summary:
