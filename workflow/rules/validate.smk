@@ -31,7 +31,7 @@ rule validate:
         gpu=gpus(),
     params:
         cli=BONEDRR,
-        models=lambda wc, input: " ".join(str(Path(m).parent) for m in input.models),
+        models=lambda wc: " ".join(f"results/models/{wc.cohort}_fold{k}" for k in validation_folds(wc.cohort)),
         args=validate_args,
     conda:
         "../../envs/train.yaml"
