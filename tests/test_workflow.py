@@ -39,7 +39,8 @@ def workdir(tmp_path_factory) -> Path:
         "tiny": {"demo": {"n_patients": 2, "seed": 5, "rows": 48, "cols": 80, "nifti_png_every": 2},
                  "xray": {"sdd_mm": 1100, "pixel_mm": [5.6, 5.6]}},
         "real": {"samples": "real.tsv", "calibration": {"method": "internal"}},
-    }, "train": {"stages": [{"channels": ["femur", "bone"], "epochs": 2}, {"channels": ["proximal_femur"], "epochs": 2}],
+    }, "shards": {"crop_px": [32, 16], "folds": 2},
+       "train": {"stages": [{"channels": ["femur", "bone"], "epochs": 2}, {"channels": ["proximal_femur"], "epochs": 2}],
                  "network": {"base_channels": 4, "depth": 3}, "locator": {"epochs": 2, "base_channels": 4}}}
     (d / "config.yaml").write_text(yaml.safe_dump(config))
     return d
@@ -55,7 +56,8 @@ def test_dry_run_shows_the_dag(workdir):
     assert result.returncode == 0, result.stderr
     out = result.stdout + result.stderr
     for rule, count in (("demo_patient", 2), ("demo_samplesheet", 1), ("ingest", 4), ("reference_labels", 2),
-                        ("calibrate", 2), ("register", 2), ("drr", 2), ("registration_summary", 1)):
+                        ("calibrate", 2), ("register", 2), ("drr", 2), ("registration_summary", 1),
+                        ("bmd", 2), ("bmd_summary", 1), ("pack_shards", 1)):
         assert any(line.split()[:2] == [rule, str(count)] for line in out.splitlines()), out
 
 
@@ -121,6 +123,24 @@ def test_registration_table_lists_errors_against_truth(workdir, run):
     assert [r["case_id"] for r in rows] == ["demo_000", "demo_001"]
     for r in rows:  # 5.6 mm pixels in this tiny run: a few mm at most
         assert float(r["mpd_mm"]) < 3.0 and float(r["rotation_error_deg"]) < 3.0
+
+
+def test_tiny_demo_is_packed_into_shards(workdir, run):
+    from bonedrr.dataset import ShardDataset
+    from bonedrr.shards import verify
+
+    results = workdir / "results" / "tiny"
+    bmd = (results / "qc" / "bmd.tsv").read_text().splitlines()
+    assert len(bmd) == 5 and bmd[0].startswith("case_id\tside\tdrr_bmd_g_cm2")
+    shards = results / "shards"
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["crop_px"] == [32, 16] and manifest["format_version"] == "1.0" and verify(shards) == []
+    excluded = (shards / "excluded.tsv").read_text().splitlines()[1:]
+    hips_out = sum(2 if line.split("\t")[1] == "both" else 1 for line in excluded)
+    assert manifest["n_samples"] >= 2 and manifest["n_samples"] + hips_out == 4
+    dataset = ShardDataset(shards)
+    assert len(dataset) == manifest["n_samples"] and dataset[0]["drr"].shape == (7, 32, 16)
+    assert not (workdir / "results" / "real" / "shards").exists()  # no case of it reaches the DRRs yet
 
 
 def test_no_identifying_value_reaches_results_or_logs(workdir, run):
