@@ -12,7 +12,8 @@ Measured in one run on the demo cohort's results (run the demo first: ``./run.sh
    project's model is written separately; its step rate will differ.
 
 The files are in the page cache after the first epoch (as they are during training on a machine
-with enough memory), so this measures decoding and the loader, not the disk.
+with enough memory), so this measures decoding and the loader, not the disk. The machine's load
+(other processes) is recorded: on a shared machine every rate is lower, the ratios less so.
 
 Usage:
     python benchmarks/shards.py [--results results/demo] [--out benchmarks/results/shards.json]
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -44,7 +46,8 @@ WORKERS = 2
 
 
 class NiftiSamples(Dataset):
-    """The peer: one folder per sample with xray.nii.gz, drr.nii.gz (C channels), mask.nii.gz."""
+    """The peer: one folder per sample with xray.nii.gz, drr.nii.gz (C channels), mask.nii.gz and
+    overview.nii.gz: the same arrays as a shard sample (targets would come from a table)."""
 
     def __init__(self, folders):
         self.folders = list(folders)
@@ -58,7 +61,8 @@ class NiftiSamples(Dataset):
         d = self.folders[i]
         return {"xray": torch.from_numpy(np.asarray(nib.load(d / "xray.nii.gz").dataobj, np.float32)[None]),
                 "drr": torch.from_numpy(np.asarray(nib.load(d / "drr.nii.gz").dataobj, np.float32)),
-                "mask": torch.from_numpy(np.asarray(nib.load(d / "mask.nii.gz").dataobj, np.float32)[None])}
+                "mask": torch.from_numpy(np.asarray(nib.load(d / "mask.nii.gz").dataobj, np.float32)[None]),
+                "overview": torch.from_numpy(np.asarray(nib.load(d / "overview.nii.gz").dataobj, np.float32)[None])}
 
 
 def write_nifti_peer(shards: ShardDataset, folder: Path) -> list[Path]:
@@ -69,24 +73,25 @@ def write_nifti_peer(shards: ShardDataset, folder: Path) -> list[Path]:
         item = shards[i]
         d = folder / item["sample_id"]
         d.mkdir(parents=True)
-        for name, array in (("xray", item["xray"][0]), ("drr", item["drr"]), ("mask", item["mask"][0])):
+        for name, array in (("xray", item["xray"][0]), ("drr", item["drr"]), ("mask", item["mask"][0]),
+                            ("overview", item["overview"][0])):
             nib.save(nib.Nifti1Image(array.numpy(), np.eye(4)), d / f"{name}.nii.gz")
         folders.append(d)
     return folders
 
 
 def loader_rate(dataset, n_samples: int, repeats: int = 3) -> float:
-    """Samples per second of random access through a DataLoader (best of ``repeats`` epochs after a
-    warm-up epoch; worker start-up is inside the timing, as in training)."""
+    """Samples per second of random access through a DataLoader with persistent workers, as in
+    training: the best of ``repeats`` epochs of ``n_samples`` after a warm-up epoch (worker start-up,
+    file opening and the page cache)."""
+    sampler = RandomSampler(dataset, replacement=True, num_samples=n_samples,
+                            generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(dataset, batch_size=BATCH, sampler=sampler, num_workers=WORKERS, persistent_workers=True)
     rates = []
     for r in range(repeats + 1):
-        sampler = RandomSampler(dataset, replacement=True, num_samples=n_samples,
-                                generator=torch.Generator().manual_seed(r))
-        loader = DataLoader(dataset, batch_size=BATCH, sampler=sampler, num_workers=WORKERS,
-                            persistent_workers=False)
         t = time.perf_counter()
         count = sum(batch["xray"].shape[0] for batch in loader)
-        if r:  # the first pass warms the page cache
+        if r:
             rates.append(count / (time.perf_counter() - t))
     return max(rates)
 
@@ -147,8 +152,8 @@ def main() -> None:
     cases = sorted(p for p in Path(args.results).iterdir() if (p / "bmd.json").is_file())
     if not cases:
         sys.exit(f"{args.results}: no case with bmd.json (run the demo first)")
-    out = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads "
-                      "available; shared 2-core machine", "torch": torch.__version__, "cases": len(cases),
+    out = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_average_at_start": os.getloadavg(),
+           "torch": torch.__version__, "cases": len(cases),
            "batch": BATCH, "workers": WORKERS, "compressions": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -186,6 +191,7 @@ def main() -> None:
     pool = fast or out["compressions"]
     out["chosen_compression"] = min(pool, key=lambda k: pool[k]["bytes_per_sample"])
     out["rule"] = "smallest bytes per sample among compressions reading >= 5x training and >= 10x NIfTI"
+    out["load_average_at_end"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))

@@ -51,6 +51,16 @@ def test_input_normalisation_makes_exposure_irrelevant():
     with torch.no_grad():
         a, b = net(x), net(x * 3700.0 + 120.0)
     assert torch.allclose(a, b, atol=1e-4)
+    # a crop reaching beyond the radiograph (zero padded, as the shards store it) keeps the scale of
+    # the pixels that are inside
+    from bonedrr.model.network import RobustNormalise
+
+    image = torch.rand(1, 1, 64, 32) * 1000 + 500
+    padded = image.clone()
+    padded[..., 40:, :] = 0
+    norm = RobustNormalise()
+    inside_only = RobustNormalise()(image[..., :40, :])
+    assert torch.allclose(norm(padded)[..., :40, :], inside_only, atol=1e-5)
 
 
 def test_gradient_correlation_equals_the_registration_similarity(real_ct):

@@ -175,6 +175,24 @@ def test_validation_metrics_and_report_come_from_the_workflow(workdir, run):
     assert "data:image/png;base64," in (out / "report.html").read_text()
 
 
+def test_tiny_demo_is_packed_into_shards(workdir, run):
+    from bonedrr.dataset import ShardDataset
+    from bonedrr.shards import verify
+
+    results = workdir / "results" / "tiny"
+    bmd = (results / "qc" / "bmd.tsv").read_text().splitlines()
+    assert len(bmd) == 5 and bmd[0].startswith("case_id\tside\tdrr_bmd_g_cm2")
+    shards = results / "shards"
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["crop_px"] == [64, 32] and manifest["format_version"] == "1.0" and verify(shards) == []
+    excluded = (shards / "excluded.tsv").read_text().splitlines()[1:]
+    hips_out = sum(2 if line.split("\t")[1] == "both" else 1 for line in excluded)
+    assert manifest["n_samples"] >= 2 and manifest["n_samples"] + hips_out == 4
+    dataset = ShardDataset(shards)
+    assert len(dataset) == manifest["n_samples"] and dataset[0]["drr"].shape == (7, 64, 32)
+    assert not (workdir / "results" / "real" / "shards").exists()  # no case of it reaches the DRRs yet
+
+
 def test_no_identifying_value_reaches_results_or_logs(workdir, run):
     identities = set(PHI.values())
     for dx in (workdir / "results" / "tiny" / "demo_input").rglob("xray.dcm"):

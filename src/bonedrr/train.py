@@ -603,6 +603,9 @@ def train_model(shard_dir: str | Path, out_dir: str | Path, settings: TrainSetti
              list(folds) if folds else "all", list(exclude_folds) if exclude_folds else "none", dev, ", ".join(channels))
     loader_kw = {"batch_size": settings.batch_size, "num_workers": settings.num_workers,
                  "drop_last": len(train_set) > settings.batch_size}
+    if val_dataset is not None and len(val_dataset) == 0:
+        log.warning("no validation samples in folds %s: the curves show training losses only", val_folds)
+        val_dataset = None
     val_loader = DataLoader(val_dataset, batch_size=settings.batch_size) if val_dataset is not None else None
     data_channels = list(train_set.channels)
     budget = [math.inf if stop_after_epochs is None else stop_after_epochs]
