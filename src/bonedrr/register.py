@@ -91,7 +91,7 @@ class RegistrationSettings:
     min_gc: float = 0.35
     seed: int = 0
     restarts: int = 2
-    max_restart_spread_mm: float = 0.2
+    max_restart_spread_mm: float = 0.4
     per_structure: bool = False
     structure_levels_mm: tuple[float, ...] = (2.8, 1.4)
     structure_generations: tuple[int, ...] = (30, 25)
