@@ -122,7 +122,7 @@ def tiny_model(tmp_path_factory):
     old = os.getcwd()
     os.chdir(cwd)  # nnU-Net must write nothing into the working directory
     try:
-        settings = TrainSettings(trainer="nnUNetTrainerBonedrr", configuration="2d", epochs=8,
+        settings = TrainSettings(trainer="nnUNetTrainerBonedrr", configuration="2d", sides="midline", epochs=8,
                                  iterations_per_epoch=5, val_iterations_per_epoch=1,
                                  device="cpu", patch_size=[48, 48], batch_size=8, base_features=16,
                                  max_features=64, processes=1, threads=2)
