@@ -736,7 +736,8 @@ def _overlay_title(case: str, record: dict) -> str:
                 if k in record["metrics"]]
         title += f"; Dice femur/hip mean {np.mean(dice):.3f}"
     if record["problem"]:
-        title += f"\nREJECTED: {record['problem']}"
+        title += (f"\nprediction implausible ({record['problem']}); the reference labels go downstream"
+                  if record["labels_downstream"] == "reference" else f"\nREJECTED: {record['problem']}")
     return title
 
 
