@@ -373,7 +373,8 @@ def train_segmenter(cases: list[tuple[str, str | Path, str | Path]], workdir: st
                 setattr(trainer, {"epochs": "num_epochs", "iterations_per_epoch": "num_iterations_per_epoch",
                                   "val_iterations_per_epoch": "num_val_iterations_per_epoch"}[attribute], value)
         t = time.perf_counter()
-        trainer.run_training()
+        with _quiet():  # nnU-Net's epoch log (losses, pseudo Dice) goes to the job's log
+            trainer.run_training()
         timings["training_s"] = time.perf_counter() - t
         logging_state = trainer.logger.get_checkpoint()
         trained = Path(trainer.output_folder_base)
