@@ -44,7 +44,8 @@ def workdir(tmp_path_factory) -> Path:
                  # demo_000 trains a seconds-long nnU-Net that segments both cases; its labels are too
                  # rough for the checks of later stages below, so those use the true labels.
                  "segmentation": {"model": "train", "training_cases": 1, "trainer": "nnUNetTrainerBonedrr",
-                                  "configuration": "2d", "epochs": 2, "iterations_per_epoch": 3,
+                                  "configuration": "2d", "sides": "midline", "epochs": 2,
+                                  "iterations_per_epoch": 3,
                                   "val_iterations_per_epoch": 1, "labels_downstream": "reference",
                                   "plans": {"target_spacing_mm": 9.0, "patch_size": [48, 48], "batch_size": 4,
                                             "base_features": 8, "max_features": 32}}},

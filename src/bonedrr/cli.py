@@ -155,7 +155,7 @@ def _train_segmenter(args) -> None:
                            f"{len(args.labels)} items; they must match one to one")
     settings = TrainSettings(trainer=args.trainer, epochs=args.epochs, iterations_per_epoch=args.iterations_per_epoch,
                              val_iterations_per_epoch=args.val_iterations_per_epoch, fold=args.fold,
-                             configuration=args.configuration, device=args.device,
+                             configuration=args.configuration, sides=args.sides, device=args.device,
                              target_spacing_mm=args.target_spacing_mm, patch_size=args.patch_size,
                              batch_size=args.batch_size, base_features=args.base_features,
                              max_features=args.max_features, processes=args.processes, threads=args.threads)
@@ -451,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", default="all", choices=["all", "0", "1", "2", "3", "4"],
                    help="'all' (every labelled case trains) or a fold of nnU-Net's 5-fold split")
     p.add_argument("--configuration", default="3d_fullres", choices=["3d_fullres", "2d"], help="nnU-Net configuration")
+    p.add_argument("--sides", choices=["model", "midline"], default="model",
+                   help="model: learn left/right labels; midline: learn side-less ones, split at the body's midline")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--target-spacing-mm", type=float, help="isotropic working voxel size (default: nnU-Net's)")
     p.add_argument("--patch-size", type=int, nargs="+", help="training patch in voxels (default: nnU-Net's)")

@@ -65,6 +65,12 @@ DATASET_NAME = f"Dataset{DATASET_ID:03d}_bonedrr"
 #: the hemipelvis (``hip_*``) of an adult lies between 150 and 600 cm3, with margin for scans that cut
 #: the iliac crest. Override per cohort with ``segmentation.plausible_volume_cm3``.
 PLAUSIBLE_VOLUME_CM3: dict[str, tuple[float, float]] = {"femur": (20.0, 1500.0), "hip": (40.0, 1200.0)}
+#: Side-less structures of a model trained with ``sides: midline``: the network learns 7 classes
+#: instead of 13 and never has to tell a left femur from a right one (a hard question for a small
+#: convolutional network that sees a shifted patch); left and right are assigned afterwards by the
+#: body's midline (:func:`split_at_midline`).
+SIDELESS_LABELS: dict[str, int] = {"femur": 1, "hip": 2, "gluteus_maximus": 3, "gluteus_medius": 4,
+                                   "gluteus_minimus": 5, "iliopsoas": 6, "other_bone": 7}
 #: Structures whose Dice and surface distance are reported (every canonical label).
 STRUCTURES = tuple(CANONICAL_LABELS)
 
@@ -169,6 +175,8 @@ class TrainSettings:
         fold: ``"all"`` (train on every labelled case) or a fold of nnU-Net's 5-fold split.
         configuration: nnU-Net configuration, ``3d_fullres`` (nnU-Net's usual) or ``2d`` (axial slices;
             on a CPU an order of magnitude cheaper per iteration).
+        sides: ``model`` (the network learns the 13 lateral labels, as nnU-Net and TotalSegmentator do)
+            or ``midline`` (it learns :data:`SIDELESS_LABELS`; :func:`split_at_midline` assigns sides).
         device: ``auto``, ``cpu`` or ``cuda``.
         target_spacing_mm: Isotropic voxel size the network works at (nnU-Net: the median spacing).
         patch_size: Training patch [z, y, x] in voxels at the target spacing (nnU-Net: from its GPU
@@ -186,6 +194,7 @@ class TrainSettings:
     val_iterations_per_epoch: int | None = None
     fold: str | int = "all"
     configuration: str = "3d_fullres"
+    sides: str = "model"
     device: str = "auto"
     target_spacing_mm: float | None = None
     patch_size: list[int] | None = None
@@ -235,7 +244,7 @@ def _planner_class(settings: TrainSettings):
     return BonedrrPlanner
 
 
-def write_raw_dataset(cases: list[tuple[str, str | Path, str | Path]], raw_dir: Path) -> Path:
+def write_raw_dataset(cases: list[tuple[str, str | Path, str | Path]], raw_dir: Path, sides: str = "model") -> Path:
     """An nnU-Net raw data set of (case id, CT, canonical labels on the CT's grid) in working orientation.
 
     Raises:
@@ -252,8 +261,13 @@ def write_raw_dataset(cases: list[tuple[str, str | Path, str | Path]], raw_dir: 
         labels = read_labels(labels_path, ct)
         sitk.WriteImage(sitk.Cast(to_working_orientation(ct), sitk.sitkFloat32),
                         str(folder / "imagesTr" / f"{case_id}_0000.nii.gz"))
+        if sides == "midline":
+            merged = sitk.GetImageFromArray(to_sideless(sitk.GetArrayFromImage(labels)))
+            merged.CopyInformation(labels)
+            labels = merged
         sitk.WriteImage(to_working_orientation(labels), str(folder / "labelsTr" / f"{case_id}.nii.gz"))
-    dataset = {"channel_names": {"0": "CT"}, "labels": {"background": 0, **CANONICAL_LABELS},
+    names = SIDELESS_LABELS if sides == "midline" else CANONICAL_LABELS
+    dataset = {"channel_names": {"0": "CT"}, "labels": {"background": 0, **names},
                "numTraining": len(cases), "file_ending": ".nii.gz",
                "name": "bonedrr", "description": "hip CT, canonical bonedrr labels",
                "reference": "trained by bonedrr train-segmenter", "licence": "as the cohort's data"}
@@ -325,7 +339,7 @@ def train_segmenter(cases: list[tuple[str, str | Path, str | Path]], workdir: st
             torch.set_num_threads(settings.threads)
         device = torch_device(settings.device)
         t = time.perf_counter()
-        write_raw_dataset(cases, folders["raw"])
+        write_raw_dataset(cases, folders["raw"], settings.sides)
         timings["raw_dataset_s"] = time.perf_counter() - t
 
         from nnunetv2.experiment_planning.plan_and_preprocess_api import (
@@ -359,7 +373,8 @@ def train_segmenter(cases: list[tuple[str, str | Path, str | Path]], workdir: st
                 setattr(trainer, {"epochs": "num_epochs", "iterations_per_epoch": "num_iterations_per_epoch",
                                   "val_iterations_per_epoch": "num_val_iterations_per_epoch"}[attribute], value)
         t = time.perf_counter()
-        trainer.run_training()
+        with _quiet():  # nnU-Net's epoch log (losses, pseudo Dice) goes to the job's log
+            trainer.run_training()
         timings["training_s"] = time.perf_counter() - t
         logging_state = trainer.logger.get_checkpoint()
         trained = Path(trainer.output_folder_base)
@@ -375,7 +390,8 @@ def train_segmenter(cases: list[tuple[str, str | Path, str | Path]], workdir: st
                        "features_per_stage": configuration["architecture"]["arch_kwargs"]["features_per_stage"]},
             "final_train_loss": float(logging_state["train_losses"][-1]),
             "final_val_loss": float(logging_state["val_losses"][-1]),
-            "pseudo_dice": dict(zip(STRUCTURES, map(float, logging_state["dice_per_class_or_region"][-1]))),
+            "pseudo_dice": dict(zip(SIDELESS_LABELS if settings.sides == "midline" else STRUCTURES,
+                                    map(float, logging_state["dice_per_class_or_region"][-1]))),
             "seconds": timings,
             "model_folder": trained.name,
         }
@@ -481,16 +497,69 @@ def load_predictor(model_dir: str | Path, fold: str | int = "all", device: str =
 
 
 def predict_labels(predictor, ct: sitk.Image, mapping: dict[int, str]) -> sitk.Image:
-    """One CT through the predictor: canonical labels (uint8) on the CT's own grid."""
+    """One CT through the predictor: canonical labels (uint8) on the CT's own grid.
+
+    A model trained with ``sides: midline`` is recognised by its dataset.json and split at the midline;
+    any other model's ids are mapped by ``mapping``.
+    """
     working = to_working_orientation(ct)
     array = sitk.GetArrayFromImage(sitk.Cast(working, sitk.sitkFloat32))[None]
     spacing_zyx = list(working.GetSpacing())[::-1]
     with _quiet():
         model_ids = predictor.predict_single_npy_array(array, {"spacing": spacing_zyx})
     del array
-    labels = sitk.GetImageFromArray(remap(np.asarray(model_ids), mapping))
+    model_ids = np.asarray(model_ids)
+    if is_sideless(predictor.dataset_json):
+        from bonedrr.images import world_axis_grid
+
+        canonical = split_at_midline(model_ids.astype(np.uint8), world_axis_grid(working, 0))
+    else:
+        canonical = remap(model_ids, mapping)
+    labels = sitk.GetImageFromArray(canonical)
     labels.CopyInformation(working)
     return back_to_grid(labels, ct)
+
+
+def is_sideless(dataset_json: dict) -> bool:
+    """True for a model trained with ``sides: midline`` (its dataset.json names side-less structures)."""
+    return dataset_json.get("labels", {}).get("femur") == SIDELESS_LABELS["femur"]
+
+
+def to_sideless(labels: np.ndarray) -> np.ndarray:
+    """Canonical labels -> :data:`SIDELESS_LABELS` ids (left and right merged)."""
+    lut = np.zeros(max(LABEL_NAMES) + 1, np.uint8)
+    for name, i in CANONICAL_LABELS.items():
+        base = name.removesuffix("_left").removesuffix("_right")
+        lut[i] = SIDELESS_LABELS[base]
+    return lut[labels]
+
+
+def split_at_midline(sideless: np.ndarray, x_lps: np.ndarray) -> np.ndarray:
+    """Side-less labels -> canonical labels, left where LPS x lies left of the body's midline.
+
+    The midline is the sagittal plane through the centroid (along LPS x) of the hemipelves (``hip``),
+    which lie symmetric about it; without them, of every labelled voxel. LPS x grows to the patient's
+    left.
+
+    Example:
+        >>> s = np.array([[[1, 1, 0, 2, 2, 1]]], np.uint8)  # femur, hip
+        >>> split_at_midline(s, np.arange(6.0)[None, None, :]).tolist()
+        [[[2, 2, 0, 4, 3, 1]]]
+    """
+    x = np.broadcast_to(x_lps, sideless.shape)
+    hips = sideless == SIDELESS_LABELS["hip"]
+    basis = hips if hips.any() else sideless > 0
+    midline = float(x[basis].mean()) if basis.any() else 0.0
+    left = x > midline
+    out = np.zeros(sideless.shape, np.uint8)
+    for base, i in SIDELESS_LABELS.items():
+        mask = sideless == i
+        if base == "other_bone":
+            out[mask] = CANONICAL_LABELS["other_bone"]
+            continue
+        out[mask & left] = CANONICAL_LABELS[f"{base}_left"]
+        out[mask & ~left] = CANONICAL_LABELS[f"{base}_right"]
+    return out
 
 
 def volumes_cm3(labels: np.ndarray, spacing_mm) -> dict[str, float]:
@@ -668,7 +737,8 @@ def _overlay_title(case: str, record: dict) -> str:
                 if k in record["metrics"]]
         title += f"; Dice femur/hip mean {np.mean(dice):.3f}"
     if record["problem"]:
-        title += f"\nREJECTED: {record['problem']}"
+        title += (f"\nprediction implausible ({record['problem']}); the reference labels go downstream"
+                  if record["labels_downstream"] == "reference" else f"\nREJECTED: {record['problem']}")
     return title
 
 

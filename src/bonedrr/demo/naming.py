@@ -17,8 +17,8 @@ DEFAULTS = {
 #: CPU cores), which then segments every patient; the others are its held-out test cases.
 SEGMENTATION_DEFAULTS = {
     "model": "train", "preset": "canonical", "training_cases": 6, "trainer": "nnUNetTrainerBonedrr",
-    "configuration": "2d", "epochs": 30,
-    "iterations_per_epoch": 10, "val_iterations_per_epoch": 2,
+    "configuration": "2d", "sides": "midline", "epochs": 40,
+    "iterations_per_epoch": 15, "val_iterations_per_epoch": 2,
     "plans": {"target_spacing_mm": 4.5, "patch_size": [96, 96], "batch_size": 8, "base_features": 16,
               "max_features": 128},
 }
