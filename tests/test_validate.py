@@ -94,7 +94,8 @@ def test_every_hip_is_predicted_once_by_the_model_that_never_saw_its_patient(coh
         data = ShardDataset(cohort["results"] / "shards", folds=[fold])
         crop = data[[x["sample_id"] for x in data.index].index(r["sample_id"])]["xray"][0].numpy()
         expected = drr_bmd(model.predict(crop[None])[0, model.channels.index("proximal_femur")])
-        assert (float(r["pred_drr_bmd"]) if r["pred_drr_bmd"] else np.nan) == pytest.approx(expected, rel=1e-5, nan_ok=True)
+        found = float(r["pred_drr_bmd"]) if r["pred_drr_bmd"] else np.nan
+        assert found == pytest.approx(expected, rel=1e-5, nan_ok=True)
     # metrics.json is strict JSON (no NaN), and names the ICC it reports.
     text = (out / "metrics.json").read_text()
     metrics = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))

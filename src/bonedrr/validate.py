@@ -484,9 +484,9 @@ def summarise(per_sample, jpeg_rows, pose_rows, images, fold_info, cohort, setti
             "t_score": metrics.T_SCORE_REFERENCE["population"] + f": mean {metrics.T_SCORE_REFERENCE['mean_g_cm2']}, "
                        f"SD {metrics.T_SCORE_REFERENCE['sd_g_cm2']} g/cm2; applied to DXA aBMD and to predictions "
                        "calibrated to DXA",
-            "calibration": "QCT and DXA: a line from the predicted DRR-BMD (baseline: ROI mean intensity) to the truth, "
-                           "fitted on the training folds of each fold's model; DRR-BMD: uncalibrated (baseline: "
-                           "fitted like the others)",
+            "calibration": "QCT and DXA: a line from the predicted DRR-BMD (baseline: ROI mean intensity) to the "
+                           "truth, fitted on the training folds of each fold's model; DRR-BMD: uncalibrated "
+                           "(baseline: fitted like the others)",
             "jpeg_ratio": "uncompressed 8-bit size (rows x cols bytes) / JPEG size of the whole radiograph",
             "rms_cv": "sqrt(mean over hips of (SD / mean)^2) of BMD over each hip's radiographs (Gluer 1995)",
             "ceiling": "the true DRR-BMD, calibrated to QCT and DXA like the predictions: what a perfect decomposition "
@@ -558,8 +558,9 @@ def check_targets(result: dict) -> dict:
         t["jpeg_1_50"].update(value=change, met=bool(change <= TARGETS["jpeg_max_r_drop"]))
     pose = result.get("pose")
     value = pose["bmd_located_hips"]["rms_cv"] if pose else None
+    measured = value is not None and np.isfinite(value)
     t["pose_rms_cv"] = {"target": f"< {TARGETS['pose_rms_cv']:.0%}", "value": value,
-                        "met": None if value is None or not np.isfinite(value) else bool(value < TARGETS["pose_rms_cv"])}
+                        "met": bool(value < TARGETS["pose_rms_cv"]) if measured else None}
     return t
 
 

@@ -196,8 +196,8 @@ def write_report(path: Path, result: dict, plots: dict[str, Path]) -> None:
     """The self-contained HTML report (images embedded)."""
     d = result["definitions"]
     parts = [f"<h1>BMD validation: {html.escape(str(result.get('cohort') or ''))}</h1>",
-             f"<p>{result['n_samples']} held-out hips, folds {', '.join(map(str, result['folds']))}; each hip predicted "
-             "by the model of the fold that held its patient out (patient-disjoint cross-validation).</p>"]
+             f"<p>{result['n_samples']} held-out hips, folds {', '.join(map(str, result['folds']))}; each hip "
+             "predicted by the model of the fold that held its patient out (patient-disjoint cross-validation).</p>"]
     rows = []
     names = {"model": "decomposition", "baseline": "baseline", "ceiling": "true DRR-BMD (ceiling)"}
     for key in _TRUTH_ORDER:
@@ -206,14 +206,16 @@ def write_report(path: Path, result: dict, plots: dict[str, Path]) -> None:
             if not m:
                 continue
             rows.append([f"{m['label']} ({m['unit']})", names[who],
-                         _fmt(m["n"]), _fmt(m["pearson_r"]), _fmt(m["icc_2_1"]), _fmt(m["icc_3_1"]), _fmt(m["mae"], 4),
-                         _fmt(m["rmse"], 4), _fmt(m["bias"], 4), f"{_fmt(m['loa_low'], 4)} .. {_fmt(m['loa_high'], 4)}"])
+                         _fmt(m["n"]), _fmt(m["pearson_r"]), _fmt(m["icc_2_1"]), _fmt(m["icc_3_1"]),
+                         _fmt(m["mae"], 4), _fmt(m["rmse"], 4), _fmt(m["bias"], 4),
+                         f"{_fmt(m['loa_low'], 4)} .. {_fmt(m['loa_high'], 4)}"])
     parts += ["<h2>Agreement with each ground truth</h2>",
               _table(["truth", "method", "n", "Pearson r", "ICC(2,1)", "ICC(3,1)", "MAE", "RMSE", "bias",
                       "95% limits of agreement"], rows),
               f"<p class=note>ICC: {html.escape(d['icc'])}. Bland-Altman: {html.escape(d['bland_altman'])}. "
-              f"Calibration: {html.escape(d['calibration'])}. Ceiling: {html.escape(d['ceiling'])}. Baseline: BMD regressed linearly on the mean radiograph "
-              "intensity in the proximal femur's projected area (the true mask), fitted on the training folds.</p>"]
+              f"Calibration: {html.escape(d['calibration'])}. Ceiling: {html.escape(d['ceiling'])}. "
+              "Baseline: BMD regressed linearly on the mean radiograph intensity in the proximal femur's projected "
+              "area (the true mask), fitted on the training folds.</p>"]
     for name, title in (("scatter", "Predicted against true (identity dashed); top: decomposition, bottom: baseline"),
                         ("bland_altman", "Bland-Altman (bias solid, 95 % limits dashed)")):
         if name in plots:
@@ -235,7 +237,8 @@ def write_report(path: Path, result: dict, plots: dict[str, Path]) -> None:
     if dec:
         parts += ["<h2>Decomposition quality (held-out)</h2>",
                   _table(["channel", "n", "PSNR (dB)", "SSIM"],
-                         [[html.escape(c), _fmt(v["n"]), _fmt(v["psnr_db"], 2), _fmt(v["ssim"])] for c, v in dec.items()]),
+                         [[html.escape(c), _fmt(v["n"]), _fmt(v["psnr_db"], 2), _fmt(v["ssim"])]
+                          for c, v in dec.items()]),
                   f"<p class=note>{html.escape(d['psnr_ssim'])}.</p>"]
     if "examples" in plots:
         parts += ["<h3>Example decompositions (proximal femur)</h3>", _img(plots["examples"], "examples")]
@@ -250,15 +253,15 @@ def write_report(path: Path, result: dict, plots: dict[str, Path]) -> None:
             parts.append(_img(plots["jpeg"], "jpeg"))
     pose = result.get("pose")
     if pose:
+        located, true, error = pose["bmd_located_hips"], pose["bmd_true_hips"], pose["locator_error_mm"]
         parts += ["<h2>Multi-pose repeatability</h2>",
                   _table(["hips located by", "RMS-CV", "hips", "radiographs"],
-                         [["the model (as bonedrr estimate)", f"{_fmt(100 * (pose['bmd_located_hips']['rms_cv'] or math.nan), 2)} %",
-                           _fmt(pose["bmd_located_hips"]["n_subjects"]), _fmt(pose["bmd_located_hips"]["n_measurements"])],
-                          ["truth (projected head centre)", f"{_fmt(100 * (pose['bmd_true_hips']['rms_cv'] or math.nan), 2)} %",
-                           _fmt(pose["bmd_true_hips"]["n_subjects"]), _fmt(pose["bmd_true_hips"]["n_measurements"])]]),
-                  f"<p class=note>{html.escape(d['rms_cv'])}. Locator error: median "
-                  f"{_fmt(pose['locator_error_mm']['median'], 1)} mm, max {_fmt(pose['locator_error_mm']['max'], 1)} mm. "
-                  "The paper reports 3.27-3.79 %.</p>"]
+                         [[name, f"{_fmt(100 * (r['rms_cv'] if r['rms_cv'] is not None else math.nan), 2)} %",
+                           _fmt(r["n_subjects"]), _fmt(r["n_measurements"])]
+                          for name, r in (("the model (as bonedrr estimate)", located),
+                                          ("truth (projected head centre)", true))]),
+                  f"<p class=note>{html.escape(d['rms_cv'])}. Locator error: median {_fmt(error['median'], 1)} mm, "
+                  f"max {_fmt(error['max'], 1)} mm. The paper reports 3.27-3.79 %.</p>"]
         if "pose" in plots:
             parts.append(_img(plots["pose"], "pose"))
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"
