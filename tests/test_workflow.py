@@ -124,7 +124,7 @@ def test_validation_metrics_and_report_come_from_the_workflow(workdir, run):
     assert metrics["folds"] == [0, 1] and metrics["n_samples"] == 4
     assert metrics["definitions"]["icc"].startswith("ICC(2,1)")
     assert [e["quality"] for e in metrics["jpeg"]] == [50, 5]
-    assert metrics["pose"]["bmd_true_hips"]["n_measurements"] == 16  # 2 patients x 2 hips x (1 + 3 views)
+    assert metrics["pose"]["radiographs_per_hip"] == 4  # each hip: its case's radiograph and 3 extra views
     assert (out / "predictions.csv").read_text().count("\n") == 5
     assert "data:image/png;base64," in (out / "report.html").read_text()
 
