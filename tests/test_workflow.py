@@ -39,15 +39,10 @@ def workdir(tmp_path_factory) -> Path:
         "tiny": {"demo": {"n_patients": 2, "seed": 5, "rows": 48, "cols": 80, "nifti_png_every": 2},
                  "xray": {"sdd_mm": 1100, "pixel_mm": [5.6, 5.6]}},
         "real": {"samples": "real.tsv", "calibration": {"method": "internal"}},
-    }}
-    # Small enough to train and validate in seconds: two folds, one patient each (seed 1 puts demo_000
-    # and demo_001 apart), tiny models, a two-point JPEG sweep.
-    config["shards"] = {"folds": 2, "seed": 1, "crop_px": [64, 32]}
-    config["train"] = {"stages": [{"channels": ["pelvis", "femur", "bone", "muscle"], "epochs": 2},
-                                  {"channels": ["proximal_femur"], "epochs": 2}],
-                       "network": {"base_channels": 4, "depth": 2}, "locator": {"epochs": 1, "base_channels": 4},
-                       "batch_size": 2, "lr": 0.02}
-    config["validate"] = {"jpeg_qualities": [50, 5], "examples": 1}
+    }, "shards": {"crop_px": [32, 16], "folds": 2, "seed": 1},  # seed 1: demo_000 and demo_001 in different folds
+       "train": {"stages": [{"channels": ["femur", "bone"], "epochs": 2}, {"channels": ["proximal_femur"], "epochs": 2}],
+                 "network": {"base_channels": 4, "depth": 3}, "locator": {"epochs": 2, "base_channels": 4}},
+       "validate": {"jpeg_qualities": [50, 5], "examples": 1}}
     (d / "config.yaml").write_text(yaml.safe_dump(config))
     return d
 
@@ -62,7 +57,8 @@ def test_dry_run_shows_the_dag(workdir):
     assert result.returncode == 0, result.stderr
     out = result.stdout + result.stderr
     for rule, count in (("demo_patient", 2), ("demo_samplesheet", 1), ("ingest", 4), ("reference_labels", 2),
-                        ("calibrate", 2), ("register", 2), ("drr", 2), ("registration_summary", 1)):
+                        ("calibrate", 2), ("register", 2), ("drr", 2), ("registration_summary", 1),
+                        ("bmd", 2), ("bmd_summary", 1), ("pack_shards", 1)):
         assert any(line.split()[:2] == [rule, str(count)] for line in out.splitlines()), out
 
 
@@ -109,6 +105,18 @@ def test_demo_cases_are_calibrated_and_rendered(workdir, run):
         assert (folder / "drr.png").stat().st_size > 5_000 and (folder / "calibration.png").exists()
 
 
+def test_model_is_trained_on_the_cohort_with_shards(workdir, run):
+    from bonedrr.train import load_model
+
+    folder = workdir / "results" / "models" / "tiny_all"
+    model = load_model(folder)
+    assert model.channels == ["femur", "bone", "proximal_femur"] and model.info["n_train"] == 4
+    log = (folder / "train_log.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in log[1:]] == ["stage1"] * 2 + ["stage2"] * 2 + ["locator"] * 2
+    assert (folder / "curves.png").stat().st_size > 10_000 and (folder / "checkpoint.pt").is_file()
+    assert not (workdir / "results" / "models" / "real_all").exists()  # no labels, no shards, no model
+
+
 def test_registration_table_lists_errors_against_truth(workdir, run):
     lines = (workdir / "results" / "tiny" / "qc" / "registration.tsv").read_text().splitlines()
     header = lines[0].split("\t")
@@ -118,14 +126,33 @@ def test_registration_table_lists_errors_against_truth(workdir, run):
         assert float(r["mpd_mm"]) < 3.0 and float(r["rotation_error_deg"]) < 3.0
 
 
+def test_tiny_demo_is_packed_into_shards(workdir, run):
+    from bonedrr.dataset import ShardDataset
+    from bonedrr.shards import verify
+
+    results = workdir / "results" / "tiny"
+    bmd = (results / "qc" / "bmd.tsv").read_text().splitlines()
+    assert len(bmd) == 5 and bmd[0].startswith("case_id\tside\tdrr_bmd_g_cm2")
+    shards = results / "shards"
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["crop_px"] == [32, 16] and manifest["format_version"] == "1.0" and verify(shards) == []
+    excluded = (shards / "excluded.tsv").read_text().splitlines()[1:]
+    hips_out = sum(2 if line.split("\t")[1] == "both" else 1 for line in excluded)
+    assert manifest["n_samples"] >= 2 and manifest["n_samples"] + hips_out == 4
+    dataset = ShardDataset(shards)
+    assert len(dataset) == manifest["n_samples"] and dataset[0]["drr"].shape == (7, 32, 16)
+    assert not (workdir / "results" / "real" / "shards").exists()  # no case of it reaches the DRRs yet
+
+
 def test_validation_metrics_and_report_come_from_the_workflow(workdir, run):
     out = workdir / "results" / "validation" / "tiny"
+    n = json.loads((workdir / "results" / "tiny" / "shards" / "manifest.json").read_text())["n_samples"]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["folds"] == [0, 1] and metrics["n_samples"] == 4
+    assert metrics["n_samples"] == n and set(metrics["folds"]) <= {0, 1}
     assert metrics["definitions"]["icc"].startswith("ICC(2,1)")
     assert [e["quality"] for e in metrics["jpeg"]] == [50, 5]
     assert metrics["pose"]["radiographs_per_hip"] == 4  # each hip: its case's radiograph and 3 extra views
-    assert (out / "predictions.csv").read_text().count("\n") == 5
+    assert (out / "predictions.csv").read_text().count("\n") == n + 1
     assert "data:image/png;base64," in (out / "report.html").read_text()
 
 

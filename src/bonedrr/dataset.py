@@ -96,32 +96,38 @@ class ShardDataset(Dataset):
         state["_files"], state["_pid"] = {}, None
         return state
 
-    def _file(self, name: str):
+    def _shard(self, name: str) -> dict:
+        """A shard's image datasets (open handles) and its small per-sample arrays (read once), for
+        this process."""
         import h5py
 
         if self._pid != os.getpid():
             self._files, self._pid = {}, os.getpid()
         if name not in self._files:
-            self._files[name] = h5py.File(self.shard_dir / name, "r")
+            f = h5py.File(self.shard_dir / name, "r")
+            shard = {key: f[key] for key in ("xray", "drr", "mask", "overview")}
+            shard.update({key: f[key][...] for key in ("head_overview_px", "drr_bmd", "qct_vbmd", "dxa_abmd")})
+            shard["file"] = f
+            self._files[name] = shard
         return self._files[name]
 
     def __getitem__(self, i: int) -> dict:
         row = self.index[i]
-        f = self._file(row["shard"])
+        shard = self._shard(row["shard"])
         r = int(row["row"])
-        drr = f["drr"][r]  # one chunk: read all channels, then select
+        drr = shard["drr"][r]  # one chunk: read all channels, then select
         if self._mask_idx is not None:
-            mask = f["mask"][r, self._mask_idx].astype(np.float32)
+            mask = shard["mask"][r][self._mask_idx].astype(np.float32)
         else:
             mask = np.zeros(drr.shape[1:], np.float32)
         return {
-            "xray": torch.from_numpy(f["xray"][r][None].astype(np.float32)),
+            "xray": torch.from_numpy(shard["xray"][r][None]),
             "drr": torch.from_numpy(np.ascontiguousarray(drr[self._channel_idx], np.float32)),
             "mask": torch.from_numpy(mask[None]),
-            "overview": torch.from_numpy(f["overview"][r][None].astype(np.float32)),
-            "head_overview_px": torch.from_numpy(f["head_overview_px"][r].astype(np.float32)),
-            "drr_bmd": float(f["drr_bmd"][r]), "qct_vbmd": float(f["qct_vbmd"][r]),
-            "dxa_abmd": float(f["dxa_abmd"][r]),
+            "overview": torch.from_numpy(shard["overview"][r][None]),
+            "head_overview_px": torch.from_numpy(shard["head_overview_px"][r].astype(np.float32)),
+            "drr_bmd": float(shard["drr_bmd"][r]), "qct_vbmd": float(shard["qct_vbmd"][r]),
+            "dxa_abmd": float(shard["dxa_abmd"][r]),
             "sample_id": row["sample_id"], "patient_id": row["patient_id"], "fold": int(row["fold"]),
         }
 

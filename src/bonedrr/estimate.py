@@ -30,8 +30,24 @@ SIDES = ("right", "left")
 LOW_CONFIDENCE = 0.3
 
 
-def _crops(model, pixels: np.ndarray, pixel_mm, sides, crop_input: bool):
-    """(crops (N, H, W), per-side facts) of the requested sides."""
+def hip_crops(model, pixels: np.ndarray, pixel_mm, sides, crop_input: bool):
+    """The model's input for each requested hip of a radiograph, cut as the shards were.
+
+    Args:
+        model: A :class:`bonedrr.train.DecompositionModel`.
+        pixels: The radiograph (rows, cols), bone bright.
+        pixel_mm: Its detector pixel (row, col), mm.
+        sides: ``["right"]``, ``["left"]`` or both.
+        crop_input: ``pixels`` is already a hip crop (one side; resized to the model's crop shape,
+            a left hip mirrored).
+
+    Returns:
+        (crops (N, H, W), per side: how it was found: ``femoral_head_px``, ``crop_box_px``,
+        ``locator_confidence`` for a full radiograph).
+
+    Raises:
+        InputError: A crop given for both sides, or a hip the locator cannot place.
+    """
     from bonedrr.shards import crop_grid, resample
 
     facts = {}
@@ -96,7 +112,7 @@ def estimate(model_dir: str | Path, xray: str | Path, side: str = "both", out_di
     model = load_model(model_dir, device=device)
     radiograph = read_radiograph(xray, default_pixel_mm=pixel_mm or (1.0, 1.0))
     sides = list(SIDES) if side == "both" else [side]
-    crops, facts = _crops(model, radiograph.pixels, radiograph.pixel_mm, sides, crop)
+    crops, facts = hip_crops(model, radiograph.pixels, radiograph.pixel_mm, sides, crop)
     prediction = model.predict(crops)
     bmd = model.bmd(prediction)
     calibrated = model.calibrated(bmd)
@@ -122,6 +138,9 @@ def estimate(model_dir: str | Path, xray: str | Path, side: str = "both", out_di
             result["sides"][s]["files"] = [png.name, nii.name]
         write_json(out_dir / "estimate.json", result)
     return result
+
+
+_crops = hip_crops  # the name bonedrr.validate imports
 
 
 def _round(v, digits: int = 4):

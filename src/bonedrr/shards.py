@@ -186,7 +186,7 @@ class Excluded(Exception):
     """A case (or one hip) that must not enter the shards; the message is the reason."""
 
 
-def case_samples(case_dir: str | Path, settings: PackSettings, patient_of=None) -> tuple[list[dict], list[dict]]:
+def case_samples(case_dir: str | Path, settings: PackSettings) -> tuple[list[dict], list[dict]]:
     """The samples (one per hip) of one case folder, and the hips excluded with their reasons.
 
     Raises:

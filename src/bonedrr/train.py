@@ -44,7 +44,7 @@ from bonedrr.errors import BonedrrError, InputError
 from bonedrr.images import atomic_path
 from bonedrr.model import locator as loc
 from bonedrr.model.augment import AugmentSettings, RandomAugment
-from bonedrr.model.losses import gan_loss, gc_loss, gradient_correlation, l1_loss
+from bonedrr.model.losses import bmd_loss, gan_loss, gc_loss, gradient_correlation, l1_loss
 from bonedrr.model.network import PatchDiscriminator, UNet
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ CURVES_FILE = "curves.png"
 FORMAT_VERSION = 1
 #: The channel BMD is read from.
 BMD_CHANNEL = "proximal_femur"
-LOG_COLUMNS = ("phase", "epoch", "loss", "l1", "gc", "gan", "val_l1", "val_gc", "val_bmd_mae", "seconds")
+LOG_COLUMNS = ("phase", "epoch", "loss", "l1", "gc", "gan", "bmd", "val_l1", "val_gc", "val_bmd_mae", "seconds")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +78,8 @@ class TrainSettings:
     Args:
         stages: The hierarchy; each stage after the first starts from the previous one's weights.
         batch_size, lr, weight_decay: Optimiser (AdamW, cosine schedule per stage).
-        l1, gc, gan: Loss weights (0 switches a term off; ``gan`` > 0 trains a PatchGAN beside).
+        l1, gc, gan, bmd: Loss weights (0 switches a term off; ``gan`` > 0 trains a PatchGAN beside;
+            ``bmd``: the soft DRR-BMD of the predicted proximal femur against the true one's).
         base_channels, depth: The U-Net's size.
         augment: Augmentation strengths.
         locator_epochs, locator_base_channels: The hip locator (0 epochs: no locator).
@@ -95,6 +96,7 @@ class TrainSettings:
     l1: float = 1.0
     gc: float = 0.5
     gan: float = 0.0
+    bmd: float = 0.0
     base_channels: int = 16
     depth: int = 3
     augment: AugmentSettings = field(default_factory=AugmentSettings)
@@ -440,7 +442,9 @@ def _stage_epoch(run: _Run, k: int, loader: DataLoader, channel_idx: list[int], 
     disc = run.discs[k] if run.discs else None
     augment = RandomAugment(s.augment, gen)
     net.train()
-    sums = {"loss": 0.0, "l1": 0.0, "gc": 0.0, "gan": 0.0}
+    sums = {"loss": 0.0, "l1": 0.0, "gc": 0.0, "gan": 0.0, "bmd": 0.0}
+    channels = list(s.stages[k].channels)
+    j = channels.index(BMD_CHANNEL) if s.bmd > 0 and BMD_CHANNEL in channels else None
     n = 0
     for batch in loader:
         xray, drr = batch["xray"], batch["drr"][:, channel_idx]
@@ -452,6 +456,8 @@ def _stage_epoch(run: _Run, k: int, loader: DataLoader, channel_idx: list[int], 
         l1 = l1_loss(pred, drr)
         gcl = gc_loss(pred, drr) if s.gc > 0 else torch.zeros((), device=dev)
         loss = s.l1 * l1 + s.gc * gcl
+        bl = bmd_loss(pred[:, j], drr[:, j], run.threshold) if j is not None else torch.zeros((), device=dev)
+        loss = loss + s.bmd * bl
         adv = torch.zeros((), device=dev)
         if disc is not None:
             with _autocast(dev, s.amp):
@@ -468,7 +474,7 @@ def _stage_epoch(run: _Run, k: int, loader: DataLoader, channel_idx: list[int], 
             disc_opt.step()
         b = len(xray)
         n += b
-        for key, v in (("loss", loss), ("l1", l1), ("gc", gcl), ("gan", adv)):
+        for key, v in (("loss", loss), ("l1", l1), ("gc", gcl), ("gan", adv), ("bmd", bl)):
             sums[key] += float(v.detach()) * b
     return {k: v / max(n, 1) for k, v in sums.items()}
 
@@ -596,8 +602,10 @@ def train_model(shard_dir: str | Path, out_dir: str | Path, settings: TrainSetti
     log.info("training on %d samples (folds %s, without %s), %s, channels %s", len(train_set),
              list(folds) if folds else "all", list(exclude_folds) if exclude_folds else "none", dev, ", ".join(channels))
     loader_kw = {"batch_size": settings.batch_size, "num_workers": settings.num_workers,
-                 "drop_last": len(train_set) > settings.batch_size,
-                 "persistent_workers": settings.num_workers > 0}
+                 "drop_last": len(train_set) > settings.batch_size}
+    if val_dataset is not None and len(val_dataset) == 0:
+        log.warning("no validation samples in folds %s: the curves show training losses only", val_folds)
+        val_dataset = None
     val_loader = DataLoader(val_dataset, batch_size=settings.batch_size) if val_dataset is not None else None
     data_channels = list(train_set.channels)
     budget = [math.inf if stop_after_epochs is None else stop_after_epochs]

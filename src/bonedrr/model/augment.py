@@ -9,7 +9,8 @@ with the same sampling grid to the radiograph and to every DRR channel and mask,
 input stays paired with its target. Intensity (radiograph only, the targets are physical g/cm2):
 a gamma curve and a contrast change on the image's own robust range, Gaussian noise, and a new
 overall exposure scale and offset (what the model's input normalisation removes, so only the
-non-linear parts teach it anything, as intended).
+non-linear parts teach it anything, as intended). Exact zeros, the padding outside the radiograph,
+stay zero.
 
 Example:
     >>> import torch
@@ -69,17 +70,19 @@ def affine(images: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") ->
 def adjust_intensity(x: torch.Tensor, gamma: torch.Tensor, contrast: torch.Tensor, noise: torch.Tensor,
                      gain: torch.Tensor, offset: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Radiograph (N, 1, H, W) with per-sample gamma, contrast, noise (fraction of the robust range),
-    gain and offset (exposure). Zero padding from a geometric step is kept at the new black level."""
-    flat = x.flatten(1)
-    lo = torch.quantile(flat, 0.01, dim=1).view(-1, 1, 1, 1)
-    hi = torch.quantile(flat, 0.99, dim=1).view(-1, 1, 1, 1)
+    gain and offset (exposure). Exact zeros (padding beyond the radiograph) stay zero."""
+    from bonedrr.model.network import robust_range
+
+    outside = x == 0  # padding beyond the radiograph stays exactly 0
+    lo, hi = (v.view(-1, 1, 1, 1) for v in robust_range(x))
     span = (hi - lo).clamp_min(1e-6)
     u = ((x - lo) / span).clamp(0, 1.5)
     u = u ** gamma.view(-1, 1, 1, 1)
     u = 0.5 + (u - 0.5) * contrast.view(-1, 1, 1, 1)
     if generator is not None:
         u = u + noise.view(-1, 1, 1, 1) * torch.randn(x.shape, generator=generator).to(x.device)
-    return (u * span + lo) * gain.view(-1, 1, 1, 1) + offset.view(-1, 1, 1, 1) * span
+    out = (u * span + lo) * gain.view(-1, 1, 1, 1) + offset.view(-1, 1, 1, 1) * span
+    return out.masked_fill(outside, 0.0)
 
 
 @dataclass(frozen=True)
@@ -124,9 +127,9 @@ class RandomAugment:
         s = self.s
         theta = affine_matrix(self._uniform(n, s.rotate_deg), 1 + self._uniform(n, s.scale),
                               torch.stack([self._uniform(n, s.shift * h), self._uniform(n, s.shift * w)], 1), (h, w))
-        # The radiograph's zero padding would be an unnaturally dark border: pad with its own edge level.
-        floor = xray.flatten(1).quantile(0.01, dim=1).view(-1, 1, 1, 1)
-        xray = affine(xray - floor, theta) + floor
+        # Zero padding, as the shards pad a crop that reaches beyond the radiograph (the model's input
+        # normalisation leaves exact zeros out).
+        xray = affine(xray, theta)
         targets = affine(targets, theta)
         gamma = torch.exp(self._uniform(n, s.gamma))
         contrast = 1 + self._uniform(n, s.contrast)

@@ -63,3 +63,15 @@ def l1_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def gan_loss(logits: torch.Tensor, real: bool) -> torch.Tensor:
     """Binary cross-entropy of PatchGAN logits against all-real or all-fake labels."""
     return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits.float(), float(real)))
+
+
+def soft_bmd(drr: torch.Tensor, threshold_g_cm2: float, softness_g_cm2: float = 0.01) -> torch.Tensor:
+    """A differentiable DRR-BMD of each image (N, H, W): the mean over pixels weighted by a sigmoid step
+    at the threshold (:func:`bonedrr.bmd.drr_bmd` as ``softness_g_cm2`` -> 0)."""
+    w = torch.sigmoid((drr.float() - threshold_g_cm2) / softness_g_cm2)
+    return (drr.float() * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-6)
+
+
+def bmd_loss(prediction: torch.Tensor, target: torch.Tensor, threshold_g_cm2: float) -> torch.Tensor:
+    """Mean absolute difference of the soft DRR-BMDs of predicted and true proximal-femur DRRs (g/cm2)."""
+    return (soft_bmd(prediction, threshold_g_cm2) - soft_bmd(target, threshold_g_cm2)).abs().mean()

@@ -19,8 +19,22 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def robust_range(x: torch.Tensor, low: float = 0.01, high: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image of (N, ...): the ``low`` and ``high`` quantiles of its pixels, exact zeros left out.
+
+    Exact zeros are where a crop reaches beyond the radiograph (the shards' and the augmentation's
+    padding): counting them would make a crop's intensity scale depend on how much of it is outside.
+    """
+    flat = x.flatten(1).float()
+    flat = flat.masked_fill(flat == 0, float("nan"))
+    q = torch.nanquantile(flat, torch.tensor([low, high], device=x.device, dtype=flat.dtype), dim=1)
+    q = torch.nan_to_num(q, nan=0.0)  # an image of zeros only
+    return q[0], q[1]
+
+
 class RobustNormalise(nn.Module):
-    """Per image: (x - p_low) / (p_high - p_low), percentiles over the image's own pixels.
+    """Per image: (x - p_low) / (p_high - p_low), percentiles over the image's own pixels (exact zeros,
+    the padding outside the radiograph, left out: :func:`robust_range`).
 
     Args:
         low, high: The percentiles (0-100) mapped to 0 and 1.
@@ -31,8 +45,7 @@ class RobustNormalise(nn.Module):
         self.low, self.high = low / 100.0, high / 100.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.flatten(1).float()
-        q = torch.quantile(flat, torch.tensor([self.low, self.high], device=x.device, dtype=flat.dtype), dim=1)
+        q = robust_range(x, self.low, self.high)
         lo = q[0].view(-1, *([1] * (x.dim() - 1)))
         span = (q[1] - q[0]).clamp_min(1e-6).view_as(lo)
         return ((x.float() - lo) / span).to(x.dtype)
