@@ -39,7 +39,7 @@ def workdir(tmp_path_factory) -> Path:
         "tiny": {"demo": {"n_patients": 2, "seed": 5, "rows": 48, "cols": 80, "nifti_png_every": 2},
                  "xray": {"sdd_mm": 1100, "pixel_mm": [5.6, 5.6]}},
         "real": {"samples": "real.tsv", "calibration": {"method": "internal"}},
-    }, "shards": {"crop_px": [32, 16], "folds": 2, "seed": 1},  # seed 1: demo_000 and demo_001 in different folds
+    }, "shards": {"crop_px": [32, 16], "folds": 2, "seed": 1},  # seed 1: demo_000, demo_001 in different folds
        "train": {"stages": [{"channels": ["femur", "bone"], "epochs": 2}, {"channels": ["proximal_femur"], "epochs": 2}],
                  "network": {"base_channels": 4, "depth": 3}, "locator": {"epochs": 2, "base_channels": 4}},
        "validate": {"jpeg_qualities": [50, 5], "examples": 1}}
