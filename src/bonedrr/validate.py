@@ -299,9 +299,9 @@ def _true_heads(demo_case: Path) -> list[dict]:
 def pose_sweep(model, patients: list[tuple[str, Path]], pack, default_pixel_mm, threshold: float) -> list[dict]:
     """BMD of each hip on each radiograph of the given demo patients, as ``bonedrr estimate`` reads it
     (the file read, the hips located by the model's locator and cut out by
-    :func:`bonedrr.estimate._crops`), and at the true hip centres. One row per (patient, side, radiograph)."""
+    :func:`bonedrr.estimate.hip_crops`), and at the true hip centres. One row per (patient, side, radiograph)."""
     from bonedrr.dicom import read_radiograph
-    from bonedrr.estimate import _crops as estimate_crops
+    from bonedrr.estimate import hip_crops as estimate_crops
 
     rows = []
     for patient_id, case_dir in patients:
