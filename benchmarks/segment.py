@@ -50,6 +50,7 @@ with nnunet_environment(sys.argv[2] + "/work"):
     p = load_predictor(sys.argv[1], "all", "cpu")  # nnU-Net's predictor, bonedrr's trainer lookup
     times = []
     for i, ct in enumerate(sys.argv[4:]):
+        os.makedirs(sys.argv[2] + f"/peer_{i}", exist_ok=True)
         t = time.perf_counter()
         p.predict_from_files_sequential([[ct]], sys.argv[2] + f"/peer_{i}", save_probabilities=False,
                                         overwrite=True)
