@@ -64,3 +64,26 @@ def demo_case_with_views(demo_cases, tmp_path_factory):
     case = tmp_path_factory.mktemp("views") / "demo_000"
     make_case(case, "demo_000", 0, dataclasses.replace(settings, extra_views=2))
     return case
+
+
+def tiny_workflow_config() -> dict:
+    """The whole workflow in minutes: a demo cohort of two small virtual patients, a seconds-long
+    nnU-Net (demo_000 trains it; the true labels go downstream, its own are too rough for the later
+    stages' checks), two folds of one patient each (seed 1 puts demo_000 and demo_001 apart), tiny
+    decomposition models and a two-point JPEG sweep."""
+    return {
+        "cohorts": {"tiny": {
+            "demo": {"n_patients": 2, "seed": 5, "rows": 48, "cols": 80, "nifti_png_every": 2},
+            "xray": {"sdd_mm": 1100, "pixel_mm": [5.6, 5.6]},
+            "segmentation": {"model": "train", "training_cases": 1, "trainer": "nnUNetTrainerBonedrr",
+                             "configuration": "2d", "sides": "midline", "epochs": 2, "iterations_per_epoch": 3,
+                             "val_iterations_per_epoch": 1, "labels_downstream": "reference",
+                             "plans": {"target_spacing_mm": 9.0, "patch_size": [48, 48], "batch_size": 4,
+                                       "base_features": 8, "max_features": 32}}}},
+        "shards": {"folds": 2, "seed": 1, "crop_px": [64, 32]},
+        "train": {"stages": [{"channels": ["pelvis", "femur", "bone", "muscle"], "epochs": 2},
+                             {"channels": ["proximal_femur"], "epochs": 2}],
+                  "network": {"base_channels": 4, "depth": 2}, "locator": {"epochs": 1, "base_channels": 4},
+                  "batch_size": 2, "lr": 0.02},
+        "validate": {"jpeg_qualities": [50, 5], "examples": 1},
+    }

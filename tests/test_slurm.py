@@ -16,7 +16,7 @@ import h5py
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, tiny_workflow_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -36,16 +36,13 @@ def cluster():
 
 
 def test_tiny_demo_runs_through_slurm(cluster, tmp_path):
-    config = {"cohorts": {"tiny": {"demo": {"n_patients": 2, "seed": 5, "rows": 48, "cols": 80,
-                                            "nifti_png_every": 2},
-                                   "xray": {"sdd_mm": 1100, "pixel_mm": [5.6, 5.6]}}}}
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_workflow_config()))
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
            "--configfile", str(tmp_path / "config.yaml"), "--profile", str(REPO / "profiles" / "slurm"),
            # the one-node cluster has no account database: no account, job state from squeue
            "--slurm-no-account", "--slurm-status-command", "squeue",
            "--slurm-init-seconds-before-status-checks", "2"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=2400)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     submitted = [line for line in log.splitlines() if "has been submitted with SLURM jobid" in line]
@@ -55,3 +52,4 @@ def test_tiny_demo_runs_through_slurm(cluster, tmp_path):
         with h5py.File(tmp_path / "results" / "tiny" / case / "drr.h5") as f:
             assert f["drr"].shape[1:] == (48, 80) and f["drr"][:].max() > 0.1
     assert (tmp_path / "results" / "tiny" / "qc" / "registration.tsv").read_text().count("\n") == 3
+    assert (tmp_path / "results" / "validation" / "tiny" / "report.html").is_file()  # the whole DAG ran

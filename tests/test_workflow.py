@@ -16,7 +16,7 @@ import yaml
 
 from bonedrr.dicom import write_radiograph_dicom
 
-from conftest import PHI, REAL_CT, REPO
+from conftest import PHI, REAL_CT, REPO, tiny_workflow_config
 
 pytestmark = pytest.mark.slow
 
@@ -38,27 +38,8 @@ def workdir(tmp_path_factory) -> Path:
     (d / "real.tsv").write_text("case_id\tct\txray\tside\tdxa_abmd_right\n"
                                 f"real_1\t{REAL_CT}\tdata/real.dcm\tright\t0.83\n"
                                 "swapped\tdata/real.dcm\tdata/real.dcm\tleft\t\n")
-    config = {"cohorts": {
-        "tiny": {"demo": {"n_patients": 2, "seed": 5, "rows": 48, "cols": 80, "nifti_png_every": 2},
-                 "xray": {"sdd_mm": 1100, "pixel_mm": [5.6, 5.6]},
-                 # demo_000 trains a seconds-long nnU-Net that segments both cases; its labels are too
-                 # rough for the checks of later stages below, so those use the true labels.
-                 "segmentation": {"model": "train", "training_cases": 1, "trainer": "nnUNetTrainerBonedrr",
-                                  "configuration": "2d", "sides": "midline", "epochs": 2,
-                                  "iterations_per_epoch": 3,
-                                  "val_iterations_per_epoch": 1, "labels_downstream": "reference",
-                                  "plans": {"target_spacing_mm": 9.0, "patch_size": [48, 48], "batch_size": 4,
-                                            "base_features": 8, "max_features": 32}}},
-        "real": {"samples": "real.tsv", "calibration": {"method": "internal"}},
-    }}
-    # Small enough to train and validate in seconds: two folds, one patient each (seed 1 puts demo_000
-    # and demo_001 apart), tiny models, a two-point JPEG sweep.
-    config["shards"] = {"folds": 2, "seed": 1, "crop_px": [64, 32]}
-    config["train"] = {"stages": [{"channels": ["pelvis", "femur", "bone", "muscle"], "epochs": 2},
-                                  {"channels": ["proximal_femur"], "epochs": 2}],
-                       "network": {"base_channels": 4, "depth": 2}, "locator": {"epochs": 1, "base_channels": 4},
-                       "batch_size": 2, "lr": 0.02}
-    config["validate"] = {"jpeg_qualities": [50, 5], "examples": 1}
+    config = tiny_workflow_config()
+    config["cohorts"]["real"] = {"samples": "real.tsv", "calibration": {"method": "internal"}}
     (d / "config.yaml").write_text(yaml.safe_dump(config))
     return d
 
