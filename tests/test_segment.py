@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,13 +77,21 @@ def test_plausibility_errors_are_exact():
 
 def test_nnunet_environment_is_confined_and_restored(tmp_path):
     before, tempdir_before = dict(os.environ), tempfile.tempdir
-    with nnunet_environment(tmp_path / "work", processes=1) as folders:
+    short = Path(tempfile.mkdtemp(prefix="w", dir="/tmp"))  # short enough for nnU-Net's Unix sockets
+    with nnunet_environment(short / "work", processes=1) as folders:
         import nnunetv2.paths as paths
 
         assert str(paths.nnUNet_results) == str(folders["results"]) == os.environ["nnUNet_results"]
-        assert tempfile.gettempdir() == str(tmp_path / "work" / "tmp") == os.environ["TMPDIR"]
+        assert tempfile.gettempdir() == str(short / "work" / "tmp") == os.environ["TMPDIR"]
         with tempfile.NamedTemporaryFile() as f:
-            assert f.name.startswith(str(tmp_path / "work"))
+            assert f.name.startswith(str(short / "work"))
+    assert dict(os.environ) == before and tempfile.tempdir == tempdir_before
+    deep = tmp_path / ("d" * 60) / "work"  # a socket path here would exceed AF_UNIX's 107 bytes
+    with nnunet_environment(deep) as folders:
+        from multiprocessing.connection import Listener
+
+        assert folders["results"].parent == deep and len(str(folders["tmp"])) < 60
+        Listener(family="AF_UNIX").close()
     assert dict(os.environ) == before and tempfile.tempdir == tempdir_before
     with pytest.raises(RuntimeError), nnunet_environment(tmp_path / "again"):
         raise RuntimeError("a failing job")

@@ -79,6 +79,9 @@ STRUCTURES = tuple(CANONICAL_LABELS)
 # Environment and devices
 
 
+_MAX_SOCKET_DIR = 107 - len("/pymp-xxxxxxxx/listener-xxxxxxxx") - 8  # AF_UNIX limit, a margin
+
+
 @contextlib.contextmanager
 def nnunet_environment(workdir: str | Path, processes: int = 1):
     """Point nnU-Net's folders and every temporary file at ``workdir`` while the block runs.
@@ -104,6 +107,14 @@ def nnunet_environment(workdir: str | Path, processes: int = 1):
                "results": workdir / "nnUNet_results", "tmp": workdir / "tmp"}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
+    # nnU-Net's worker processes talk over Unix sockets that multiprocessing makes in the temporary
+    # folder (".../pymp-XXXXXXXX/listener-XXXXXXXX"), and a socket path longer than 107 bytes fails
+    # ("AF_UNIX path too long"). Deep results folders get a short private temporary folder instead,
+    # removed when the process ends; nnU-Net's own folders stay in workdir.
+    short_tmp = None
+    if len(str(folders["tmp"]).encode()) > _MAX_SOCKET_DIR:
+        short_tmp = Path(tempfile.mkdtemp(prefix="bonedrr-nnunet-"))
+        folders["tmp"] = short_tmp
     saved = dict(os.environ)  # nnU-Net also sets variables of its own (KMP_*) when imported
     saved_tempdir = tempfile.tempdir
     os.environ.update({"nnUNet_raw": str(folders["raw"]), "nnUNet_preprocessed": str(folders["preprocessed"]),
@@ -118,6 +129,11 @@ def nnunet_environment(workdir: str | Path, processes: int = 1):
             del os.environ[k]
         os.environ.update(saved)
         tempfile.tempdir = saved_tempdir
+        if short_tmp is not None:  # after multiprocessing has removed its own folder in it, at exit
+            from multiprocessing import util
+
+            util.Finalize(None, shutil.rmtree, args=(str(short_tmp),), kwargs={"ignore_errors": True},
+                          exitpriority=-200)
 
 
 def torch_device(device: str = "auto"):
