@@ -214,6 +214,8 @@ def test_bad_samplesheet_stops_before_any_job(tmp_path):
 # SIGKILL the whole workflow while a heavy stage's jobs run, rerun the same command, and compare
 # with the uninterrupted run above: same results, nothing half-written left behind.
 
+# how Snakemake announces a starting job ("localcheckpoint" for a checkpoint run on this machine)
+JOB_KINDS = ("rule", "localrule", "checkpoint", "localcheckpoint")
 # rule -> its outputs (under results/): the kill must come before all of them exist
 KILLED_STAGES = {
     "segment_check": [f"tiny/{c}/status/segment.json" for c in ("demo_000", "demo_001")],
@@ -237,7 +239,8 @@ def snakemake_killed_at(workdir: Path, rule: str, after_s: float = 0.7) -> list[
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if line.strip() in (f"rule {rule}:", f"checkpoint {rule}:", f"localrule {rule}:"):
+        words = line.split()
+        if len(words) == 2 and words[1] == f"{rule}:" and words[0] in JOB_KINDS:
             time.sleep(after_s)
             os.killpg(proc.pid, signal.SIGKILL)
             break
@@ -287,7 +290,8 @@ def resumed(tmp_path_factory, workdir):
     interrupted = {}
     for rule, outputs in KILLED_STAGES.items():
         lines = snakemake_killed_at(d, rule)
-        started = any(line.strip().endswith(f"{rule}:") for line in lines)
+        started = any(line.split()[-2:] == [line.split()[0], f"{rule}:"] and line.split()[0] in JOB_KINDS
+                      for line in lines if len(line.split()) == 2)
         missing = [o for o in outputs if not (d / "results" / o).exists()]
         interrupted[rule] = started and bool(missing)
     final = snakemake(d)
