@@ -226,7 +226,7 @@ KILLED_STAGES = {
 }
 # What legitimately differs between two runs: nnU-Net's training is not seeded (its model, and so the
 # Dice of its predictions; the tiny config sends the true labels downstream), wall-clock times, pictures.
-NOT_COMPARED = ("segmenter", "segmentation.json", "train_log.tsv", "report.html")
+NOT_COMPARED = ("segmenter", "segmentation.json", "segmentation.tsv", "train_log.tsv", "report.html")
 
 
 def snakemake_killed_at(workdir: Path, rule: str, after_s: float = 0.7) -> list[str]:
