@@ -267,7 +267,9 @@ def comparable(path: Path):
         with h5py.File(path) as f:
             out = {}
             f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-            return {k: (v.tobytes() if hasattr(v, "tobytes") else v) for k, v in out.items()}
+            # variable-length strings come back as object arrays, whose bytes are pointers
+            return {k: (v.tolist() if getattr(v, "dtype", None) == object else
+                        v.tobytes() if hasattr(v, "tobytes") else v) for k, v in out.items()}
     return path.read_bytes()
 
 
