@@ -76,6 +76,16 @@ def test_a_failed_write_leaves_nothing_that_looks_complete(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_rewrite_removes_what_a_killed_writer_left(tmp_path):
+    """SIGKILL skips every clean-up: the rerun that writes the same output removes the leftover, and only
+    that output's."""
+    (tmp_path / ".drr.h5.tmp-k1ll3d.h5").write_bytes(b"half")
+    (tmp_path / ".pose.json.tmp-0ther.json").write_bytes(b"{")
+    with atomic_path(tmp_path / "drr.h5") as tmp:
+        tmp.write_bytes(b"whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".pose.json.tmp-0ther.json", "drr.h5"]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_permission_error_is_one_clear_line(tmp_path):
     folder = tmp_path / "ro"

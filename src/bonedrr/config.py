@@ -34,7 +34,7 @@ SCHEMA_DIR = Path(__file__).resolve().parents[2] / "workflow" / "schemas"
 SEGMENTATION_DEFAULTS = {
     "preset": "canonical", "trainer": "nnUNetTrainerNoMirroring", "epochs": None, "iterations_per_epoch": None,
     "val_iterations_per_epoch": None, "fold": "all", "configuration": "3d_fullres", "sides": "model", "plans": {},
-    "labels_downstream": "predicted", "plausible_volume_cm3": {},
+    "labels_downstream": "predicted", "plausible_volume_cm3": {}, "seed": 0,
 }
 NUMERIC_COLUMNS = ("dxa_abmd_left", "dxa_abmd_right", "qct_vbmd_left", "qct_vbmd_right")
 

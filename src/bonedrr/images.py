@@ -5,7 +5,8 @@ coordinates and honours direction cosines, which is the project's world conventi
 taken from them are indexed [k, j, i] (z, y, x), as ``sitk.GetArrayFromImage`` returns them.
 
 Every file is written to a temporary name in its folder and renamed into place, so an output that
-exists is complete: a killed job leaves at most a ``.tmp-*`` file, never a truncated result.
+exists is complete: a killed job leaves at most a ``.tmp-*`` file, never a truncated result, and the
+rerun that writes the same output again removes it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import errno
 import json
 import os
 import tempfile
+from glob import escape as glob_escape
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,8 @@ def suffix_of(path: str | Path) -> str:
 def atomic_path(path: str | Path):
     """Yield a temporary path beside ``path`` (same suffix); rename it to ``path`` on success.
 
+    Temporary files of ``path`` left by a killed writer are removed first (one job writes an output).
+
     Example:
         >>> import tempfile, pathlib
         >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -47,6 +51,9 @@ def atomic_path(path: str | Path):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.tmp-*"):
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix_of(path), dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)

@@ -38,6 +38,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -202,6 +203,10 @@ class TrainSettings:
         batch_size: Patches per iteration (nnU-Net: from its GPU memory target, at least 2).
         processes: Processes for preprocessing and data augmentation.
         threads: torch CPU threads (default: torch's, one per core).
+        seed: Seeds Python's, NumPy's and torch's generators and loads the training patches in the main
+            process (nnU-Net's parallel loader seeds its workers at random and hands batches over in
+            whatever order they finish), so that a rerun trains the same model on the same device and
+            thread count. ``None``: nnU-Net's own behaviour, unseeded, with ``processes`` loader workers.
     """
 
     trainer: str = "nnUNetTrainerNoMirroring"
@@ -219,6 +224,7 @@ class TrainSettings:
     batch_size: int | None = None
     processes: int = 1
     threads: int | None = None
+    seed: int | None = None
 
 
 def _planner_class(settings: TrainSettings):
@@ -353,6 +359,11 @@ def train_segmenter(cases: list[tuple[str, str | Path, str | Path]], workdir: st
 
         if settings.threads:
             torch.set_num_threads(settings.threads)
+        if settings.seed is not None:
+            os.environ["nnUNet_n_proc_DA"] = "0"  # restored with the rest of the environment on exit
+            random.seed(settings.seed)
+            np.random.seed(settings.seed)
+            torch.manual_seed(settings.seed)
         device = torch_device(settings.device)
         t = time.perf_counter()
         write_raw_dataset(cases, folders["raw"], settings.sides)

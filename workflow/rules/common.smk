@@ -307,7 +307,7 @@ def train_segmenter_args(wildcards, threads):
     s = segmentation_config(wildcards.cohort)
     args = [f"--case-ids {' '.join(segmenter_trained_on(wildcards.cohort))}", f"--trainer {s['trainer']}",
             f"--fold {s['fold']}", f"--configuration {s['configuration']}", f"--sides {s['sides']}",
-            f"--device {s['device']}",
+            f"--device {s['device']}", *([f"--seed {s['seed']}"] if s["seed"] is not None else []),
             f"--processes {max(1, threads - 1)}", f"--threads {threads}"]
     for key in ("epochs", "iterations_per_epoch", "val_iterations_per_epoch"):
         if s.get(key) is not None:
