@@ -268,7 +268,18 @@ def test_estimate_cli_on_dicom_and_png_radiographs(real_shards, real_model, tmp_
     code, out, err = _main(capsys, "estimate", "--model", str(real_model), "--xray", str(jpg), "--side", "left",
                            "--json", "--pixel-mm", "2.8", "2.8")
     assert code == 0, err
-    assert json.loads(out)["sides"]["left"]["drr_bmd_g_cm2"] == pytest.approx(r["drr_bmd_g_cm2"], abs=0.05)
+    jpeg_bmd = json.loads(out)["sides"]["left"]["drr_bmd_g_cm2"]
+    assert jpeg_bmd == pytest.approx(r["drr_bmd_g_cm2"], abs=0.05)
+    # several radiographs in one call (the model loads once): each as on its own, each in its own folder
+    code, out, err = _main(capsys, "estimate", "--model", str(real_model), "--xray", str(png), str(jpg), "--side",
+                           "left", "--json", "--pixel-mm", "2.8", "2.8", "--out", str(tmp_path / "many"))
+    assert code == 0, err
+    both = json.loads(out)
+    assert [b["xray"] for b in both] == [png.name, "x.jpg"]
+    assert [b["sides"]["left"]["drr_bmd_g_cm2"] for b in both] == [r["drr_bmd_g_cm2"], jpeg_bmd]
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == sorted([png.name.split(".")[0], "x"])
+    assert (tmp_path / "many" / "x" / "left_decomposition.png").is_file()
+    timings["png + jpeg in one call, per radiograph after the first"] = both[1]["seconds"]
     # a hip crop as the shards store it, given as a 16-bit PNG: the same BMD as predicting the crop itself
     from bonedrr.dataset import ShardDataset
 

@@ -256,15 +256,25 @@ def _train(args) -> None:
 
 
 def _estimate(args) -> None:
-    from bonedrr.estimate import describe, estimate
+    from bonedrr.estimate import describe, estimate_many
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    result = estimate(args.model, args.xray, side=args.side, out_dir=args.out, pixel_mm=args.pixel_mm,
-                      crop=args.crop, t_reference=args.t_reference, device=args.device)
-    print(json.dumps(result, indent=2) if args.json else describe(result))
+    many = len(args.xray) > 1
+    out_dirs = [None if args.out is None else Path(args.out) / (Path(x).name.split(".")[0] if many else "")
+                for x in args.xray]
+    if many and len({d for d in out_dirs if d is not None}) < len(args.xray) and args.out is not None:
+        raise BonedrrError("--xray: two radiographs share a file name (their --out folders would collide)")
+    results = estimate_many(args.model, args.xray, side=args.side, out_dirs=out_dirs, pixel_mm=args.pixel_mm,
+                            crop=args.crop, t_reference=args.t_reference, device=args.device)
+    if args.json:
+        print(json.dumps([{"xray": Path(x).name, **r} for x, r in zip(args.xray, results)] if many else results[0],
+                         indent=2))
+    else:
+        print("\n".join((f"{Path(x).name}:\n" + describe(r)) if many else describe(r)
+                        for x, r in zip(args.xray, results)))
 
 
 def _check_config(args) -> None:
@@ -559,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("estimate", help="BMD from one radiograph (DICOM, PNG, JPEG) with a trained model")
     p.add_argument("--model", required=True, help="trained model folder (results/models/<name>)")
-    p.add_argument("--xray", required=True, help="radiograph: a full AP pelvis (DICOM DX/CR, PNG, JPEG) or a hip "
+    p.add_argument("--xray", required=True, nargs="+", help="radiograph(s): a full AP pelvis (DICOM DX/CR, PNG, JPEG) or a hip "
                    "crop (--crop)")
     p.add_argument("--side", choices=["left", "right", "both"], default="both")
     p.add_argument("--crop", action="store_true", help="the image is a hip crop (one side), not a full radiograph")
@@ -567,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detector pixel size, mm, for files without spacing tags (PNG/JPEG)")
     p.add_argument("--t-reference", type=float, nargs=2, metavar=("MEAN", "SD"),
                    help="young-adult reference aBMD mean and SD (g/cm2): adds a T-score")
-    p.add_argument("--out", help="folder for estimate.json and the decomposed images (default: none written)")
+    p.add_argument("--out", help="folder for estimate.json and the decomposed images (default: none written; several "
+                   "radiographs: a subfolder per file name)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, help="CPU threads of torch")

@@ -97,26 +97,58 @@ def estimate(model_dir: str | Path, xray: str | Path, side: str = "both", out_di
     Raises:
         InputError: Missing or unreadable model or image, a hip that cannot be found.
     """
-    from bonedrr.train import BMD_CHANNEL, load_model
+    return estimate_many(model_dir, [xray], side, [out_dir], pixel_mm, crop, t_reference, device)[0]
+
+
+def estimate_many(model_dir: str | Path, xrays: list, side: str = "both", out_dirs: list | None = None,
+                  pixel_mm=None, crop: bool = False, t_reference: tuple[float, float] | None = None,
+                  device: str = "cpu") -> list[dict]:
+    """:func:`estimate` for several radiographs with the model loaded once (python, torch and the model
+    load take a few seconds, a radiograph a tenth of one).
+
+    Args:
+        xrays: The radiographs.
+        out_dirs: One output folder (or None) per radiograph; None writes nothing.
+        model_dir, side, pixel_mm, crop, t_reference, device: As for :func:`estimate`.
+
+    Returns:
+        One result record per radiograph, in order; ``seconds`` of each counts its own work, the first
+        also the model load.
+    """
+    from bonedrr.train import load_model
 
     t0 = time.perf_counter()
-    xray = Path(xray)
-    if not xray.is_file():
-        raise InputError("radiograph file not found", xray)
-    if xray.suffix.lower() in RASTER_SUFFIXES and pixel_mm is None and not crop:
-        raise InputError("a PNG/JPEG has no pixel spacing: give --pixel-mm ROW COL (mm at the detector)", xray)
+    xrays = [Path(x) for x in xrays]
+    for xray in xrays:  # every input checked before the model loads
+        if not xray.is_file():
+            raise InputError("radiograph file not found", xray)
+        if xray.suffix.lower() in RASTER_SUFFIXES and pixel_mm is None and not crop:
+            raise InputError("a PNG/JPEG has no pixel spacing: give --pixel-mm ROW COL (mm at the detector)", xray)
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(model_dir, device=device)
+    out_dirs = out_dirs or [None] * len(xrays)
+    results = []
+    for xray, out_dir in zip(xrays, out_dirs):
+        results.append(_estimate_one(model, Path(model_dir).name, xray, side, out_dir, pixel_mm, crop,
+                                     t_reference, t0))
+        t0 = time.perf_counter()
+    return results
+
+
+def _estimate_one(model, model_name: str, xray: Path, side: str, out_dir, pixel_mm, crop: bool, t_reference,
+                  t0: float) -> dict:
+    from bonedrr.train import BMD_CHANNEL
+
     radiograph = read_radiograph(xray, default_pixel_mm=pixel_mm or (1.0, 1.0))
     sides = list(SIDES) if side == "both" else [side]
     crops, facts = hip_crops(model, radiograph.pixels, radiograph.pixel_mm, sides, crop)
     prediction = model.predict(crops)
     bmd = model.bmd(prediction)
     calibrated = model.calibrated(bmd)
-    result = {"model": Path(model_dir).name, "units": "g/cm2", "pixel_mm": list(radiograph.pixel_mm),
+    result = {"model": model_name, "units": "g/cm2", "pixel_mm": list(radiograph.pixel_mm),
               "pixel_spacing_source": radiograph.spacing_source, "sides": {}}
     for i, s in enumerate(sides):
         record = {"drr_bmd_g_cm2": _round(bmd[i]), **facts[s]}

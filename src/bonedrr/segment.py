@@ -359,11 +359,6 @@ def train_segmenter(cases: list[tuple[str, str | Path, str | Path]], workdir: st
 
         if settings.threads:
             torch.set_num_threads(settings.threads)
-        if settings.seed is not None:
-            os.environ["nnUNet_n_proc_DA"] = "0"  # restored with the rest of the environment on exit
-            random.seed(settings.seed)
-            np.random.seed(settings.seed)
-            torch.manual_seed(settings.seed)
         device = torch_device(settings.device)
         t = time.perf_counter()
         write_raw_dataset(cases, folders["raw"], settings.sides)
@@ -389,6 +384,12 @@ def train_segmenter(cases: list[tuple[str, str | Path, str | Path]], workdir: st
         dataset_json = json.loads((preprocessed / "dataset.json").read_text())
         plans["continue_training"] = False  # what nnUNetv2_train's entry point sets for a fresh run
         trainer_class = find_trainer_class(settings.trainer)
+        if settings.seed is not None:
+            # only now: nnU-Net's planner sets torch's threads to this number (0 is refused there)
+            os.environ["nnUNet_n_proc_DA"] = "0"  # restored with the rest of the environment on exit
+            random.seed(settings.seed)
+            np.random.seed(settings.seed)
+            torch.manual_seed(settings.seed)
         if settings.configuration not in plans["configurations"]:
             raise ConfigError(f"config error: nnU-Net planned no {settings.configuration!r} configuration for "
                               "this data set")
