@@ -7,9 +7,9 @@ Measured in one run on the demo cohort's results (run the demo first: ``./run.sh
    random order with replacement) and count samples per second; bytes per sample on disk.
 2. The peer: the same samples (radiograph crop, DRR channels, mask) written as per-sample NIfTI files
    (``.nii.gz``, as a per-case layout would hold them), read by nibabel in the same DataLoader set-up.
-3. The consumer: the CPU training step rate of a small U-Net (3 levels, 16 base channels, batch 8 at
-   the crop size, L1 on the DRR channels, AdamW, torch 2 threads). A stand-in, clearly labelled: the
-   project's model is written separately; its step rate will differ.
+3. The consumer: the CPU training step rate of the project's own decomposition network and losses
+   (``bonedrr.train``: the U-Net of config ``train.network``, L1 + gradient correlation, AdamW; batch 8
+   at the crop size, torch 2 threads).
 
 The files are in the page cache after the first epoch (as they are during training on a machine
 with enough memory), so this measures decoding and the loader, not the disk. The machine's load
@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from bonedrr.config import load_config  # noqa: E402
 from bonedrr.dataset import ShardDataset  # noqa: E402
 from bonedrr.shards import COMPRESSIONS, PackSettings, pack_cohort  # noqa: E402
 
@@ -96,48 +96,27 @@ def loader_rate(dataset, n_samples: int, repeats: int = 3) -> float:
     return max(rates)
 
 
-class SmallUNet(nn.Module):
-    """3-level U-Net, 16 base channels: the benchmark's stand-in for the decomposition model."""
-
-    def __init__(self, out_channels: int, base: int = 16):
-        super().__init__()
-
-        def block(i, o):
-            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(inplace=True),
-                                 nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
-
-        self.down = nn.ModuleList([block(1, base), block(base, 2 * base), block(2 * base, 4 * base)])
-        self.bottom = block(4 * base, 8 * base)
-        self.up = nn.ModuleList([nn.ConvTranspose2d(8 * base, 4 * base, 2, 2), nn.ConvTranspose2d(4 * base, 2 * base, 2, 2),
-                                 nn.ConvTranspose2d(2 * base, base, 2, 2)])
-        self.dec = nn.ModuleList([block(8 * base, 4 * base), block(4 * base, 2 * base), block(2 * base, base)])
-        self.head = nn.Conv2d(base, out_channels, 1)
-
-    def forward(self, x):
-        skips = []
-        for down in self.down:
-            x = down(x)
-            skips.append(x)
-            x = nn.functional.max_pool2d(x, 2)
-        x = self.bottom(x)
-        for up, dec in zip(self.up, self.dec):
-            x = dec(torch.cat([up(x), skips.pop()], 1))
-        return self.head(x)
-
-
 def training_rate(shape, channels: int, steps: int = 20) -> float:
-    """Samples per second of training steps (forward, L1, backward, AdamW) on the CPU, 2 threads."""
+    """Samples per second of the project's training step on the CPU (torch 2 threads): its U-Net with the
+    default config's ``train.network`` (stage 1's channels), L1 + gradient correlation at the default
+    weights, backward, AdamW; augmentation and the loader excluded."""
+    from bonedrr.config import load_config
+    from bonedrr.model.losses import gc_loss, l1_loss
+    from bonedrr.train import _unet
+
+    train = load_config(REPO / "config" / "config.yaml")["train"]
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    model = SmallUNet(channels)
-    optimiser = torch.optim.AdamW(model.parameters(), 1e-3)
-    x = torch.randn(BATCH, 1, *shape)
-    y = torch.randn(BATCH, channels, *shape)
+    model = _unet(train["network"], channels)
+    optimiser = torch.optim.AdamW(model.parameters(), float(train["lr"]))
+    x = torch.rand(BATCH, 1, *shape)
+    y = torch.rand(BATCH, channels, *shape)
     for i in range(steps + 3):
         if i == 3:
             t = time.perf_counter()
         optimiser.zero_grad()
-        loss = (model(x) - y).abs().mean()
+        prediction = model(x)
+        loss = train["loss"]["l1"] * l1_loss(prediction, y) + train["loss"]["gc"] * gc_loss(prediction, y)
         loss.backward()
         optimiser.step()
     return steps * BATCH / (time.perf_counter() - t)
@@ -178,11 +157,13 @@ def main() -> None:
                              "loader_samples_per_s": round(loader_rate(NiftiSamples(nifti), args.samples), 1)}
         print("nifti", out["nifti_peer"], flush=True)
     shape = tuple(out["crop_px"])
-    out["training_stand_in"] = {
-        "what": "3-level U-Net, 16 base channels, batch 8, L1 + AdamW, CPU, torch 2 threads (a stand-in for the "
-                "project's model)", "samples_per_s": round(training_rate(shape, len(out["channels"])), 1)}
-    print("training", out["training_stand_in"], flush=True)
-    train = out["training_stand_in"]["samples_per_s"]
+    stage_1 = len(load_config(REPO / "config" / "config.yaml")["train"]["stages"][0]["channels"])
+    out["training"] = {
+        "what": "the project's training step (bonedrr.train's U-Net at config/config.yaml's train.network, stage 1's "
+                f"{stage_1} channels, L1 + GC, AdamW), batch 8, CPU, torch 2 threads",
+        "samples_per_s": round(training_rate(shape, stage_1), 1)}
+    print("training", out["training"], flush=True)
+    train = out["training"]["samples_per_s"]
     for name, c in out["compressions"].items():
         c["x_training"] = round(c["loader_samples_per_s"] / train, 1)
         c["x_nifti"] = round(c["loader_samples_per_s"] / out["nifti_peer"]["loader_samples_per_s"], 1)
