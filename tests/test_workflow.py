@@ -173,7 +173,21 @@ def test_validation_metrics_and_report_come_from_the_workflow(workdir, run):
     assert [e["quality"] for e in metrics["jpeg"]] == [50, 5]
     assert metrics["pose"]["radiographs_per_hip"] == 4  # each hip: its case's radiograph and 3 extra views
     assert (out / "predictions.csv").read_text().count("\n") == n + 1
-    assert "data:image/png;base64," in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page
+    # the upstream stages' quality, from the cohort's QC tables: in metrics.json and in the report
+    qc = workdir / "results" / "tiny" / "qc"
+    registered = [line.split("\t") for line in (qc / "registration.tsv").read_text().splitlines()]
+    header = registered[0]
+    pipeline = metrics["pipeline"]
+    assert [(r["case_id"], r["mtre_mm"]) for r in pipeline["registration"]] == [
+        (row[0], float(row[header.index("mtre_mm")])) for row in registered[1:]]
+    assert set(pipeline["segmentation"]) == {"train", "test"}  # demo_000 trains the segmenter, demo_001 is held out
+    assert pipeline["segmentation"]["test"]["femur_left"]["n"] == 1
+    assert [f["case_id"] for f in pipeline["failures"]] == [
+        line.split("\t")[0] for line in (qc / "failures.tsv").read_text().splitlines()[1:]]
+    assert "Registration of each case" in page and all(row[0] in page for row in registered[1:])
+    assert "Segmentation (nnU-Net) against the reference labels" in page
 
 
 def test_no_identifying_value_reaches_results_or_logs(workdir, run):

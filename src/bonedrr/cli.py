@@ -223,7 +223,7 @@ def _validate(args) -> None:
                                   examples=args.examples, device=args.device)
     result = validate_cohort(args.shards, args.models, args.out, cases_root=args.cases_root,
                              demo_root=args.demo_root, default_pixel_mm=args.pixel_mm, settings=settings,
-                             cohort=args.cohort)
+                             cohort=args.cohort, qc_dir=args.qc_dir)
     for key, m in result["model"].items():
         b = result["baseline"].get(key, {})
         log.info("%s (n %d): r %.3f (baseline %.3f), ICC(2,1) %.3f, MAE %.4g %s", m["label"], m["n"], m["pearson_r"],
@@ -544,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cohort", help="cohort name (shown in the report)")
     p.add_argument("--cases-root", help="the cohort's results folder (whole radiographs for the JPEG sweep)")
     p.add_argument("--demo-root", help="a demo cohort's demo_input folder (extra views: the multi-pose sweep)")
+    p.add_argument("--qc-dir", help="the cohort's qc folder: its segmentation, registration and failures tables "
+                   "are summarised in the report")
     p.add_argument("--pixel-mm", type=float, nargs=2, default=list(DEMO["pixel_mm"]), metavar=("ROW", "COL"),
                    help="detector pixel of radiographs without spacing (the cohort's xray.pixel_mm)")
     p.add_argument("--jpeg-qualities", type=int, nargs="*", default=[95, 75, 50, 30, 20, 10, 5, 3, 1],

@@ -348,7 +348,8 @@ def summarise_pose(rows: list[dict]) -> dict:
 def validate_cohort(shard_dir: str | Path, model_dirs: list[str | Path], out_dir: str | Path, *,
                     cases_root: str | Path | None = None, demo_root: str | Path | None = None,
                     default_pixel_mm=(1.4, 1.4), settings: ValidationSettings | None = None,
-                    cohort: str | None = None, models: dict | None = None, progress: bool = True) -> dict:
+                    cohort: str | None = None, models: dict | None = None, progress: bool = True,
+                    qc_dir: str | Path | None = None) -> dict:
     """Validate the fold models of one cohort; write predictions.csv, metrics.json, plots and report.html.
 
     Args:
@@ -363,6 +364,8 @@ def validate_cohort(shard_dir: str | Path, model_dirs: list[str | Path], out_dir
         models: ``{fold: model}`` to use instead of loading ``model_dirs`` (objects honouring the
             model API: ``channels``, ``crop_shape``, ``predict``, ``locate_hips``); for tests.
         progress: Show a progress bar over folds.
+        qc_dir: ``results/<cohort>/qc``: its segmentation, registration and failures tables are
+            summarised in the report (:func:`pipeline_quality`); None: left out.
 
     Returns:
         The metrics (as written to metrics.json).
@@ -449,6 +452,8 @@ def validate_cohort(shard_dir: str | Path, model_dirs: list[str | Path], out_dir
             pose_rows += pose_sweep(model, patients, pack, default_pixel_mm, settings.threshold_g_cm2)
 
     result = summarise(per_sample, jpeg_rows, pose_rows, images, fold_info, cohort, settings)
+    if qc_dir is not None:
+        result["pipeline"] = pipeline_quality(qc_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_predictions(out_dir / "predictions.csv", per_sample)
     write_json(out_dir / "metrics.json", _finite(result))
@@ -457,6 +462,52 @@ def validate_cohort(shard_dir: str | Path, model_dirs: list[str | Path], out_dir
     plots = write_plots(out_dir / "plots", per_sample, jpeg_rows, pose_rows, examples, result)
     write_report(out_dir / "report.html", result, plots)
     return result
+
+
+def _read_tsv(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def _float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+#: Structures whose segmentation Dice the report summarises (the bones BMD and registration rest on).
+QC_STRUCTURES = ("femur_left", "femur_right", "hip_left", "hip_right")
+
+
+def pipeline_quality(qc_dir: str | Path) -> dict:
+    """The upstream stages' quality from a cohort's QC tables, for the report and metrics.json.
+
+    Returns ``segmentation``: per split (``test``: held out from the segmenter's training; ``train``)
+    and structure, the case count and the mean and smallest Dice; ``registration``: each case's GC,
+    QA flags and (where the truth is known) mPD, rotation error and mTRE; ``failures``: each failed
+    case's stage and reason. A missing table gives an empty entry.
+    """
+    qc_dir = Path(qc_dir)
+    segmentation: dict = {}
+    for row in _read_tsv(qc_dir / "segmentation.tsv"):
+        for name in QC_STRUCTURES:
+            dice = _float(row.get(f"dice_{name}"))
+            if np.isfinite(dice):
+                segmentation.setdefault(row.get("split", ""), {}).setdefault(name, []).append(dice)
+    segmentation = {split: {name: {"n": len(v), "mean_dice": float(np.mean(v)), "min_dice": float(np.min(v))}
+                            for name, v in by_name.items()} for split, by_name in segmentation.items()}
+    registration = []
+    for row in _read_tsv(qc_dir / "registration.tsv"):
+        entry = {"case_id": row["case_id"], "gc": _float(row.get("gc")),
+                 "qa_flags": [] if row.get("qa_flags") in (None, "", "-") else row["qa_flags"].split(",")}
+        for key in ("mpd_mm", "rotation_error_deg", "mtre_mm", "depth_error_mm"):
+            entry[key] = _float(row.get(key))
+        registration.append(entry)
+    return {"segmentation": segmentation, "registration": registration,
+            "failures": _read_tsv(qc_dir / "failures.tsv")}
 
 
 def _device(device: str) -> str:

@@ -192,6 +192,38 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _pipeline_section(pipeline: dict | None) -> list[str]:
+    """Segmentation Dice, each case's registration errors and QA, and the failed cases."""
+    if not pipeline:
+        return []
+    parts = ["<h2>Upstream quality: segmentation, registration, failed cases</h2>"]
+    seg = pipeline.get("segmentation") or {}
+    rows = [[html.escape({"test": "held out", "train": "trained on"}.get(split, split)), html.escape(name),
+             _fmt(v["n"]), _fmt(v["mean_dice"]), _fmt(v["min_dice"])]
+            for split in sorted(seg, key=lambda k: k != "test") for name, v in seg[split].items()]
+    if rows:
+        parts += ["<h3>Segmentation (nnU-Net) against the reference labels</h3>",
+                  _table(["cases", "structure", "n", "mean Dice", "lowest Dice"], rows),
+                  "<p class=note>Per case: results/&lt;cohort&gt;/qc/segmentation.tsv and each case's "
+                  "segmentation.png.</p>"]
+    reg = pipeline.get("registration") or []
+    if reg:
+        parts += ["<h3>Registration of each case</h3>",
+                  _table(["case", "GC", "mPD (mm)", "rotation error (deg)", "mTRE (mm)", "depth error (mm)", "QA flags"],
+                         [[html.escape(r["case_id"]), _fmt(r["gc"]), _fmt(r["mpd_mm"]), _fmt(r["rotation_error_deg"]),
+                           _fmt(r["mtre_mm"]), _fmt(r["depth_error_mm"]),
+                           html.escape(", ".join(r["qa_flags"]) or "none")] for r in reg]),
+                  "<p class=note>Errors against the true pose (truth.json; blank where no truth is known) over the "
+                  "bone voxels: mPD, the mean reprojection distance at the isocentre; mTRE in 3D, of which "
+                  "one view pins down the depth part least. Each case's overlay.png shows the fit.</p>"]
+    failures = pipeline.get("failures") or []
+    parts += ["<h3>Failed cases</h3>",
+              _table(["case", "stage", "reason"], [[html.escape(f.get("case_id", "")), html.escape(f.get("stage", "")),
+                                                    html.escape(f.get("reason", ""))] for f in failures])
+              if failures else "<p>None.</p>"]
+    return parts
+
+
 def write_report(path: Path, result: dict, plots: dict[str, Path]) -> None:
     """The self-contained HTML report (images embedded)."""
     d = result["definitions"]
@@ -264,6 +296,7 @@ def write_report(path: Path, result: dict, plots: dict[str, Path]) -> None:
                   f"max {_fmt(error['max'], 1)} mm. The paper reports 3.27-3.79 %.</p>"]
         if "pose" in plots:
             parts.append(_img(plots["pose"], "pose"))
+    parts += _pipeline_section(result.get("pipeline"))
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"
              "margin:0.5em 0}td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}"
              "img{max-width:100%}.note{font-size:85%;color:#555}")

@@ -404,7 +404,8 @@ def validate_inputs(wildcards):
     files = {"manifest": f"results/{cohort}/shards/manifest.json",
              "models": [f"results/models/{cohort}_fold{k}/model.pt" for k in validation_folds(cohort)],
              "xrays": [f"results/{cohort}/{case}/xray.nii.gz" for case in cases],
-             "bmd": [f"results/{cohort}/{case}/bmd.json" for case in cases]}
+             "bmd": [f"results/{cohort}/{case}/bmd.json" for case in cases],
+             "qc": [f"results/{cohort}/qc/{name}" for name in ("segmentation.tsv", "registration.tsv", "failures.tsv")]}
     if is_demo(cohort):
         files["demo"] = [demo_case_dir(cohort, case) for case in cases]
     return files

@@ -38,4 +38,4 @@ rule validate:
     shell:
         "{params.cli} validate --shards results/{wildcards.cohort}/shards --models {params.models} "
         "--out results/validation/{wildcards.cohort} --cohort {wildcards.cohort} "
-        "--cases-root results/{wildcards.cohort} {params.args} 2> {log}"
+        "--cases-root results/{wildcards.cohort} --qc-dir results/{wildcards.cohort}/qc {params.args} 2> {log}"
