@@ -17,7 +17,7 @@ DEFAULTS = {
 #: CPU cores), which then segments every patient; the others are its held-out test cases.
 SEGMENTATION_DEFAULTS = {
     "model": "train", "preset": "canonical", "training_cases": 6, "trainer": "nnUNetTrainerBonedrr",
-    "configuration": "2d", "sides": "midline", "epochs": 40,
+    "configuration": "2d", "sides": "midline", "epochs": 80,
     "iterations_per_epoch": 15, "val_iterations_per_epoch": 2,
     "plans": {"target_spacing_mm": 4.5, "patch_size": [96, 96], "batch_size": 8, "base_features": 16,
               "max_features": 128},
