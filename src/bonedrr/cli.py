@@ -158,7 +158,8 @@ def _train_segmenter(args) -> None:
                              configuration=args.configuration, sides=args.sides, device=args.device,
                              target_spacing_mm=args.target_spacing_mm, patch_size=args.patch_size,
                              batch_size=args.batch_size, base_features=args.base_features,
-                             max_features=args.max_features, processes=args.processes, threads=args.threads,
+                             max_features=args.max_features,
+                             processes=args.processes or max(1, (args.threads or 1) - 1), threads=args.threads,
                              seed=args.seed)
     record = train_segmenter(list(zip(args.case_ids, args.ct, args.labels)), args.workdir, args.out, settings,
                              keep_workdir=args.keep_workdir)
@@ -470,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="patches per iteration (default: nnU-Net's)")
     p.add_argument("--base-features", type=int, help="features of the first U-Net stage (default: 32)")
     p.add_argument("--max-features", type=int, help="most features of a stage (default: 320 in 3D, 512 in 2D)")
-    p.add_argument("--processes", type=int, default=1, help="preprocessing and data-augmentation processes")
+    p.add_argument("--processes", type=int, help="preprocessing and data-augmentation processes (default: one "
+                   "fewer than --threads, at least 1)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--seed", type=int, help="seed: a rerun trains the same model (default: nnU-Net's, unseeded)")
     p.add_argument("--keep-workdir", action="store_true", help="keep nnU-Net's raw and preprocessed data")

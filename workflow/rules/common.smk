@@ -52,12 +52,17 @@ onstart:
 def bonedrr_command():
     """How a job calls the bonedrr CLI: the package of this checkout (whether or not it is installed in
     the job's environment), run by the conda env's python with --use-conda, else by the python that
-    runs Snakemake (so a pip-installed environment works without activating it)."""
+    runs Snakemake (so a pip-installed environment works without activating it).
+
+    The paths come through environment variables (set here, in every Snakemake process that runs a
+    job, a cluster job's included): the command is a param of every rule, and a param that held the
+    checkout's or the venv's absolute path would rerun the whole workflow when either moves."""
     from snakemake.settings.types import DeploymentMethod
 
     uses_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
-    python = "python" if uses_conda else f"'{sys.executable}'"
-    return f"PYTHONPATH='{SRC}'${{PYTHONPATH:+:$PYTHONPATH}} {python} -m bonedrr"
+    os.environ["BONEDRR_SRC"] = str(SRC)
+    os.environ["BONEDRR_PYTHON"] = "python" if uses_conda else sys.executable
+    return 'PYTHONPATH="$BONEDRR_SRC${PYTHONPATH:+:$PYTHONPATH}" "$BONEDRR_PYTHON" -m bonedrr'
 
 
 BONEDRR = bonedrr_command()
@@ -302,13 +307,14 @@ def train_segmenter_labels(wildcards):
                     for case in segmenter_trained_on(wildcards.cohort))
 
 
-def train_segmenter_args(wildcards, threads):
-    """`bonedrr train-segmenter` options from the cohort's `segmentation` block."""
+def train_segmenter_args(wildcards):
+    """`bonedrr train-segmenter` options from the cohort's `segmentation` block. (A params function must
+    not take `threads`: Snakemake leaves those out of the params it compares to decide on a rerun, and
+    a changed setting would not retrain the model; the shell command adds the threads.)"""
     s = segmentation_config(wildcards.cohort)
     args = [f"--case-ids {' '.join(segmenter_trained_on(wildcards.cohort))}", f"--trainer {s['trainer']}",
             f"--fold {s['fold']}", f"--configuration {s['configuration']}", f"--sides {s['sides']}",
-            f"--device {s['device']}", *([f"--seed {s['seed']}"] if s["seed"] is not None else []),
-            f"--processes {max(1, threads - 1)}", f"--threads {threads}"]
+            f"--device {s['device']}", *([f"--seed {s['seed']}"] if s["seed"] is not None else [])]
     for key in ("epochs", "iterations_per_epoch", "val_iterations_per_epoch"):
         if s.get(key) is not None:
             args.append(f"--{key.replace('_', '-')} {s[key]}")

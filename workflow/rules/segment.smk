@@ -25,7 +25,7 @@ rule train_segmenter:
     shell:
         "{params.cli} train-segmenter --ct {input.ct} --labels {params.labels} "
         "--workdir results/{wildcards.cohort}/segmenter/work --out {output.model} "
-        "--progress-png {output.progress} {params.args} 2> {log}"
+        "--progress-png {output.progress} --threads {threads} {params.args} 2> {log}"
 
 
 # A checkpoint, like ingest: an empty or implausible segmentation is recorded (status/segment.json,
