@@ -60,8 +60,7 @@ def bonedrr_command():
     from snakemake.settings.types import DeploymentMethod
 
     uses_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
-    os.environ["BONEDRR_SRC"] = str(SRC)
-    os.environ["BONEDRR_PYTHON"] = "python" if uses_conda else sys.executable
+    os.environ.update(BONEDRR_SRC=str(SRC), BONEDRR_PYTHON="python" if uses_conda else sys.executable)
     return 'PYTHONPATH="$BONEDRR_SRC${PYTHONPATH:+:$PYTHONPATH}" "$BONEDRR_PYTHON" -m bonedrr'
 
 
