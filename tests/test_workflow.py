@@ -214,7 +214,9 @@ def test_rerun_has_nothing_to_do(workdir, run):
 
 
 def test_a_changed_setting_reruns_its_stage(workdir, run):
-    """Editing a cohort's segmentation settings retrains its segmenter (Snakemake's params trigger)."""
+    """Editing a cohort's segmentation settings retrains its segmenter (Snakemake's params trigger), and
+    the new labels replace the old ones: the jobs after the segment checkpoint are planned too (Snakemake
+    itself would not rerun them while their outputs exist)."""
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     config["cohorts"]["tiny"]["segmentation"]["epochs"] += 1
     changed = workdir / "changed.yaml"
@@ -225,6 +227,7 @@ def test_a_changed_setting_reruns_its_stage(workdir, run):
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     assert any(line.split()[:2] == ["train_segmenter", "1"] for line in out.splitlines()), out
+    assert any(line.split()[:2] == ["segment", "2"] for line in out.splitlines()), out  # both tiny cases
     assert "Params have changed since last execution" in out, out
 
 

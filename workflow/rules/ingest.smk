@@ -31,8 +31,11 @@ checkpoint ingest_check:
         "--cohort {wildcards.cohort} --out {params.staged} {params.args} 2> {log}"
 
 
+# Takes its checkpoint's inputs and params too, so that a changed input or setting reruns it (see
+# rule segment).
 rule ingest:
     input:
+        unpack(ingest_inputs),
         status="results/{cohort}/{case}/status/ingest.json",
     output:
         ct="results/{cohort}/{case}/ct.nii.gz",
@@ -43,6 +46,7 @@ rule ingest:
     params:
         cli=BONEDRR,
         staged=staging_dir,
+        checked_with=ingest_args,
     conda:
         "../../envs/ingest.yaml"
     shell:

@@ -59,8 +59,13 @@ localrules:
     segment,
 
 
+# The accepting rules take their checkpoint's inputs and params too: Snakemake (9.27) does not rerun
+# the jobs after a checkpoint whose outputs exist when the checkpoint reruns (snakemake/snakemake#3879),
+# so a retrained model or a changed setting would leave the old labels in place; with them, this rule's
+# own rerun is decided when the DAG is built, and everything after it follows.
 rule segment:
     input:
+        unpack(segment_inputs),
         status="results/{cohort}/{case}/status/segment.json",
     output:
         labels="results/{cohort}/{case}/labels.nii.gz",
@@ -71,6 +76,7 @@ rule segment:
     params:
         cli=BONEDRR,
         staged=lambda wc: f"results/{wc.cohort}/{wc.case}/.staged-segment",
+        checked_with=segment_args,  # see above: a changed setting reruns this too
     conda:
         "../../envs/segment.yaml"
     shell:
