@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from bonedrr.errors import InputError
 from bonedrr.labels import CANONICAL_LABELS, PRESETS, remap
-from bonedrr.segment import (TrainSettings, check_plausible, compare_labels, load_predictor, nnunet_environment,
-                             overlay_png, predict_labels, resolve_mapping, train_segmenter, volumes_cm3)
+from bonedrr.segment import (TrainSettings, check_plausible, compare_labels, keep_largest_components, load_predictor,
+                             nnunet_environment, overlay_png, predict_labels, resolve_mapping, train_segmenter, volumes_cm3)
 
 from conftest import REAL_CT, REAL_LABELS, REPO
 
@@ -170,6 +171,13 @@ def test_tiny_model_segments_a_new_variant(tiny_model, tmp_path):
     # yet (0.02): the demo's model trains for 600 and is held to 0.9 on its held-out patients.
     hips = [m[k]["dice"] for k in ("hip_left", "hip_right")]
     assert np.mean(hips) > 0.4, m
+    # each bone and muscle is one connected body (stray voxels would move the femoral head: see
+    # keep_largest_components)
+    predicted = sitk.GetArrayFromImage(labels)
+    for name in ("femur_left", "femur_right", "hip_left", "hip_right", "iliopsoas_left", "iliopsoas_right"):
+        mask = predicted == CANONICAL_LABELS[name]
+        if mask.any():
+            assert ndimage.label(mask, np.ones((3, 3, 3)))[1] == 1, name
     overlay_png(ct, sitk.GetArrayFromImage(labels), tmp_path / "segmentation.png", "tiny")
     assert (tmp_path / "segmentation.png").stat().st_size > 20_000
 
@@ -194,3 +202,22 @@ def test_an_empty_segmentation_is_a_clear_error(tiny_model, tmp_path):
         prefix + "segmentation has no femur_left (the case is measured on side 'left')")
     assert not (tmp_path / "labels.nii.gz").exists()
     assert json.loads((tmp_path / "segmentation.json").read_text())["plausible"] is False
+
+
+def test_a_stray_voxel_does_not_move_the_femoral_head():
+    """One voxel of "femur" predicted in the spine would be the femur's top, hence its head: removed,
+    with the rest of the prediction untouched."""
+    from bonedrr.labels import femoral_head_centre
+
+    lab = np.zeros((100, 20, 40), np.uint8)  # k grows superior (identity affine)
+    lab[10:50, 5:15, 5:15] = CANONICAL_LABELS["femur_left"]
+    lab[10:50, 5:15, 25:35] = CANONICAL_LABELS["femur_right"]
+    lab[95, 10, 10] = CANONICAL_LABELS["femur_left"]
+    lab[60:70, 5:15, 5:35] = CANONICAL_LABELS["other_bone"]  # several bones: left as predicted
+    lab[90, 0, 0] = CANONICAL_LABELS["other_bone"]
+    cleaned = keep_largest_components(lab)
+    assert femoral_head_centre(lab, "left", np.eye(4))[2] > 90
+    assert femoral_head_centre(cleaned, "left", np.eye(4))[2] == pytest.approx(femoral_head_centre(
+        cleaned, "right", np.eye(4))[2])
+    assert cleaned[95, 10, 10] == 0 and cleaned[90, 0, 0] == CANONICAL_LABELS["other_bone"]
+    assert (cleaned != lab).sum() == 1

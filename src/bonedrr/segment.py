@@ -543,9 +543,42 @@ def predict_labels(predictor, ct: sitk.Image, mapping: dict[int, str]) -> sitk.I
         canonical = split_at_midline(model_ids.astype(np.uint8), world_axis_grid(working, 0))
     else:
         canonical = remap(model_ids, mapping)
+    canonical = keep_largest_components(canonical)
     labels = sitk.GetImageFromArray(canonical)
     labels.CopyInformation(working)
     return back_to_grid(labels, ct)
+
+
+#: Structures that are one connected body each: a prediction keeps only its largest component.
+SINGLE_BODIES = tuple(name for name in CANONICAL_LABELS if name.endswith(("_left", "_right")))
+
+
+def keep_largest_components(labels: np.ndarray, names=SINGLE_BODIES) -> np.ndarray:
+    """Background for every voxel of ``names`` outside that structure's largest connected component.
+
+    A network's prediction has a few stray voxels of a label far from the structure (one or two voxels
+    of "femur" in the spine), and the femoral head is found at the femur's most superior voxel: one
+    stray voxel there would move the head, the proximal-femur region and the hip crop by decimetres.
+    Each femur, hemipelvis and muscle is one body, so its largest component (26-connected) is kept
+    (nnU-Net's own post-processing does the same where its cross-validation finds it helps).
+
+    Example:
+        >>> lab = np.zeros((1, 1, 9), np.uint8)
+        >>> lab[0, 0, [0, 1, 2, 6]] = CANONICAL_LABELS["femur_left"]
+        >>> (keep_largest_components(lab) > 0).astype(int).tolist()
+        [[[1, 1, 1, 0, 0, 0, 0, 0, 0]]]
+    """
+    out = labels.copy()
+    structure = ndimage.generate_binary_structure(3, 3)
+    for name in names:
+        mask = labels == CANONICAL_LABELS[name]
+        if not mask.any():
+            continue
+        components, n = ndimage.label(mask, structure)
+        if n > 1:
+            largest = 1 + int(np.argmax(np.bincount(components.ravel())[1:]))
+            out[mask & (components != largest)] = 0
+    return out
 
 
 def is_sideless(dataset_json: dict) -> bool:
