@@ -295,7 +295,7 @@ def main() -> None:
 
         demo, side = demo_cohort(range(*args.cases), args.elastix, lambda runs, pairs: save(
             demo_cohort={"runs": runs}, elastix_side_by_side={"runs": pairs}))
-        result.update(demo_cohort=demo, elastix_side_by_side=side)
+        result.update(demo_cohort=demo, elastix_side_by_side={"summary": side_by_side_summary(side["runs"]), **side})
         if args.real:
             result["real_ct_diffdrr_radiographs"], result["sdd_prior"] = real_ct(args.real, checkpoint=lambda r, d: save(
                 real_ct_diffdrr_radiographs={"runs": r}, sdd_prior={"runs": d}))
