@@ -103,7 +103,7 @@ def main() -> None:
                               "n": len(values)}
     result = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "threads": args.threads,
-                    "note": "a shared 2-core machine: other jobs ran at the same time; times are upper bounds"},
+                    "load_average_at_start": round(os.getloadavg()[0], 2)},
         "model": {k: training["nnunet"][k] for k in ("trainer", "configuration", "spacing_mm", "patch_size",
                                                       "features_per_stage", "epochs", "iterations_per_epoch")},
         "training_seconds": {k: round(v, 1) for k, v in training["seconds"].items()},
