@@ -112,13 +112,13 @@ def elastix_run(case: Path, xray, truth: Geometry, start, centre, points) -> dic
             "seconds": round(result["seconds"], 1)}
 
 
-def demo_cohort(cases: range, n_elastix: int, checkpoint=lambda demo, pairs: None) -> tuple[dict, dict]:
-    """Demo ``cases`` (indices), each from one random start; elastix from the same start on the first
-    ``n_elastix`` of them."""
+def demo_cohort(results: Path, cases: range, n_elastix: int, checkpoint=lambda demo, pairs: None) -> tuple[dict, dict]:
+    """Demo ``cases`` (indices) of the cohort's ``results`` folder, each from one random start; elastix from
+    the same start on the first ``n_elastix`` of them."""
     from tqdm import tqdm
 
     runs, pairs = [], []
-    folders = sorted((REPO / "results" / "demo").glob("demo_[0-9]*"))
+    folders = sorted(results.glob("demo_[0-9]*"))
     for n in tqdm(cases, desc="demo cases"):
         case = folders[n]
         truth, xray, reg, points = demo_case(case)
@@ -247,6 +247,8 @@ def main() -> None:
                         help="demo case indices [FIRST, END)")
     parser.add_argument("--elastix", type=int, default=8, help="elastix beside ours on the first N of those")
     parser.add_argument("--real", type=int, default=5, help="real-CT poses (0: skip the real CT and depth parts)")
+    parser.add_argument("--results", default=str(REPO / "results" / "demo"),
+                        help="the demo's results folder (its labels are what the workflow segmented)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "register.json"))
     parser.add_argument("--merge", nargs="+", help="combine the JSONs of parts run apart into --out")
     args = parser.parse_args()
@@ -286,20 +288,20 @@ def main() -> None:
         result = {"settings": "bonedrr.register.RegistrationSettings() defaults, CPU",
                   "machine": {"cpus": os.cpu_count(), "processor": platform.machine(),
                               "load_average_at_start": os.getloadavg()[0]},
-                  "cases": list(args.cases), "success": "mPD < 0.5 mm and rotation error < 1 degree"}
+                  "cases": list(args.cases), "results": args.results, "success": "mPD < 0.5 mm and rotation error < 1 degree"}
 
         def save(**parts):  # after every run: a part cut short still leaves what it measured
             result.update(parts, wall_seconds=round(time.perf_counter() - t0))
             out.parent.mkdir(exist_ok=True)
             out.write_text(json.dumps(result, indent=2) + "\n")
 
-        demo, side = demo_cohort(range(*args.cases), args.elastix, lambda runs, pairs: save(
+        demo, side = demo_cohort(Path(args.results), range(*args.cases), args.elastix, lambda runs, pairs: save(
             demo_cohort={"runs": runs}, elastix_side_by_side={"runs": pairs}))
         result.update(demo_cohort=demo, elastix_side_by_side={"summary": side_by_side_summary(side["runs"]), **side})
         if args.real:
             result["real_ct_diffdrr_radiographs"], result["sdd_prior"] = real_ct(args.real, checkpoint=lambda r, d: save(
                 real_ct_diffdrr_radiographs={"runs": r}, sdd_prior={"runs": d}))
-            result["depth_and_drr_bmd"] = depth_and_bmd(sorted((REPO / "results" / "demo").glob("demo_[0-9]*"))[0])
+            result["depth_and_drr_bmd"] = depth_and_bmd(sorted(Path(args.results).glob("demo_[0-9]*"))[0])
         result["machine"]["load_average_at_end"] = os.getloadavg()[0]
         result["wall_seconds"] = round(time.perf_counter() - t0)
     out.parent.mkdir(exist_ok=True)

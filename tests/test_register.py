@@ -11,7 +11,7 @@ from bonedrr.calibrate import calibrate_case
 from bonedrr.geometry import Geometry, ap_pose, pose_from_params
 from bonedrr.images import index_to_world
 from bonedrr.labels import CANONICAL_LABELS, PRESETS, remap
-from bonedrr.register import (Registration, RegistrationSettings, gradient_correlation, mask_points,
+from bonedrr.register import (Registration, RegistrationSettings, gradient_correlation, mask_points, masked_renderer,
                               perturb, register_case, reprojection_distance_mm, rotation_error_deg)
 from bonedrr.render import Renderer
 from conftest import REAL_CT, REAL_LABELS
@@ -132,3 +132,20 @@ def test_perturb_rotates_about_the_centre():
     centre = np.array([10.0, 20.0, 30.0])
     moved = perturb(pose, np.array([0, 0, 30.0, 0, 0, 0]), centre)
     np.testing.assert_allclose(moved[:3, :3] @ centre + moved[:3, 3], pose[:3, :3] @ centre + pose[:3, 3])
+
+
+@pytest.mark.parametrize("method", ["siddon", "trilinear"])
+def test_a_renderer_cropped_to_the_bones_renders_the_same_drr(method):
+    """Registration renders only the bones' box of the grid: the same DRR as the whole grid, sooner."""
+    rng = np.random.default_rng(3)
+    density = rng.uniform(0, 1500, (30, 26, 24)).astype(np.float32)
+    mask = np.zeros(density.shape, bool)
+    mask[6:21, 4:19, 9:20] = rng.uniform(size=(15, 15, 11)) > 0.3
+    affine = np.diag([3.0, 3.0, 2.5, 1.0])
+    affine[:3, 3] = [-35.0, -40.0, -37.0]
+    g = Geometry.centered(1000.0, 40, 48, (1.4, 1.4), ap_pose(np.zeros(3), 800.0, (2.0, -3.0, 1.0)))
+    whole = Renderer(np.where(mask, density, 0), np.zeros(density.shape, np.uint8), affine, method=method,
+                     step_mm=1.0, device="cpu").render(g)[0]
+    cropped = masked_renderer(density, mask, affine, "cpu", method, step_mm=1.0).render(g)[0]
+    assert whole.max() > 1.0
+    np.testing.assert_allclose(cropped, whole, rtol=2e-3, atol=2e-3 * whole.max())

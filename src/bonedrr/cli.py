@@ -124,7 +124,7 @@ def _register(args) -> None:
     from bonedrr.register import RegistrationSettings, register_case
 
     settings = RegistrationSettings(min_gc=args.min_gc, seed=args.seed, init_shift_mm=args.init_shift_mm,
-                                    per_structure=args.per_structure)
+                                    per_structure=args.per_structure, fine_method=args.fine_method)
     record = register_case(args.density, args.labels, args.xray, json.loads(Path(args.case).read_text()), args.out,
                            args.overlay, settings=settings, device=args.device, sod_prior_mm=args.sod_mm,
                            sdd_tolerance=args.sdd_tolerance)
@@ -415,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-on-qa", action="store_true", help="exit with an error when a QA flag is raised")
     p.add_argument("--per-structure", action="store_true",
                    help="then register the pelvis and each femur as rigid bodies of their own")
+    p.add_argument("--fine-method", choices=["trilinear", "siddon"], default="trilinear",
+                   help="ray integration of the finest level (the coarser ones use siddon)")
     p.set_defaults(func=_register)
 
     p = sub.add_parser("registration-summary", help="a cohort's registrations in one table (and errors vs truth)")

@@ -6,7 +6,12 @@ a radiograph the way they are in a CT) by gradient correlation (GC: the mean of 
 cross-correlations of the two images' Sobel derivatives, insensitive to the radiograph's unknown
 exposure, windowing and tone curve). The pose is searched with CMA-ES (``cmaes``) over 6 degrees of
 freedom (rotation about the bones' centre, translation in camera axes), coarse to fine: each level's
-detector is binned by a factor, the coarsest first.
+detector is binned by a factor, the coarsest first. The coarse levels integrate the rays with Siddon's
+exact path lengths (nearest voxel: the fastest); the finest level with ``fine_method`` (trilinear by
+default). With CT voxels (often 2-3 mm) larger than the radiograph's pixels, a nearest-voxel DRR
+moves in steps as the pose moves by less than a voxel, and GC's optimum lands anywhere on a flat,
+stepped plateau: on the demo, from the true pose, Siddon's optimum was 0.17-0.36 mm (mPD) away
+depending on the optimiser's seed, the trilinear one 0.14-0.21 mm, the same for both seeds.
 
 Automatic initial pose for a standard AP hip/pelvis radiograph: the bones' centre on the central ray at
 the source-to-patient distance of the DICOM tags (else the cohort's prior), patient supine (AP), then an
@@ -80,6 +85,10 @@ class RegistrationSettings:
         per_structure: Register the pelvis and each femur as rigid bodies of their own after the
             whole-bone registration.
         structure_levels_mm, structure_generations, structure_sigma: The per-structure levels.
+        fine_method: Ray integration of the finest level: ``trilinear`` (a smooth interpolant of the CT,
+            up to 3x the time of a Siddon DRR on the CPU) or ``siddon``.
+        trilinear_step_mm: Sampling step of ``trilinear`` along a ray (None: the smallest voxel spacing,
+            one sample per voxel; half of it costs about 1.5x the time).
     """
 
     level_pixels_mm: tuple[float, ...] = (11.2, 5.6, 2.8, 1.4)
@@ -90,12 +99,14 @@ class RegistrationSettings:
     init_shift_mm: float = 60.0
     min_gc: float = 0.35
     seed: int = 0
-    restarts: int = 2
+    restarts: int = 3
     max_restart_spread_mm: float = 0.4
     per_structure: bool = False
     structure_levels_mm: tuple[float, ...] = (2.8, 1.4)
     structure_generations: tuple[int, ...] = (30, 25)
     structure_sigma: tuple[float, ...] = (0.3, 0.1)
+    fine_method: str = "trilinear"
+    trilinear_step_mm: float | None = None
 
 
 def bone_points(labels: np.ndarray, index_to_world_: np.ndarray, max_points: int = 5000) -> np.ndarray:
@@ -199,16 +210,22 @@ def maximise(objective, sigma: float, generations: int, population: int, seed: i
     return best_x, best_value, float(optimiser._sigma)
 
 
+def masked_renderer(density: np.ndarray, mask: np.ndarray, index_to_world_: np.ndarray, device: str,
+                    method: str = "siddon", step_mm: float | None = None) -> Renderer:
+    """A one-channel renderer of ``density`` inside ``mask``, its grid cropped to the mask's box (rays
+    then cross only the part that holds anything: the same DRR, sooner)."""
+    k, j, i = np.nonzero(mask)
+    lo, hi = np.array([k.min(), j.min(), i.min()]), np.array([k.max(), j.max(), i.max()]) + 1
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    return Renderer(np.where(mask[box], density[box], 0).astype(np.float32), np.zeros(mask[box].shape, np.uint8),
+                    index_to_world_ @ translation(lo[::-1]), method=method, step_mm=step_mm, device=device)
+
+
 class _Body:
     """One rigid body's own renderer (its bones only, the grid cropped to them), points and pivot."""
 
     def __init__(self, density, mask, index_to_world_, pivot_from_top_mm: float | None, device):
-        k, j, i = np.nonzero(mask)
-        lo, hi = np.array([k.min(), j.min(), i.min()]), np.array([k.max(), j.max(), i.max()]) + 1
-        box = tuple(slice(a, b) for a, b in zip(lo, hi))
-        affine = index_to_world_ @ translation(lo[::-1])
-        self.renderer = Renderer(np.where(mask[box], density[box], 0).astype(np.float32),
-                                 np.zeros(mask[box].shape, np.uint8), affine, method="siddon", device=device)
+        self.renderer = masked_renderer(density, mask, index_to_world_, device)
         self.points = mask_points(mask, index_to_world_)
         self.pivot, self.region_points = self.points.mean(0), self.points
         # A femur turns in its hip joint: 3 rotations about its head, no translation from the pelvis pose.
@@ -245,8 +262,12 @@ class Registration:
         bone = np.isin(labels, [CANONICAL_LABELS[n] for n in BONE_LABELS])
         if not bone.any():
             raise InputError("no bone in the labels: nothing to register")
-        self.renderer = Renderer(np.where(bone, density, 0).astype(np.float32), np.zeros(labels.shape, np.uint8),
-                                 index_to_world_, method="siddon", device=device)
+        self.renderer = masked_renderer(density, bone, index_to_world_, device)
+        if settings.fine_method not in ("siddon", "trilinear"):
+            raise ValueError(f"unknown fine_method {settings.fine_method!r} (siddon or trilinear)")
+        step = settings.trilinear_step_mm or float(np.linalg.norm(index_to_world_[:3, :3], axis=0).min())
+        self.fine_renderer = self.renderer if settings.fine_method == "siddon" else masked_renderer(
+            density, bone, index_to_world_, device, settings.fine_method, step)
         self.bone_points = bone_points(labels, index_to_world_)
         self.centre = self.bone_points.mean(0)
         self.radiograph = np.asarray(radiograph, float)
@@ -266,9 +287,11 @@ class Registration:
         factor = max(1, int(round(pixel_mm / float(np.mean(self.geometry.pixel_mm)))))
         return binned_geometry(self.geometry, factor), bin_image(self.radiograph, factor)
 
-    def similarity(self, pose: np.ndarray, level_geometry: Geometry, image: np.ndarray) -> float:
+    def similarity(self, pose: np.ndarray, level_geometry: Geometry, image: np.ndarray,
+                   renderer: Renderer | None = None) -> float:
+        """GC of ``image`` and the bone DRR at ``pose`` (``renderer``: default the coarse levels' Siddon)."""
         self.evaluations += 1
-        return gradient_correlation(image, self.renderer.render(level_geometry.with_pose(pose))[0])
+        return gradient_correlation(image, (renderer or self.renderer).render(level_geometry.with_pose(pose))[0])
 
     def initial_search(self) -> np.ndarray:
         """Best in-plane shift of the AP prior on a grid, at the coarsest level."""
@@ -293,9 +316,10 @@ class Registration:
         spread = None
         for level, (pixel, generations, sigma) in enumerate(zip(s.level_pixels_mm, s.generations, s.sigma)):
             g, image = self._level(pixel)
+            renderer = self.fine_renderer if level == n_levels - 1 else self.renderer
 
-            def objective(x, pose=pose, g=g, image=image):
-                return self.similarity(perturb(pose, x * PARAMETER_SCALE, self.centre), g, image)
+            def objective(x, pose=pose, g=g, image=image, renderer=renderer):
+                return self.similarity(perturb(pose, x * PARAMETER_SCALE, self.centre), g, image, renderer)
 
             runs = [maximise(objective, sigma, generations, s.population, s.seed + level + 100 * r, bound)
                     for r in range(s.restarts if level == n_levels - 1 else 1)]
@@ -309,6 +333,7 @@ class Registration:
             log.info("level %d/%d (%.1f mm pixels, %dx%d): GC %.4f after %d DRRs", level + 1, n_levels,
                      g.pixel_mm[0], g.rows, g.cols, best_value, self.evaluations)
             history.append({"pixel_mm": float(g.pixel_mm[0]), "rows": g.rows, "cols": g.cols, "gc": best_value,
+                            "method": renderer.method,
                             "step": best_x.tolist(), "final_sigma": final_sigma, "restarts": len(runs)})
             if np.abs(best_x).max() > 0.98 * bound:
                 flags.append(f"at_search_bound (level {level})")
