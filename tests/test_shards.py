@@ -216,6 +216,7 @@ def assert_same(a, b):
 
 def test_batched_reads_are_the_item_reads(packed):
     import torch
+    from torch.utils.data import default_collate
 
     from bonedrr.dataset import ShardDataset
 
@@ -236,6 +237,8 @@ def test_batched_reads_are_the_item_reads(packed):
                 expected = item_from_the_file(out, dataset.index[i], channels)
                 assert_same(item, {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
                                    for k, v in expected.items()})
+            # the faster collate makes the default collate's batch
+            assert_same(ShardDataset.collate(items), default_collate(items))
         if not kwargs:
             assert shards == {"shard_00000.h5", "shard_00001.h5"}
     assert ShardDataset(out).__getitems__([]) == []
@@ -251,15 +254,21 @@ def test_worker_processes_give_the_batches_of_the_main_process(packed):
     out, _ = packed
     dataset = ShardDataset(out, channels=["proximal_femur", "pelvis"])
     order = [3, 0, 3, 1, 2, 2, 0, 1, 1]  # both shards, repeats; batches of 3, 3, 2, 1
-    runs = {workers: list(DataLoader(dataset, batch_size=3, sampler=order, num_workers=workers))
-            for workers in (0, 2)}
-    reference = runs[0]
+    runs = {(workers, collate): list(DataLoader(dataset, batch_size=3, sampler=order, num_workers=workers,
+                                                collate_fn=collate))
+            for workers in (0, 2) for collate in (None, ShardDataset.collate)}
+    reference = runs[0, None]
     assert [b["sample_id"] for b in reference] == [[dataset.index[i]["sample_id"] for i in order[k:k + 3]]
                                                    for k in range(0, len(order), 3)]
     for batches in runs.values():
         assert len(batches) == len(reference)
         for batch, expected in zip(batches, reference):
             assert_same(batch, expected)
+    # from a worker, ShardDataset.collate's batch is one block of shared memory
+    for batch in runs[2, ShardDataset.collate]:
+        storage = batch["drr"].untyped_storage()
+        assert storage.is_shared() and all(batch[k].untyped_storage().data_ptr() == storage.data_ptr()
+                                           for k in ("xray", "mask", "overview", "drr_bmd", "fold"))
 
 
 def test_overview_holds_the_whole_radiograph_and_the_head(cohort, packed):

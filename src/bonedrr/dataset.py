@@ -3,12 +3,16 @@
 :class:`ShardDataset` serves one sample (one hip) per item, selected by fold, with the DRR channels a
 model asks for; a ``DataLoader`` gets a batch's items in one call (``__getitems__``). HDF5 files are
 opened lazily, once per process, so it is safe in a ``DataLoader`` with worker processes (each worker
-opens its own handles after the fork).
+opens its own handles after the fork). With worker processes, ``collate_fn=ShardDataset.collate``
+makes the same batches as the default collate, faster: a worker hands a batch to the main process
+in one piece instead of one per key (benchmarks/shards.py).
 
 Example:
     >>> from torch.utils.data import DataLoader                               # doctest: +SKIP
     >>> train = ShardDataset("results/demo/shards", exclude_folds=[0])       # doctest: +SKIP
-    >>> batch = next(iter(DataLoader(train, batch_size=8, shuffle=True, num_workers=2)))  # doctest: +SKIP
+    >>> loader = DataLoader(train, batch_size=8, shuffle=True, num_workers=2,  # doctest: +SKIP
+    ...                     collate_fn=ShardDataset.collate)
+    >>> batch = next(iter(loader))                                            # doctest: +SKIP
     >>> batch["drr"].shape                                                    # doctest: +SKIP
     torch.Size([8, 7, 128, 64])
 """
@@ -24,9 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from bonedrr.errors import InputError
+
+
+#: Byte alignment of each tensor in a batch made by :meth:`ShardDataset.collate` (a cache line).
+_ALIGN = 64
 
 
 def read_index(shard_dir: str | Path) -> list[dict]:
@@ -165,6 +173,62 @@ class ShardDataset(Dataset):
                  **{key: float(values[j]) for key, values in numbers.items()},
                  "sample_id": row["sample_id"], "patient_id": row["patient_id"], "fold": int(row["fold"])}
                 for j, row in enumerate(rows)]
+
+    @staticmethod
+    def collate(items: Sequence[dict]) -> dict:
+        """The default collate's batch of ``items``, in one block of memory: a faster ``collate_fn``
+        with worker processes.
+
+        ``DataLoader(dataset, batch_size=8, num_workers=2, collate_fn=ShardDataset.collate)`` yields
+        the batches that the default collate would: the same keys, dtypes, shapes and values (tensors
+        stacked, floats as float64 and ints as int64 tensors, strings as lists). What differs is
+        where they live: in a worker process the default collate puts each key's tensor in its own
+        shared-memory file, and the main process receives each file separately; here all tensors of
+        the batch are views of one file, so a batch costs one transfer (measured in
+        benchmarks/shards.py). The views keep the whole batch's memory alive: ``.clone()`` a small
+        tensor that is kept for longer than the batch.
+
+        Args:
+            items: Item dicts with the same keys (tensors of one shape per key, numbers, strings;
+                anything that is not a tensor or a number is collected in a list).
+
+        Returns:
+            The batch, a dict.
+        """
+        n, first = len(items), items[0]
+        layout, size = {}, 0  # key -> (dtype, shape, byte offset) of what becomes a tensor
+        for key, value in first.items():
+            if isinstance(value, torch.Tensor):
+                dtype, shape = value.dtype, (n, *value.shape)
+            elif isinstance(value, bool):  # before int: a bool is an int
+                dtype, shape = torch.bool, (n,)
+            elif isinstance(value, float):
+                dtype, shape = torch.float64, (n,)
+            elif isinstance(value, int):
+                dtype, shape = torch.int64, (n,)
+            else:
+                continue
+            layout[key] = (dtype, shape, size)
+            size += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
+        # Shared memory in a worker, allocated as the default collate allocates it there, so the
+        # batch reaches the main process without another copy
+        in_worker = get_worker_info() is not None
+        storage = torch.UntypedStorage._new_shared(size) if in_worker else torch.UntypedStorage(size)
+        block = torch.empty(0, dtype=torch.uint8).set_(storage)
+        batch = {}
+        for key in first:
+            values = [item[key] for item in items]
+            if key not in layout:
+                batch[key] = values
+                continue
+            dtype, shape, offset = layout[key]
+            out = block[offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+            if isinstance(first[key], torch.Tensor):
+                torch.stack(values, out=out)
+            else:
+                out.copy_(torch.tensor(values, dtype=dtype))
+            batch[key] = out
+        return batch
 
     def targets(self, name: str = "drr_bmd_g_cm2") -> np.ndarray:
         """A target column of the index for every item (NaN when unknown), without opening a shard."""
