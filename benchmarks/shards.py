@@ -244,18 +244,17 @@ def main() -> None:
         # each set-up against the peer in the same set-up
         c["x_nifti"] = {k: round(v / nifti["loader_samples_per_s"][k], 1) for k, v in c["loader_samples_per_s"].items()}
         c["x_training"] = {k: round(v / train, 1) for k, v in c["loader_samples_per_s"].items()}
-    # The choice, in the set-up that reads fastest with worker processes: the smallest files among
-    # those that read at least 10x NIfTI and 5x training; if none does, the fastest reader (size cannot
-    # buy back a loader that is too slow)
-    setup = "workers_2_shard_collate"
-    fast = {k: v for k, v in out["compressions"].items() if v["x_training"][setup] >= 5 and v["x_nifti"][setup] >= 10}
-    if fast:
-        out["chosen_compression"] = min(fast, key=lambda k: fast[k]["bytes_per_sample"])
-    else:
-        out["chosen_compression"] = max(out["compressions"],
-                                        key=lambda k: out["compressions"][k]["loader_samples_per_s"][setup])
-    out["rule"] = (f"in set-up {setup}: smallest bytes per sample among compressions reading >= 5x training and "
-                   ">= 10x NIfTI; if none does, the fastest reader")
+    # The choice, in each set-up: the smallest files among those that read at least 10x NIfTI and 5x
+    # training; if none does, the fastest reader (size cannot buy back a loader that is too slow)
+    out["chosen_compression"] = {}
+    for setup in SETUPS:
+        fast = {k: v for k, v in out["compressions"].items()
+                if v["x_training"][setup] >= 5 and v["x_nifti"][setup] >= 10}
+        out["chosen_compression"][setup] = (
+            min(fast, key=lambda k: fast[k]["bytes_per_sample"]) if fast else
+            max(out["compressions"], key=lambda k: out["compressions"][k]["loader_samples_per_s"][setup]))
+    out["rule"] = ("per set-up: smallest bytes per sample among compressions reading >= 5x training and >= 10x NIfTI; "
+                   "if none does, the fastest reader")
     out["load_average_at_end"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
