@@ -27,7 +27,9 @@ Measured in one run on the demo cohort's results (run the demo first: ``./run.sh
 
 The files are in the page cache after the first epoch (as they are during training on a machine
 with enough memory), so this measures decoding and the loader, not the disk. The machine's load
-(other processes) is recorded: on a shared machine every rate is lower, the ratios less so.
+(other processes) is recorded: on a shared machine every rate is lower, the ratios less so. Each
+rate is the best of 5 passes: on a shared 2-core virtual machine single passes vary by tens of
+percent from run to run.
 
 Usage:
     python benchmarks/shards.py [--results results/demo] [--out benchmarks/results/shards.json]
@@ -111,7 +113,7 @@ def write_nifti_peer(shards: ShardDataset, folder: Path) -> tuple[list[Path], li
     return folders, table
 
 
-def loader_rate(dataset, n_samples: int, workers: int, collate_fn=None, repeats: int = 3) -> float:
+def loader_rate(dataset, n_samples: int, workers: int, collate_fn=None, repeats: int = 5) -> float:
     """Samples per second of random access through a DataLoader (persistent workers, as in
     training): the best of ``repeats`` epochs of ``n_samples`` after a warm-up epoch (worker
     start-up, file opening and the page cache). The order is shuffled without replacement
@@ -134,7 +136,7 @@ def loader_rates(dataset, n_samples: int) -> dict:
             for name, (workers, collate_fn) in SETUPS.items()}
 
 
-def read_ms(read_batch, n: int, n_samples: int, repeats: int = 3) -> float:
+def read_ms(read_batch, n: int, n_samples: int, repeats: int = 5) -> float:
     """In-process milliseconds per sample of ``read_batch(indices)`` over shuffled batches of 8 (the
     best of ``repeats`` passes of ``n_samples``, after one pass that opens the files)."""
     generator = torch.Generator().manual_seed(0)
