@@ -185,6 +185,92 @@ def test_dataset_and_dataloader(packed):
     assert batches[0]["drr"].shape == (2, 7, 64, 32) and batches[0]["drr_bmd"].dtype == torch.float64
 
 
+def item_from_the_file(folder, row, channels):
+    """One item as ShardDataset should serve it, read with h5py alone (docs/shards.md)."""
+    with h5py.File(folder / row["shard"], "r") as f:
+        i = int(row["row"])
+        packed, masks = json.loads(f.attrs["channels"]), json.loads(f.attrs["masks"])
+        return {"xray": f["xray"][i][None], "drr": f["drr"][i][[packed.index(c) for c in channels]],
+                "mask": f["mask"][i, masks.index("proximal_femur")][None].astype(np.float32),
+                "overview": f["overview"][i][None], "head_overview_px": f["head_overview_px"][i],
+                "drr_bmd": float(f["drr_bmd"][i]), "qct_vbmd": float(f["qct_vbmd"][i]),
+                "dxa_abmd": float(f["dxa_abmd"][i]), "sample_id": row["sample_id"],
+                "patient_id": row["patient_id"], "fold": int(row["fold"])}
+
+
+def assert_same(a, b):
+    """Equal items or batches: the same keys in the same order, and for tensors the same dtype,
+    shape and values (NaN equal to NaN)."""
+    import torch
+
+    assert list(a) == list(b)
+    for key, value in a.items():
+        other = b[key]
+        if isinstance(value, torch.Tensor):
+            assert isinstance(other, torch.Tensor) and value.dtype == other.dtype and value.shape == other.shape, key
+            np.testing.assert_array_equal(value.numpy(), other.numpy(), err_msg=key)
+        else:
+            assert type(value) is type(other), key
+            np.testing.assert_equal(value, other, err_msg=key)
+
+
+def test_batched_reads_are_the_item_reads(packed):
+    import torch
+    from torch.utils.data import default_collate
+
+    from bonedrr.dataset import ShardDataset
+
+    out, _ = packed
+    folds = sorted({int(r["fold"]) for r in read_index(out)})
+    for kwargs in ({}, {"channels": ["bone", "proximal_femur"]}, {"folds": [folds[0]]},
+                   {"exclude_folds": [folds[0]], "channels": ["muscle"]}):
+        dataset = ShardDataset(out, **kwargs)
+        channels = kwargs.get("channels", list(CHANNELS))
+        n = len(dataset)
+        shards = {r["shard"] for r in dataset.index}
+        # out of order, repeated, from the end, and (on the whole folder) across both shards
+        for indices in ([n - 1, 0, 1 % n, n - 1], [0, 0, 0], [-1, -n], list(range(n))[::-1]):
+            items = dataset.__getitems__(indices)
+            assert len(items) == len(indices)
+            for i, item in zip(indices, items):
+                assert_same(item, dataset[i])
+                expected = item_from_the_file(out, dataset.index[i], channels)
+                assert_same(item, {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                                   for k, v in expected.items()})
+            # the faster collate makes the default collate's batch
+            assert_same(ShardDataset.collate(items), default_collate(items))
+        if not kwargs:
+            assert shards == {"shard_00000.h5", "shard_00001.h5"}
+    assert ShardDataset(out).__getitems__([]) == []
+    with pytest.raises(IndexError):
+        ShardDataset(out).__getitems__([0, 4])
+
+
+def test_worker_processes_give_the_batches_of_the_main_process(packed):
+    from torch.utils.data import DataLoader
+
+    from bonedrr.dataset import ShardDataset
+
+    out, _ = packed
+    dataset = ShardDataset(out, channels=["proximal_femur", "pelvis"])
+    order = [3, 0, 3, 1, 2, 2, 0, 1, 1]  # both shards, repeats; batches of 3, 3, 2, 1
+    runs = {(workers, collate): list(DataLoader(dataset, batch_size=3, sampler=order, num_workers=workers,
+                                                collate_fn=collate))
+            for workers in (0, 2) for collate in (None, ShardDataset.collate)}
+    reference = runs[0, None]
+    assert [b["sample_id"] for b in reference] == [[dataset.index[i]["sample_id"] for i in order[k:k + 3]]
+                                                   for k in range(0, len(order), 3)]
+    for batches in runs.values():
+        assert len(batches) == len(reference)
+        for batch, expected in zip(batches, reference):
+            assert_same(batch, expected)
+    # from a worker, ShardDataset.collate's batch is one block of shared memory
+    for batch in runs[2, ShardDataset.collate]:
+        storage = batch["drr"].untyped_storage()
+        assert storage.is_shared() and all(batch[k].untyped_storage().data_ptr() == storage.data_ptr()
+                                           for k in ("xray", "mask", "overview", "drr_bmd", "fold"))
+
+
 def test_overview_holds_the_whole_radiograph_and_the_head(cohort, packed):
     root, _ = cohort
     out, _ = packed

@@ -1,13 +1,18 @@
 """PyTorch access to packed shards (``bonedrr pack``; layout in docs/shards.md).
 
 :class:`ShardDataset` serves one sample (one hip) per item, selected by fold, with the DRR channels a
-model asks for. HDF5 files are opened lazily, once per process, so it is safe in a ``DataLoader``
-with worker processes (each worker opens its own handles after the fork).
+model asks for; a ``DataLoader`` gets a batch's items in one call (``__getitems__``). HDF5 files are
+opened lazily, once per process, so it is safe in a ``DataLoader`` with worker processes (each worker
+opens its own handles after the fork). With worker processes, ``collate_fn=ShardDataset.collate``
+makes the same batches as the default collate, faster: a worker hands a batch to the main process
+in one piece instead of one per key (benchmarks/shards.py).
 
 Example:
     >>> from torch.utils.data import DataLoader                               # doctest: +SKIP
     >>> train = ShardDataset("results/demo/shards", exclude_folds=[0])       # doctest: +SKIP
-    >>> batch = next(iter(DataLoader(train, batch_size=8, shuffle=True, num_workers=2)))  # doctest: +SKIP
+    >>> loader = DataLoader(train, batch_size=8, shuffle=True, num_workers=2,  # doctest: +SKIP
+    ...                     collate_fn=ShardDataset.collate)
+    >>> batch = next(iter(loader))                                            # doctest: +SKIP
     >>> batch["drr"].shape                                                    # doctest: +SKIP
     torch.Size([8, 7, 128, 64])
 """
@@ -23,9 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from bonedrr.errors import InputError
+
+
+#: Byte alignment of each tensor in a batch made by :meth:`ShardDataset.collate` (a cache line).
+_ALIGN = 64
 
 
 def read_index(shard_dir: str | Path) -> list[dict]:
@@ -112,24 +121,114 @@ class ShardDataset(Dataset):
         return self._files[name]
 
     def __getitem__(self, i: int) -> dict:
-        row = self.index[i]
-        shard = self._shard(row["shard"])
-        r = int(row["row"])
-        drr = shard["drr"][r]  # one chunk: read all channels, then select
-        if self._mask_idx is not None:
-            mask = shard["mask"][r][self._mask_idx].astype(np.float32)
-        else:
-            mask = np.zeros(drr.shape[1:], np.float32)
-        return {
-            "xray": torch.from_numpy(shard["xray"][r][None]),
-            "drr": torch.from_numpy(np.ascontiguousarray(drr[self._channel_idx], np.float32)),
-            "mask": torch.from_numpy(mask[None]),
-            "overview": torch.from_numpy(shard["overview"][r][None]),
-            "head_overview_px": torch.from_numpy(shard["head_overview_px"][r].astype(np.float32)),
-            "drr_bmd": float(shard["drr_bmd"][r]), "qct_vbmd": float(shard["qct_vbmd"][r]),
-            "dxa_abmd": float(shard["dxa_abmd"][r]),
-            "sample_id": row["sample_id"], "patient_id": row["patient_id"], "fold": int(row["fold"]),
-        }
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        """The items of a batch of indices, read together.
+
+        A ``DataLoader`` calls this with a whole batch (``__getitem__`` is the batch of one). The
+        images are read into one array per key for the batch, the numbers come from the arrays that
+        :meth:`_shard` keeps in memory, and each item's tensors are views of the batch's arrays.
+        The items are those of ``[self[i] for i in indices]``, in that order, repeats included.
+
+        Args:
+            indices: Item indices (any order, repeats allowed; negative counts from the end).
+
+        Returns:
+            One item dict per index (see the class docstring).
+        """
+        rows = [self.index[i] for i in indices]  # IndexError as for a list
+        if not rows:
+            return []
+        n = len(rows)
+        first = self._shard(rows[0]["shard"])  # the shapes as stored (all shards of a pack share them)
+        crop = first["xray"].shape[1:]
+        xray = np.empty((n, 1, *crop), np.float32)
+        drr = np.empty((n, len(self._channel_idx), *crop), np.float32)
+        mask = np.zeros((n, 1, *crop), np.float32)
+        overview = np.empty((n, 1, *first["overview"].shape[1:]), np.float32)
+        head = np.empty((n, 2), np.float32)
+        numbers = {key: np.empty(n) for key in ("drr_bmd", "qct_vbmd", "dxa_abmd")}
+        by_shard: dict[str, list[int]] = {}
+        for position, row in enumerate(rows):
+            by_shard.setdefault(row["shard"], []).append(position)
+        for name, where in by_shard.items():
+            shard = self._shard(name)
+            shard_rows = [int(rows[p]["row"]) for p in where]
+            head[where] = shard["head_overview_px"][shard_rows]
+            for key, values in numbers.items():
+                values[where] = shard[key][shard_rows]
+            # Images row by row, straight into the batch: an h5py list selection (one call for the
+            # batch) reads these chunked datasets many times slower than one call per row
+            for p, r in zip(where, shard_rows):
+                xray[p, 0] = shard["xray"][r]
+                # a sample's DRR is one chunk: read all channels, then keep the served ones
+                np.take(shard["drr"][r], self._channel_idx, axis=0, out=drr[p])
+                if self._mask_idx is not None:
+                    mask[p, 0] = shard["mask"][r][self._mask_idx]
+                overview[p, 0] = shard["overview"][r]
+        tensors = {key: torch.from_numpy(array).unbind(0) for key, array in
+                   (("xray", xray), ("drr", drr), ("mask", mask), ("overview", overview), ("head_overview_px", head))}
+        return [{**{key: t[j] for key, t in tensors.items()},
+                 **{key: float(values[j]) for key, values in numbers.items()},
+                 "sample_id": row["sample_id"], "patient_id": row["patient_id"], "fold": int(row["fold"])}
+                for j, row in enumerate(rows)]
+
+    @staticmethod
+    def collate(items: Sequence[dict]) -> dict:
+        """The default collate's batch of ``items``, in one block of memory: a faster ``collate_fn``
+        with worker processes.
+
+        ``DataLoader(dataset, batch_size=8, num_workers=2, collate_fn=ShardDataset.collate)`` yields
+        the batches that the default collate would: the same keys, dtypes, shapes and values (tensors
+        stacked, floats as float64 and ints as int64 tensors, strings as lists). What differs is
+        where they live: in a worker process the default collate puts each key's tensor in its own
+        shared-memory file, and the main process receives each file separately; here all tensors of
+        the batch are views of one file, so a batch costs one transfer (measured in
+        benchmarks/shards.py). The views keep the whole batch's memory alive: ``.clone()`` a small
+        tensor that is kept for longer than the batch.
+
+        Args:
+            items: Item dicts with the same keys (tensors of one shape per key, numbers, strings;
+                anything that is not a tensor or a number is collected in a list).
+
+        Returns:
+            The batch, a dict.
+        """
+        n, first = len(items), items[0]
+        layout, size = {}, 0  # key -> (dtype, shape, byte offset) of what becomes a tensor
+        for key, value in first.items():
+            if isinstance(value, torch.Tensor):
+                dtype, shape = value.dtype, (n, *value.shape)
+            elif isinstance(value, bool):  # before int: a bool is an int
+                dtype, shape = torch.bool, (n,)
+            elif isinstance(value, float):
+                dtype, shape = torch.float64, (n,)
+            elif isinstance(value, int):
+                dtype, shape = torch.int64, (n,)
+            else:
+                continue
+            layout[key] = (dtype, shape, size)
+            size += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
+        # Shared memory in a worker, allocated as the default collate allocates it there, so the
+        # batch reaches the main process without another copy
+        in_worker = get_worker_info() is not None
+        storage = torch.UntypedStorage._new_shared(size) if in_worker else torch.UntypedStorage(size)
+        block = torch.empty(0, dtype=torch.uint8).set_(storage)
+        batch = {}
+        for key in first:
+            values = [item[key] for item in items]
+            if key not in layout:
+                batch[key] = values
+                continue
+            dtype, shape, offset = layout[key]
+            out = block[offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+            if isinstance(first[key], torch.Tensor):
+                torch.stack(values, out=out)
+            else:
+                out.copy_(torch.tensor(values, dtype=dtype))
+            batch[key] = out
+        return batch
 
     def targets(self, name: str = "drr_bmd_g_cm2") -> np.ndarray:
         """A target column of the index for every item (NaN when unknown), without opening a shard."""
