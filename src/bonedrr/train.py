@@ -603,6 +603,10 @@ def train_model(shard_dir: str | Path, out_dir: str | Path, settings: TrainSetti
              list(folds) if folds else "all", list(exclude_folds) if exclude_folds else "none", dev, ", ".join(channels))
     loader_kw = {"batch_size": settings.batch_size, "num_workers": settings.num_workers,
                  "drop_last": len(train_set) > settings.batch_size}
+    from bonedrr.dataset import ShardDataset
+
+    if settings.num_workers and isinstance(train_set, ShardDataset):  # one transfer a batch from a worker
+        loader_kw["collate_fn"] = ShardDataset.collate
     if val_dataset is not None and len(val_dataset) == 0:
         log.warning("no validation samples in folds %s: the curves show training losses only", val_folds)
         val_dataset = None
