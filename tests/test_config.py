@@ -146,3 +146,18 @@ def test_config_schema_documents_every_key():
         keys |= set(schema["$defs"]["cohort"]["properties"][block]["properties"])
     missing = sorted(k for k in keys if f"`{k}`" not in readme)
     assert not missing, f"config/README.md does not document {missing}"
+
+
+def test_every_default_of_the_schema_is_filled_in_by_validate_config():
+    """The rules read settings from the validated config: a key the schema gives a default must be there
+    when the user leaves it out (a missing one failed only when a job ran, with a KeyError)."""
+    from bonedrr.config import _schema
+
+    config = config_for(Path("a.tsv"))
+    checked = []
+    for block, spec in _schema("config")["properties"].items():
+        defaults = {key: item["default"] for key, item in spec.get("properties", {}).items() if "default" in item}
+        if defaults and block != "train":  # train's defaults: bonedrr.train.TrainSettings
+            assert {key: config[block].get(key, "missing") for key in defaults} == defaults, block
+            checked.append(block)
+    assert {"drr", "register", "bmd", "shards"} <= set(checked)

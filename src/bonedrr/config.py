@@ -89,7 +89,8 @@ def validate_config(config: dict) -> dict:
     config.setdefault("device", "auto")
     config.setdefault("proximal_femur_cut_mm", 80.0)
     config["drr"] = {"method": "siddon", "step_mm": None, **config.get("drr", {})}
-    config["register"] = {"min_gc": 0.35, "seed": 0, **config.get("register", {})}
+    config["register"] = {"min_gc": 0.35, "seed": 0, "per_structure": False, "fine_method": "trilinear",
+                          **config.get("register", {})}
     config["bmd"] = {"threshold_g_cm2": 0.05, **config.get("bmd", {})}
     config["shards"] = {"crop_mm": [240.0, 120.0], "crop_px": [128, 64], "head_position": [0.3, 0.7], "folds": 5,
                         "seed": 0, "shard_size_mb": 1000, "compression": "lzf", **config.get("shards", {})}
