@@ -4,12 +4,15 @@ Measured in one run on the demo cohort's results (run the demo first: ``./run.sh
 
 1. For every compression (none, lzf, gzip-1/4/9): pack the cohort (``bonedrr.shards.pack_cohort``),
    then read samples in random order with ``ShardDataset`` in a ``DataLoader`` (batch 8, shuffled
-   epochs as in training) and count samples per second, in three set-ups:
+   epochs as in training) and count samples per second, in four set-ups:
 
    - ``workers_2``: 2 worker processes, the default collate;
    - ``workers_2_shard_collate``: 2 worker processes, ``collate_fn=ShardDataset.collate`` (the same
      batches, all tensors of a batch in one shared-memory block, so one transfer from a worker
      instead of one per key);
+   - ``workers_2_batch_ring``: 2 worker processes, ``collate_fn=SharedBatchRing()`` (the same
+     batches again, written into a ring of shared-memory blocks that each worker reuses, so no
+     fresh pages are allocated per batch);
    - ``workers_0``: no worker process, the default collate (as ``bonedrr train`` reads by default,
      ``train.num_workers`` 0).
 
@@ -55,12 +58,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from bonedrr.config import load_config  # noqa: E402
-from bonedrr.dataset import ShardDataset  # noqa: E402
+from bonedrr.dataset import SharedBatchRing, ShardDataset  # noqa: E402
 from bonedrr.shards import COMPRESSIONS, PackSettings, pack_cohort  # noqa: E402
 
 BATCH = 8
 #: DataLoader set-ups: name -> (worker processes, collate_fn; None: the default collate).
-SETUPS = {"workers_2": (2, None), "workers_2_shard_collate": (2, ShardDataset.collate), "workers_0": (0, None)}
+SETUPS = {"workers_2": (2, None), "workers_2_shard_collate": (2, ShardDataset.collate),
+          "workers_2_batch_ring": (2, SharedBatchRing()), "workers_0": (0, None)}
+COLLATE_NAMES = {"workers_2": "default", "workers_2_shard_collate": "ShardDataset.collate",
+                 "workers_2_batch_ring": "SharedBatchRing()", "workers_0": "default"}
 IMAGES = ("xray", "drr", "mask", "overview")
 
 
@@ -200,8 +206,7 @@ def main() -> None:
         sys.exit(f"{args.results}: no case with bmd.json (run the demo first)")
     out = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_average_at_start": os.getloadavg(),
            "torch": torch.__version__, "cases": len(cases), "batch": BATCH,
-           "setups": {name: {"workers": w, "collate": "ShardDataset.collate" if c else "default"}
-                      for name, (w, c) in SETUPS.items()},
+           "setups": {name: {"workers": w, "collate": COLLATE_NAMES[name]} for name, (w, c) in SETUPS.items()},
            "compressions": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

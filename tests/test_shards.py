@@ -271,6 +271,40 @@ def test_worker_processes_give_the_batches_of_the_main_process(packed):
                                            for k in ("xray", "mask", "overview", "drr_bmd", "fold"))
 
 
+def test_a_shared_batch_ring_reuses_its_blocks_and_keeps_the_held_batch_intact(packed):
+    import os
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from bonedrr.dataset import SharedBatchRing, ShardDataset
+
+    out, _ = packed
+    dataset = ShardDataset(out, channels=["proximal_femur", "bone"])
+    order = torch.randint(len(dataset), (33,), generator=torch.Generator().manual_seed(0)).tolist()  # 11 batches
+    reference = list(DataLoader(dataset, batch_size=3, sampler=order))
+    ring = SharedBatchRing()
+    loader = DataLoader(dataset, batch_size=3, sampler=order, num_workers=2, collate_fn=ring,
+                        persistent_workers=True)
+    blocks = []
+    for _ in range(2):  # two epochs: the workers' rings persist and wrap around
+        held = None
+        for k, batch in enumerate(loader):
+            assert_same(batch, reference[k])
+            if held is not None:  # the batch before, held while this one was taken, is intact
+                assert_same(held, reference[k - 1])
+            held = batch
+            fd, _ = batch["drr"].untyped_storage()._share_fd_cpu_()
+            blocks.append(os.fstat(fd).st_ino)
+    # 22 batches from 2 workers with rings of 2 * 2 + 2 blocks each: 12 blocks, reused
+    assert len(blocks) == 2 * len(reference) == 22
+    assert len(set(blocks)) == 12
+    # in the main process it is the plain collate (no worker: nothing to hand over)
+    assert_same(ring(dataset.__getitems__([0, 1])), ShardDataset.collate(dataset.__getitems__([0, 1])))
+    with pytest.raises(ValueError, match="depth must be at least 1, not 0"):
+        SharedBatchRing(depth=0)
+
+
 def test_overview_holds_the_whole_radiograph_and_the_head(cohort, packed):
     root, _ = cohort
     out, _ = packed

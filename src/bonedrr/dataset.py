@@ -3,15 +3,15 @@
 :class:`ShardDataset` serves one sample (one hip) per item, selected by fold, with the DRR channels a
 model asks for; a ``DataLoader`` gets a batch's items in one call (``__getitems__``). HDF5 files are
 opened lazily, once per process, so it is safe in a ``DataLoader`` with worker processes (each worker
-opens its own handles after the fork). With worker processes, ``collate_fn=ShardDataset.collate``
+opens its own handles after the fork). With worker processes, ``collate_fn=SharedBatchRing()``
 makes the same batches as the default collate, faster: a worker hands a batch to the main process
-in one piece instead of one per key (benchmarks/shards.py).
+in one piece instead of one per key, in shared memory that it reuses (benchmarks/shards.py).
 
 Example:
     >>> from torch.utils.data import DataLoader                               # doctest: +SKIP
     >>> train = ShardDataset("results/demo/shards", exclude_folds=[0])       # doctest: +SKIP
     >>> loader = DataLoader(train, batch_size=8, shuffle=True, num_workers=2,  # doctest: +SKIP
-    ...                     collate_fn=ShardDataset.collate)
+    ...                     collate_fn=SharedBatchRing())
     >>> batch = next(iter(loader))                                            # doctest: +SKIP
     >>> batch["drr"].shape                                                    # doctest: +SKIP
     torch.Size([8, 7, 128, 64])
@@ -186,7 +186,8 @@ class ShardDataset(Dataset):
         shared-memory file, and the main process receives each file separately; here all tensors of
         the batch are views of one file, so a batch costs one transfer (measured in
         benchmarks/shards.py). The views keep the whole batch's memory alive: ``.clone()`` a small
-        tensor that is kept for longer than the batch.
+        tensor that is kept for longer than the batch. :class:`SharedBatchRing` goes further and
+        reuses the blocks.
 
         Args:
             items: Item dicts with the same keys (tensors of one shape per key, numbers, strings;
@@ -195,41 +196,104 @@ class ShardDataset(Dataset):
         Returns:
             The batch, a dict.
         """
-        n, first = len(items), items[0]
-        layout, size = {}, 0  # key -> (dtype, shape, byte offset) of what becomes a tensor
-        for key, value in first.items():
-            if isinstance(value, torch.Tensor):
-                dtype, shape = value.dtype, (n, *value.shape)
-            elif isinstance(value, bool):  # before int: a bool is an int
-                dtype, shape = torch.bool, (n,)
-            elif isinstance(value, float):
-                dtype, shape = torch.float64, (n,)
-            elif isinstance(value, int):
-                dtype, shape = torch.int64, (n,)
-            else:
-                continue
-            layout[key] = (dtype, shape, size)
-            size += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
-        # Shared memory in a worker, allocated as the default collate allocates it there, so the
-        # batch reaches the main process without another copy
         in_worker = get_worker_info() is not None
-        storage = torch.UntypedStorage._new_shared(size) if in_worker else torch.UntypedStorage(size)
-        block = torch.empty(0, dtype=torch.uint8).set_(storage)
-        batch = {}
-        for key in first:
-            values = [item[key] for item in items]
-            if key not in layout:
-                batch[key] = values
-                continue
-            dtype, shape, offset = layout[key]
-            out = block[offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-            if isinstance(first[key], torch.Tensor):
-                torch.stack(values, out=out)
-            else:
-                out.copy_(torch.tensor(values, dtype=dtype))
-            batch[key] = out
-        return batch
+        return collate_into(items, torch.UntypedStorage._new_shared if in_worker else torch.UntypedStorage)
 
     def targets(self, name: str = "drr_bmd_g_cm2") -> np.ndarray:
         """A target column of the index for every item (NaN when unknown), without opening a shard."""
         return np.array([_float(r[name]) for r in self.index])
+
+
+def collate_into(items: Sequence[dict], storage_of_size) -> dict:
+    """:meth:`ShardDataset.collate`'s batch, written into ``storage_of_size(nbytes)`` (an
+    ``UntypedStorage`` of at least ``nbytes`` bytes; the batch's tensors are views of it)."""
+    n, first = len(items), items[0]
+    layout, size = {}, 0  # key -> (dtype, shape, byte offset) of what becomes a tensor
+    for key, value in first.items():
+        if isinstance(value, torch.Tensor):
+            dtype, shape = value.dtype, (n, *value.shape)
+        elif isinstance(value, bool):  # before int: a bool is an int
+            dtype, shape = torch.bool, (n,)
+        elif isinstance(value, float):
+            dtype, shape = torch.float64, (n,)
+        elif isinstance(value, int):
+            dtype, shape = torch.int64, (n,)
+        else:
+            continue
+        layout[key] = (dtype, shape, size)
+        size += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
+    block = torch.empty(0, dtype=torch.uint8).set_(storage_of_size(size))
+    batch = {}
+    for key in first:
+        values = [item[key] for item in items]
+        if key not in layout:
+            batch[key] = values
+            continue
+        dtype, shape, offset = layout[key]
+        out = block[offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        if isinstance(first[key], torch.Tensor):
+            torch.stack(values, out=out)
+        else:
+            out.copy_(torch.tensor(values, dtype=dtype))
+        batch[key] = out
+    return batch
+
+
+class SharedBatchRing:
+    """A ``collate_fn`` for worker processes that reuses its shared memory: the batches of
+    :meth:`ShardDataset.collate`, written into a ring of blocks that each worker cycles through.
+
+    A worker process hands a batch to the main process in shared memory. Allocating a new block for
+    every batch (what the default collate and :meth:`ShardDataset.collate` do) makes the kernel
+    zero and map fresh pages in both processes, which on a small machine costs more than reading the
+    samples (benchmarks/shards.py). Here each worker writes batch ``j`` into block ``j % depth`` of
+    its own ring, so after the first pass over the ring no page is allocated again.
+
+    The price is a lifetime: a worker rewrites a block ``depth`` of its batches later. With
+    ``depth = prefetch_factor * num_workers + 2`` (the default) the DataLoader (which hands out at
+    most ``prefetch_factor * num_workers`` batches ahead, and yields them in order) has by then
+    yielded two further batches of that worker: a batch stays valid while you hold it and take the
+    next one. ``.clone()`` what you keep longer (a running sum of ``batch["drr_bmd"]`` is fine, a
+    list of batches is not). Requires the DataLoader's ``in_order=True`` (its default). In the main
+    process (``num_workers=0``) it collates like :meth:`ShardDataset.collate`, without reuse.
+
+    Args:
+        prefetch_factor: The DataLoader's ``prefetch_factor`` (torch's default 2).
+        depth: Blocks per worker (None: ``prefetch_factor * num_workers + 2``).
+
+    Example:
+        >>> from torch.utils.data import DataLoader                               # doctest: +SKIP
+        >>> loader = DataLoader(ShardDataset("results/demo/shards"), batch_size=8,  # doctest: +SKIP
+        ...                     num_workers=2, collate_fn=SharedBatchRing())
+    """
+
+    def __init__(self, prefetch_factor: int = 2, depth: int | None = None):
+        if depth is not None and depth < 1:
+            raise ValueError(f"depth must be at least 1, not {depth}")
+        self.prefetch_factor, self.depth = int(prefetch_factor), depth
+        self._ring: list[torch.UntypedStorage] = []
+        self._next = 0
+        self._pid: int | None = None
+
+    def __getstate__(self):  # a worker starts with a ring of its own
+        return {**self.__dict__, "_ring": [], "_next": 0, "_pid": None}
+
+    def _storage(self, nbytes: int) -> torch.UntypedStorage:
+        if self._pid != os.getpid():  # a forked worker must not write into its parent's blocks
+            self._ring, self._next, self._pid = [], 0, os.getpid()
+        depth = self.depth or self.prefetch_factor * get_worker_info().num_workers + 2
+        slot = self._next % depth
+        self._next += 1
+        if slot < len(self._ring) and self._ring[slot].nbytes() >= nbytes:
+            return self._ring[slot]
+        storage = torch.UntypedStorage._new_shared(nbytes)
+        if slot < len(self._ring):
+            self._ring[slot] = storage
+        else:
+            self._ring.append(storage)
+        return storage
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        if get_worker_info() is None:
+            return collate_into(items, torch.UntypedStorage)
+        return collate_into(items, self._storage)

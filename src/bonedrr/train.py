@@ -603,10 +603,12 @@ def train_model(shard_dir: str | Path, out_dir: str | Path, settings: TrainSetti
              list(folds) if folds else "all", list(exclude_folds) if exclude_folds else "none", dev, ", ".join(channels))
     loader_kw = {"batch_size": settings.batch_size, "num_workers": settings.num_workers,
                  "drop_last": len(train_set) > settings.batch_size}
-    from bonedrr.dataset import ShardDataset
+    from bonedrr.dataset import SharedBatchRing, ShardDataset
 
-    if settings.num_workers and isinstance(train_set, ShardDataset):  # one transfer a batch from a worker
-        loader_kw["collate_fn"] = ShardDataset.collate
+    # From a worker, a batch in one reused shared block (the epochs below let go of a batch before
+    # taking the next one, well within the ring's lifetime)
+    if settings.num_workers and isinstance(train_set, ShardDataset):
+        loader_kw["collate_fn"] = SharedBatchRing()
     if val_dataset is not None and len(val_dataset) == 0:
         log.warning("no validation samples in folds %s: the curves show training losses only", val_folds)
         val_dataset = None
