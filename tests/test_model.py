@@ -209,6 +209,16 @@ def test_training_on_real_shards_lowers_the_loss_and_predicts_bmd(real_shards, r
     assert np.all(np.isfinite(bmd)) and np.all((bmd > 0.2) & (bmd < 2.0))
 
 
+def test_worker_processes_train_the_same_weights(real_shards, tmp_path):
+    """With ``num_workers`` the batches come through ``SharedBatchRing`` (blocks reused across
+    batches); the model must be the one trained without workers."""
+    shards = real_shards[0]
+    a = train_model(shards, tmp_path / "a", TINY, progress=False)
+    b = train_model(shards, tmp_path / "b", TrainSettings(**{**TINY.__dict__, "num_workers": 2}), progress=False)
+    sa, sb = _state(a), _state(b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def _run(*args):
     """The CLI in a fresh process (what a user times: python and torch start-up included)."""
     t0 = time.perf_counter()
