@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -66,6 +67,9 @@ DATASET_NAME = f"Dataset{DATASET_ID:03d}_bonedrr"
 #: the hemipelvis (``hip_*``) of an adult lies between 150 and 600 cm3, with margin for scans that cut
 #: the iliac crest. Override per cohort with ``segmentation.plausible_volume_cm3``.
 PLAUSIBLE_VOLUME_CM3: dict[str, tuple[float, float]] = {"femur": (20.0, 1500.0), "hip": (40.0, 1200.0)}
+#: The lowest median CT value of a segmented femur or hemipelvis: below water no bone label is bone
+#: (cortex and marrow together lie well above it even in osteoporosis; air is -1000).
+MIN_BONE_MEDIAN_HU = 0.0
 #: Side-less structures of a model trained with ``sides: midline``: the network learns 7 classes
 #: instead of 13 and never has to tell a left femur from a right one (a hard question for a small
 #: convolutional network that sees a shifted patch); left and right are assigned afterwards by the
@@ -631,14 +635,17 @@ def volumes_cm3(labels: np.ndarray, spacing_mm) -> dict[str, float]:
 
 
 def check_plausible(volumes: dict[str, float], side: str = "both",
-                    ranges: dict[str, tuple[float, float]] | None = None) -> None:
-    """Raise if a segmentation cannot be measured: empty, a bone missing on a measured side, or a bone
-    volume outside its plausible range.
+                    ranges: dict[str, tuple[float, float]] | None = None,
+                    median_hu: dict[str, float] | None = None) -> None:
+    """Raise if a segmentation cannot be measured: empty, a bone missing on a measured side, a bone
+    volume outside its plausible range, or a bone whose voxels are not bone (median below
+    :data:`MIN_BONE_MEDIAN_HU`: a model that paints bone into air or soft tissue).
 
     Args:
         volumes: :func:`volumes_cm3` of the segmentation.
         side: ``left``, ``right`` or ``both``: the hips the case is measured on.
         ranges: ``{"femur": (lo, hi), "hip": (lo, hi)}`` in cm3 (default :data:`PLAUSIBLE_VOLUME_CM3`).
+        median_hu: Median CT value of each structure's voxels (:func:`median_hu_of`; None: not checked).
 
     Raises:
         InputError: Without a path (the caller adds the CT's).
@@ -663,6 +670,15 @@ def check_plausible(volumes: dict[str, float], side: str = "both",
             if not lo <= volumes[name] <= hi:
                 raise InputError(f"segmentation's {name} is {volumes[name]:.1f} cm3, outside the plausible "
                                  f"range {lo:g}-{hi:g} cm3")
+            if median_hu is not None and median_hu[name] < MIN_BONE_MEDIAN_HU:
+                raise InputError(f"segmentation's {name} has a median of {median_hu[name]:.0f} HU, below "
+                                 f"{MIN_BONE_MEDIAN_HU:g} HU: not bone")
+
+
+def median_hu_of(labels: np.ndarray, ct_hu: np.ndarray) -> dict[str, float]:
+    """Median CT value (HU) of each canonical structure's voxels (NaN where it is absent)."""
+    return {name: float(np.median(ct_hu[labels == value])) if (labels == value).any() else math.nan
+            for name, value in CANONICAL_LABELS.items()}
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -765,7 +781,7 @@ def segment_case(ct_path: str | Path, model_dir: str | Path, out_labels: str | P
                                  f"{array.shape[::-1]}", reference)
         record["metrics"] = compare_labels(array, ref_array, ct.GetSpacing()[::-1])
     try:
-        check_plausible(volumes, side, plausible_volume_cm3)
+        check_plausible(volumes, side, plausible_volume_cm3, median_hu_of(array, sitk.GetArrayViewFromImage(ct)))
     except InputError as e:
         record.update(plausible=False, problem=e.message)
     downstream_is_reference = use_reference_downstream and ref_array is not None
