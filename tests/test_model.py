@@ -14,6 +14,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from bonedrr.errors import BonedrrError
 from bonedrr.model.augment import AugmentSettings, RandomAugment, affine, affine_matrix, shift_matrix
 from bonedrr.model.losses import gc_loss, gradient_correlation
 from bonedrr.model.network import PatchDiscriminator, UNet
@@ -61,6 +62,39 @@ def test_input_normalisation_makes_exposure_irrelevant():
     norm = RobustNormalise()
     inside_only = RobustNormalise()(image[..., :40, :])
     assert torch.allclose(norm(padded)[..., :40, :], inside_only, atol=1e-5)
+
+
+def test_the_whole_radiograph_scale_keeps_bone_density_and_follows_the_exposure():
+    """With the overview's scale, a denser bone gives a brighter input; with the crop's own range it
+    would not (its brightest pixels are that bone); an exposure change moves image and scale alike."""
+    from bonedrr.model.augment import adjust_intensity
+    from bonedrr.model.network import RobustNormalise, overview_scale
+
+    body = torch.linspace(100.0, 1100.0, 30000)
+    overview = torch.cat([body, torch.zeros(128 * 256 - 30000)]).reshape(1, 1, 128, 256)  # with air at 0
+    scale = overview_scale(overview)
+    assert scale[0].tolist() == pytest.approx([110.0, 600.0], abs=0.1)  # the body's 1st and 50th percentile
+    # air a little above 0 (a JPEG of it), and more padding (a letterboxed overview): the same scale
+    jpeg_air = torch.cat([body, torch.randint(0, 4, (128 * 256 - 30000,)).float()])[None]
+    padded = torch.cat([body, torch.zeros(20000)])[None]
+    for other in (jpeg_air, padded):
+        assert overview_scale(other)[0].tolist() == pytest.approx([110.0, 600.0], abs=0.1)
+    soft = torch.full((1, 1, 32, 16), 500.0)
+    thin, dense = soft.clone(), soft.clone()
+    thin[..., 8:24, 4:12], dense[..., 8:24, 4:12] = 700.0, 900.0  # the same bone, 2x its density
+    norm = RobustNormalise()
+    bone = (slice(None), slice(None), slice(8, 24), slice(4, 12))
+    span = float(scale[0, 1] - scale[0, 0])
+    assert float(norm(dense, scale)[bone].mean() - norm(thin, scale)[bone].mean()) == pytest.approx(200 / span, rel=1e-4)
+    assert float(norm(dense)[bone].mean()) == pytest.approx(float(norm(thin)[bone].mean()))  # crop range: lost
+    # an exposure change (gain 2.5, offset 0.3 of the crop's range) moves the scale with the image
+    x = dense.clone()
+    x[..., :4, :] = 0  # padding stays padding
+    one, none = torch.ones(1), torch.zeros(1)
+    moved, moved_scale = adjust_intensity(x, one, one, none, torch.tensor([2.5]), torch.tensor([0.3]), scale=scale)
+    inside = x != 0
+    assert torch.allclose(norm(moved, moved_scale)[inside], norm(x, scale)[inside], atol=1e-4)
+    assert bool((moved[~inside] == 0).all())
 
 
 def test_gradient_correlation_equals_the_registration_similarity(real_ct):
@@ -199,7 +233,10 @@ def test_training_on_real_shards_lowers_the_loss_and_predicts_bmd(real_shards, r
     data = ShardDataset(real_shards[0], channels=model.channels)
     batch = [data[i] for i in range(len(data))]
     xray = np.stack([b["xray"][0].numpy() for b in batch])
-    pred = model.predict(xray)
+    assert model.input_scale == "overview"
+    with pytest.raises(BonedrrError, match="this model scales its input by the whole radiograph"):
+        model.predict(xray)
+    pred = model.predict(xray, model.scale_of(np.stack([b["overview"][0].numpy() for b in batch])))
     assert pred.shape == (len(data), 5, 64, 32) and pred.min() >= 0
     true = np.stack([b["drr"].numpy() for b in batch])
     # after a few epochs on its 4 training hips: the proximal femur is where it should be
@@ -302,7 +339,9 @@ def test_estimate_cli_on_dicom_and_png_radiographs(real_shards, real_model, tmp_
     code, out, err = _main(capsys, "estimate", "--model", str(real_model), "--xray", str(crop_png), "--crop",
                            "--side", "right", "--json")
     assert code == 0, err
-    expected = model.bmd(model.predict(stored.astype(np.float32)[None]))[0]
+    # a crop alone: its input scale is taken from the crop itself (estimate warns)
+    scale = model.scale_of(model.overview_of(stored.astype(np.float32))[None])
+    expected = model.bmd(model.predict(stored.astype(np.float32)[None], scale))[0]
     assert json.loads(out)["sides"]["right"]["drr_bmd_g_cm2"] == pytest.approx(expected, abs=1e-3)
     assert json.loads(out)["sides"]["right"]["input"] == "crop"
     with capsys.disabled():

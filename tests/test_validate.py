@@ -92,8 +92,9 @@ def test_every_hip_is_predicted_once_by_the_model_that_never_saw_its_patient(coh
         # The prediction is the held-out fold's model's, read off its proximal-femur channel.
         model = load_model(cohort["models"][fold])
         data = ShardDataset(cohort["results"] / "shards", folds=[fold])
-        crop = data[[x["sample_id"] for x in data.index].index(r["sample_id"])]["xray"][0].numpy()
-        expected = drr_bmd(model.predict(crop[None])[0, model.channels.index("proximal_femur")])
+        item = data[[x["sample_id"] for x in data.index].index(r["sample_id"])]
+        scale = model.scale_of(item["overview"].numpy())  # (1, 128, 256): the whole radiograph's
+        expected = drr_bmd(model.predict(item["xray"][0].numpy()[None], scale)[0, model.channels.index("proximal_femur")])
         found = float(r["pred_drr_bmd"]) if r["pred_drr_bmd"] else np.nan
         assert found == pytest.approx(expected, rel=1e-5, nan_ok=True)
     # metrics.json is strict JSON (no NaN), and names the ICC it reports.

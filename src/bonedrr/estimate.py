@@ -145,7 +145,11 @@ def _estimate_one(model, model_name: str, xray: Path, side: str, out_dir, pixel_
     radiograph = read_radiograph(xray, default_pixel_mm=pixel_mm or (1.0, 1.0))
     sides = list(SIDES) if side == "both" else [side]
     crops, facts = hip_crops(model, radiograph.pixels, radiograph.pixel_mm, sides, crop)
-    prediction = model.predict(crops)
+    if crop and model.input_scale == "overview":
+        log.warning("%s: a hip crop has no whole radiograph around it; the model's input scale (taken from "
+                    "the whole radiograph in training) comes from the crop itself, which biases BMD", xray.name)
+    scale = model.scale_of(model.overview_of(radiograph.pixels, radiograph.pixel_mm)[None])
+    prediction = model.predict(crops, scale)
     bmd = model.bmd(prediction)
     calibrated = model.calibrated(bmd)
     result = {"model": model_name, "units": "g/cm2", "pixel_mm": list(radiograph.pixel_mm),

@@ -45,7 +45,7 @@ from bonedrr.images import atomic_path
 from bonedrr.model import locator as loc
 from bonedrr.model.augment import AugmentSettings, RandomAugment
 from bonedrr.model.losses import bmd_loss, gan_loss, gc_loss, gradient_correlation, l1_loss
-from bonedrr.model.network import PatchDiscriminator, UNet
+from bonedrr.model.network import PatchDiscriminator, UNet, overview_scale
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,10 @@ class Stage:
     epochs: int
 
 
+#: How a radiograph crop is scaled for the network (:attr:`TrainSettings.input_scale`).
+INPUT_SCALES = ("overview", "crop")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """The ``train:`` block of the config (documented in config/README.md).
@@ -85,6 +89,10 @@ class TrainSettings:
         locator_epochs, locator_base_channels: The hip locator (0 epochs: no locator).
         seed: Seeds weights, shuffling and augmentation.
         num_workers: DataLoader workers.
+        input_scale: What maps the radiograph to the network's input scale: ``overview``, the whole
+            radiograph's 1st and 50th percentiles (:func:`bonedrr.model.network.overview_scale`), or
+            ``crop``, the crop's own 1st and 99th (divides out much of the bone's density; kept for
+            models trained before).
         dxa_calibration: Fit a linear map from predicted DRR-BMD to DXA aBMD on the training samples.
         amp: bfloat16 autocast on a GPU.
     """
@@ -104,6 +112,7 @@ class TrainSettings:
     locator_base_channels: int = 8
     seed: int = 0
     num_workers: int = 0
+    input_scale: str = "overview"
     dxa_calibration: bool = False
     amp: bool = True
 
@@ -128,6 +137,10 @@ class TrainSettings:
         if unknown:
             raise BonedrrError(f"unknown train settings: {', '.join(sorted(unknown))}")
         return cls(**kwargs, **block)
+
+    def __post_init__(self):
+        if self.input_scale not in INPUT_SCALES:
+            raise BonedrrError(f"train input_scale must be one of {', '.join(INPUT_SCALES)}, not {self.input_scale!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -196,6 +209,8 @@ class DecompositionModel:
         self.locator = locator.eval() if locator is not None else None
         self.calibration = calibration
         self.info = info or {}
+        # models saved before input_scale existed scaled each crop by itself
+        self.input_scale = self.info.get("settings", {}).get("input_scale", "crop")
         self.device = torch.device(device)
         # channel -> (stage, index in its output); a later stage wins a duplicate
         self._source: dict[str, tuple[int, int]] = {}
@@ -223,22 +238,51 @@ class DecompositionModel:
             self.locator.to(self.device)
         return self
 
+    def scale_of(self, overviews) -> np.ndarray | None:
+        """The input scale (N, 2) of crops from whole radiographs with these overviews (N, h, w) (the
+        shards' ``overview``, or :meth:`overview_of`); None for a model that scales each crop by itself."""
+        if self.input_scale == "crop":
+            return None
+        ov = torch.as_tensor(np.asarray(overviews, np.float32))
+        return overview_scale(ov.reshape(len(ov), -1)).numpy()
+
+    def overview_of(self, radiograph: np.ndarray, pixel_mm=(1.0, 1.0)) -> np.ndarray:
+        """A whole radiograph's overview (128 x 256), as the shards store it (right hip's orientation)."""
+        from bonedrr.shards import overview_grid, resample
+
+        grid = overview_grid(np.shape(radiograph), pixel_mm, "right")
+        return resample(np.asarray(radiograph, np.float32), grid["rows"], grid["cols"], grid["zoom"])
+
     @torch.no_grad()
-    def predict(self, xray_crops: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    def predict(self, xray_crops: np.ndarray, scale: np.ndarray | None = None, batch_size: int = 16) -> np.ndarray:
         """Decompose radiograph crops (N, H, W) as stored in the shards -> (N, C, H, W) g/cm2 (>= 0).
 
         Crops of another size are resized to :attr:`crop_shape` and the output back.
+
+        Args:
+            xray_crops: (N, H, W) or (H, W).
+            scale: (N, 2) or (2,): each crop's input scale from its whole radiograph
+                (:meth:`scale_of`); required when the model's ``input_scale`` is ``overview``.
+
+        Raises:
+            BonedrrError: No scale for a model that needs one.
         """
         x = np.asarray(xray_crops, np.float32)
         if x.ndim == 2:
             x = x[None]
+        if self.input_scale == "overview":
+            if scale is None:
+                raise BonedrrError("this model scales its input by the whole radiograph: give predict() the "
+                                   "scale of each crop's radiograph (DecompositionModel.scale_of)")
+            scale = np.array(np.broadcast_to(np.asarray(scale, np.float32).reshape(-1, 2), (len(x), 2)))
         out = []
         for i in range(0, len(x), batch_size):
             t = torch.from_numpy(x[i:i + batch_size])[:, None].to(self.device)
+            sc = torch.from_numpy(scale[i:i + batch_size]) if self.input_scale == "overview" else None
             size = t.shape[-2:]
             if tuple(size) != self.crop_shape:
                 t = F.interpolate(t, size=self.crop_shape, mode="bilinear", align_corners=False)
-            stage_out = [net(t).float() for net in self.stage_nets]
+            stage_out = [net(t, sc).float() for net in self.stage_nets]
             y = torch.stack([stage_out[s][:, j] for s, j in self._source.values()], 1).clamp_min(0)
             if tuple(size) != self.crop_shape:
                 y = F.interpolate(y, size=tuple(size), mode="bilinear", align_corners=False)
@@ -448,10 +492,15 @@ def _stage_epoch(run: _Run, k: int, loader: DataLoader, channel_idx: list[int], 
     n = 0
     for batch in loader:
         xray, drr = batch["xray"], batch["drr"][:, channel_idx]
-        xray, drr = augment(xray, drr)
+        scale = overview_scale(batch["overview"]) if s.input_scale == "overview" else None
+        if scale is None:
+            xray, drr = augment(xray, drr)
+        else:
+            xray, drr, scale = augment(xray, drr, scale)
+            scale = scale.to(dev)
         xray, drr = xray.to(dev), drr.to(dev)
         with _autocast(dev, s.amp):
-            pred = net(xray)
+            pred = net(xray, scale)
         pred = pred.float()
         l1 = l1_loss(pred, drr)
         gcl = gc_loss(pred, drr) if s.gc > 0 else torch.zeros((), device=dev)
@@ -489,7 +538,8 @@ def _stage_validate(run: _Run, k: int, loader: DataLoader | None, channel_idx: l
     j = channels.index(BMD_CHANNEL) if BMD_CHANNEL in channels else None
     for batch in loader:
         drr = batch["drr"][:, channel_idx].to(run.device)
-        pred = net(batch["xray"].to(run.device)).float().clamp_min(0)
+        scale = overview_scale(batch["overview"]).to(run.device) if run.s.input_scale == "overview" else None
+        pred = net(batch["xray"].to(run.device), scale).float().clamp_min(0)
         l1s.append(float(F.l1_loss(pred, drr, reduction="none").mean((1, 2, 3)).sum()))
         gcs.append(float(gradient_correlation(pred, drr).mean(1).sum()))
         if j is not None:
@@ -713,7 +763,7 @@ def fit_dxa_calibration(model: DecompositionModel, train_set: Dataset) -> dict |
     that have a DXA value (None when fewer than 3 do)."""
     preds, dxa = [], []
     for batch in DataLoader(train_set, batch_size=16):
-        b = model.bmd(model.predict(batch["xray"][:, 0].numpy()))
+        b = model.bmd(model.predict(batch["xray"][:, 0].numpy(), model.scale_of(batch["overview"][:, 0].numpy())))
         preds += list(b)
         dxa += [float(v) for v in batch["dxa_abmd"]]
     x, y = np.asarray(preds), np.asarray(dxa)

@@ -99,7 +99,8 @@ def load_samples(dataset, channels: list[str] | None = None) -> dict:
     items = [dataset[i] for i in range(len(dataset))]
     out = {"xray": np.stack([it["xray"][0].numpy() for it in items]) if items else np.zeros((0, 1, 1), np.float32),
            "drr": np.stack([it["drr"].numpy() for it in items]) if items else None,
-           "mask": np.stack([it["mask"][0].numpy() for it in items]) if items else None}
+           "mask": np.stack([it["mask"][0].numpy() for it in items]) if items else None,
+           "overview": np.stack([it["overview"][0].numpy() for it in items]) if items else None}
     for key in ("drr_bmd", "qct_vbmd", "dxa_abmd"):
         out[key] = np.array([it[key] for it in items], float)
     for key in ("sample_id", "patient_id", "fold"):
@@ -110,11 +111,18 @@ def load_samples(dataset, channels: list[str] | None = None) -> dict:
     return out
 
 
-def predicted_bmd(model, xray: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """(DRR-BMD of each predicted proximal-femur channel, the predictions (N, C, H, W))."""
+def predicted_bmd(model, xray: np.ndarray, threshold: float, overview=None) -> tuple[np.ndarray, np.ndarray]:
+    """(DRR-BMD of each predicted proximal-femur channel, the predictions (N, C, H, W)).
+
+    ``overview``: the crops' whole-radiograph overviews (N, h, w), or one radiograph's (h, w) for
+    all, for a model whose input scale comes from them (``DecompositionModel.scale_of``)."""
     if len(xray) == 0:
         return np.zeros(0), np.zeros((0, len(model.channels), 1, 1), np.float32)
-    pred = model.predict(np.asarray(xray, np.float32))
+    scale = None
+    if overview is not None:
+        overview = np.asarray(overview, np.float32)
+        scale = model.scale_of(overview if overview.ndim == 3 else overview[None])
+    pred = model.predict(np.asarray(xray, np.float32), scale)
     k = list(model.channels).index(BMD_CHANNEL)
     return np.array([drr_bmd(p[k], threshold) for p in pred], float), pred
 
@@ -252,12 +260,13 @@ def jpeg_sweep(model, held_out: dict, cases_root: Path, pack, qualities, thresho
             cache[case] = _case_radiograph(cases_root / case)
         image, pixel_mm, bmd = cache[case]
         head = bmd["sides"][side]["femoral_head_px"]
-        crops, sizes = [], []
+        crops, overviews, sizes = [], [], []
         for q in qualities:
             decoded, size = jpeg_roundtrip(image, q)
             crops.append(recrop(decoded, pixel_mm, head, side, pack))
+            overviews.append(model.overview_of(decoded, pixel_mm))
             sizes.append(size)
-        values, _ = predicted_bmd(model, np.stack(crops), threshold)
+        values, _ = predicted_bmd(model, np.stack(crops), threshold, np.stack(overviews))
         for q, v, size in zip(qualities, values, sizes):
             rows.append({"sample_index": i, "quality": int(q), "pred_drr_bmd": float(v), **size})
     return rows
@@ -314,7 +323,8 @@ def pose_sweep(model, patients: list[tuple[str, Path]], pack, default_pixel_mm, 
                 log.warning("%s %s: %s", case_dir.name, path.name, e)
                 located, facts = np.zeros((0,) + tuple(pack.crop_px), np.float32), {}
             true = np.stack([recrop(radiograph.pixels, radiograph.pixel_mm, true_heads[s], s, pack) for s in sides])
-            values, _ = predicted_bmd(model, np.concatenate([true, located]), threshold)
+            values, _ = predicted_bmd(model, np.concatenate([true, located]), threshold,
+                                      model.overview_of(radiograph.pixels, radiograph.pixel_mm))
             for i, side in enumerate(sides):
                 row = {"patient_id": patient_id, "case_id": case_dir.name, "side": side, "radiograph": k,
                        "bmd_true_hips": float(values[i]),
@@ -406,8 +416,8 @@ def validate_cohort(shard_dir: str | Path, model_dirs: list[str | Path], out_dir
             raise BonedrrError(f"the model of fold {fold} was trained on {len(leaked)} of its held-out patients "
                                f"({', '.join(leaked[:3])}{', ...' if len(leaked) > 3 else ''})",
                                model_paths.get(fold, shard_dir))
-        pred_bmd, pred = predicted_bmd(model, held["xray"], settings.threshold_g_cm2)
-        train_bmd, _ = predicted_bmd(model, train["xray"], settings.threshold_g_cm2)
+        pred_bmd, pred = predicted_bmd(model, held["xray"], settings.threshold_g_cm2, held["overview"])
+        train_bmd, _ = predicted_bmd(model, train["xray"], settings.threshold_g_cm2, train["overview"])
         model_fits = fit_calibrations(train_bmd, train)
         base_fits = fit_calibrations(roi_intensity(train["xray"], train["mask"]), train)
         ceiling_fits = fit_calibrations(train["drr_bmd"], train)

@@ -68,9 +68,14 @@ def affine(images: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") ->
 
 
 def adjust_intensity(x: torch.Tensor, gamma: torch.Tensor, contrast: torch.Tensor, noise: torch.Tensor,
-                     gain: torch.Tensor, offset: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+                     gain: torch.Tensor, offset: torch.Tensor, generator: torch.Generator | None = None,
+                     scale: torch.Tensor | None = None):
     """Radiograph (N, 1, H, W) with per-sample gamma, contrast, noise (fraction of the robust range),
-    gain and offset (exposure). Exact zeros (padding beyond the radiograph) stay zero."""
+    gain and offset (exposure). Exact zeros (padding beyond the radiograph) stay zero.
+
+    With ``scale`` (N, 2: the whole radiograph's intensities that the network maps to 0 and 1, see
+    :func:`bonedrr.model.network.overview_scale`), returns ``(image, scale)`` with the same exposure
+    change applied to the scale, as it would be to the whole radiograph."""
     from bonedrr.model.network import robust_range
 
     outside = x == 0  # padding beyond the radiograph stays exactly 0
@@ -82,7 +87,10 @@ def adjust_intensity(x: torch.Tensor, gamma: torch.Tensor, contrast: torch.Tenso
     if generator is not None:
         u = u + noise.view(-1, 1, 1, 1) * torch.randn(x.shape, generator=generator).to(x.device)
     out = (u * span + lo) * gain.view(-1, 1, 1, 1) + offset.view(-1, 1, 1, 1) * span
-    return out.masked_fill(outside, 0.0)
+    out = out.masked_fill(outside, 0.0)
+    if scale is None:
+        return out
+    return out, scale * gain.view(-1, 1) + offset.view(-1, 1) * span.view(-1, 1)
 
 
 @dataclass(frozen=True)
@@ -121,8 +129,10 @@ class RandomAugment:
     def _uniform(self, n: int, half_width: float) -> torch.Tensor:
         return (torch.rand(n, generator=self.g) * 2 - 1) * half_width
 
-    def __call__(self, xray: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augment a batch: xray (N, 1, H, W), targets (N, C, H, W) (DRRs and masks)."""
+    def __call__(self, xray: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | None = None):
+        """Augment a batch: xray (N, 1, H, W), targets (N, C, H, W) (DRRs and masks). With ``scale``
+        (N, 2, the input scale of :func:`bonedrr.model.network.overview_scale`), returns
+        ``(xray, targets, scale)``, the scale moved by the same exposure change."""
         n, _, h, w = xray.shape
         s = self.s
         theta = affine_matrix(self._uniform(n, s.rotate_deg), 1 + self._uniform(n, s.scale),
@@ -136,4 +146,7 @@ class RandomAugment:
         noise = torch.rand(n, generator=self.g) * s.noise
         gain = torch.exp(self._uniform(n, math.log(2.0)))
         offset = self._uniform(n, 0.5)
-        return adjust_intensity(xray, gamma, contrast, noise, gain, offset, self.g), targets
+        if scale is None:
+            return adjust_intensity(xray, gamma, contrast, noise, gain, offset, self.g), targets
+        xray, scale = adjust_intensity(xray, gamma, contrast, noise, gain, offset, self.g, scale=scale)
+        return xray, targets, scale

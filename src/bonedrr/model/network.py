@@ -1,8 +1,11 @@
 """The decomposition network: a small U-Net that maps a radiograph crop to DRR channels (g/cm2).
 
 The radiograph enters as stored (any exposure, window or bit depth): :class:`RobustNormalise` maps
-each image by its own robust percentiles first, so a DICOM, a PNG or a JPEG of the same hip give the
-network the same input. The output is linear (g/cm2, as the targets); DRRs are non-negative, which
+it to a common scale first, so a DICOM, a PNG or a JPEG of the same hip give the network the same
+input. The scale comes from the whole radiograph (:func:`overview_scale`: its 1st and 50th
+percentiles) or, for models trained before it, from the crop's own 1st and 99th percentiles. The
+crop's own range is a poor reference for density: a hip crop's brightest pixels are bone, so
+dividing by its range divides out much of the bone's density (README, "The whole demo"). The output is linear (g/cm2, as the targets); DRRs are non-negative, which
 :meth:`UNet.forward` does not force (the L1 loss learns it), and ``predict`` clips.
 
 Example:
@@ -32,22 +35,47 @@ def robust_range(x: torch.Tensor, low: float = 0.01, high: float = 0.99) -> tupl
     return q[0], q[1]
 
 
+#: Percentiles (0-100) of the body in the whole radiograph's overview mapped to 0 and 1 of the
+#: network's input: the thinnest soft tissue and the median (mostly soft tissue, so bone density stays
+#: visible).
+OVERVIEW_PERCENTILES = (1.0, 50.0)
+#: Pixels within this fraction of the overview's range (minimum to 99.5th percentile) above its
+#: minimum are air or padding and left out: a radiograph's air is exactly 0 in one file and 1-3 in a
+#: JPEG of it, and the overview's letterbox is 0; counting them would move the scale.
+AIR_FRACTION = 0.02
+
+
+def overview_scale(overview: torch.Tensor) -> torch.Tensor:
+    """(N, 2): the intensities of each whole-radiograph overview (N, ...) that the network's input
+    maps to 0 and 1 (:data:`OVERVIEW_PERCENTILES` of the pixels that are not air or padding,
+    :data:`AIR_FRACTION`)."""
+    flat = overview.flatten(1).float()
+    bottom = flat.min(1, keepdim=True).values
+    top = torch.quantile(flat, 0.995, dim=1, keepdim=True)
+    body = flat.masked_fill(flat <= bottom + AIR_FRACTION * (top - bottom), float("nan"))
+    q = torch.nanquantile(body, torch.tensor([p / 100.0 for p in OVERVIEW_PERCENTILES], dtype=flat.dtype), dim=1)
+    q = torch.where(torch.isnan(q), torch.quantile(flat, torch.tensor([0.0, 1.0], dtype=flat.dtype), dim=1), q)
+    return q.T.contiguous()
+
+
 class RobustNormalise(nn.Module):
-    """Per image: (x - p_low) / (p_high - p_low), percentiles over the image's own pixels (exact zeros,
-    the padding outside the radiograph, left out: :func:`robust_range`).
+    """Per image: (x - low) / (high - low), with (low, high) given (``scale``, e.g. from
+    :func:`overview_scale`) or else the image's own percentiles (exact zeros, the padding outside the
+    radiograph, left out: :func:`robust_range`).
 
     Args:
-        low, high: The percentiles (0-100) mapped to 0 and 1.
+        low, high: The image's own percentiles (0-100) mapped to 0 and 1 when no scale is given.
     """
 
     def __init__(self, low: float = 1.0, high: float = 99.0):
         super().__init__()
         self.low, self.high = low / 100.0, high / 100.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = robust_range(x, self.low, self.high)
-        lo = q[0].view(-1, *([1] * (x.dim() - 1)))
-        span = (q[1] - q[0]).clamp_min(1e-6).view_as(lo)
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (N, ...); ``scale`` (N, 2) or None."""
+        lo, hi = (scale[:, 0], scale[:, 1]) if scale is not None else robust_range(x, self.low, self.high)
+        lo = lo.to(x.device, torch.float32).view(-1, *([1] * (x.dim() - 1)))
+        span = (hi.to(x.device, torch.float32).view_as(lo) - lo).clamp_min(1e-6)
         return ((x.float() - lo) / span).to(x.dtype)
 
 
@@ -85,8 +113,10 @@ class UNet(nn.Module):
         self.up = nn.ModuleList([_block(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(depth))])
         self.head = nn.Conv2d(widths[0], out_channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.normalise(x)
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (N, in_channels, H, W) as stored; ``scale`` (N, 2): the intensities mapped to 0 and 1
+        (:func:`overview_scale`), or None for the crop's own range."""
+        x = self.normalise(x, scale) if isinstance(self.normalise, RobustNormalise) else x
         skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else F.max_pool2d(x, 2))
