@@ -111,12 +111,13 @@ def test_baseline_and_calibrations_are_fitted_on_the_training_folds_only(cohort,
         train = v.load_samples(ShardDataset(shards, exclude_folds=[fold]))
         everything = v.load_samples(ShardDataset(shards))
         fit = result["per_fold"][str(fold)]["baseline_fit"]["qct_vbmd"]
-        x = v.roi_intensity(train["xray"], train["mask"])
+        x = v.roi_intensity(train["xray"], train["mask"], train["overview"])
         slope, intercept = np.polyfit(x, train["qct_vbmd"], 1)
         assert (fit["slope"], fit["intercept"]) == pytest.approx((slope, intercept), rel=1e-9)
         assert fit["n"] == 2
         # A fit that leaked the held-out fold would be another line.
-        leaky = np.polyfit(v.roi_intensity(everything["xray"], everything["mask"]), everything["qct_vbmd"], 1)
+        leaky = np.polyfit(v.roi_intensity(everything["xray"], everything["mask"], everything["overview"]),
+                           everything["qct_vbmd"], 1)
         assert not np.allclose(leaky, (slope, intercept), rtol=1e-3)
 
 

@@ -14,8 +14,9 @@ samples), never on held-out data.
 
 The baseline is the conventional approach the paper improves on: BMD regressed linearly on the mean
 radiograph intensity in the same region, the proximal femur's projected bone area (the true mask: a
-favour to the baseline, which in practice would need a segmentation), on each crop's robust intensity
-scale (:func:`roi_intensity`), fitted on the training folds per ground truth.
+favour to the baseline, which in practice would need a segmentation), on the model's input scale (the
+whole radiograph's, :func:`bonedrr.model.network.overview_scale`; :func:`roi_intensity`), fitted on the
+training folds per ground truth.
 
 Robustness:
 
@@ -127,13 +128,20 @@ def predicted_bmd(model, xray: np.ndarray, threshold: float, overview=None) -> t
     return np.array([drr_bmd(p[k], threshold) for p in pred], float), pred
 
 
-def roi_intensity(xray: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def roi_intensity(xray: np.ndarray, mask: np.ndarray, overview: np.ndarray | None = None) -> np.ndarray:
     """The baseline's feature: mean radiograph value inside the proximal femur's projected area, on the
-    crop's own robust scale (1st percentile -> 0, 99th -> 1: the normalisation the model's input gets,
-    so DICOM, PNG and JPEG files of any bit depth are comparable)."""
+    scale the model's input gets, so DICOM, PNG and JPEG files of any bit depth are comparable: the
+    whole radiograph's (``overview`` (N, h, w), :func:`bonedrr.model.network.overview_scale`), or
+    without overviews the crop's own (1st percentile -> 0, 99th -> 1)."""
+    import torch
+
+    from bonedrr.model.network import overview_scale
+
+    if overview is not None:
+        scales = overview_scale(torch.from_numpy(np.asarray(overview, np.float32))).numpy()
     out = np.full(len(xray), np.nan)
     for i, (x, m) in enumerate(zip(xray, mask)):
-        lo, hi = np.percentile(x, [1, 99])
+        lo, hi = scales[i] if overview is not None else np.percentile(x, [1, 99])
         if (m > 0.5).any() and hi > lo:
             out[i] = float((x[m > 0.5].mean() - lo) / (hi - lo))
     return out
@@ -419,9 +427,9 @@ def validate_cohort(shard_dir: str | Path, model_dirs: list[str | Path], out_dir
         pred_bmd, pred = predicted_bmd(model, held["xray"], settings.threshold_g_cm2, held["overview"])
         train_bmd, _ = predicted_bmd(model, train["xray"], settings.threshold_g_cm2, train["overview"])
         model_fits = fit_calibrations(train_bmd, train)
-        base_fits = fit_calibrations(roi_intensity(train["xray"], train["mask"]), train)
+        base_fits = fit_calibrations(roi_intensity(train["xray"], train["mask"], train["overview"]), train)
         ceiling_fits = fit_calibrations(train["drr_bmd"], train)
-        held_roi = roi_intensity(held["xray"], held["mask"])
+        held_roi = roi_intensity(held["xray"], held["mask"], held["overview"])
         fold_info[fold] = {"n_held_out": len(held["sample_id"]), "n_train": len(train["sample_id"]),
                            "train_folds": sorted(set(train["fold"])), "model_calibration": model_fits,
                            "baseline_fit": base_fits}
