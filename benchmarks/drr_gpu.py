@@ -6,7 +6,12 @@ array path, and the physical limit: (bytes of the volume a DRR touches) / (memor
 bytes touched are estimated as (voxels crossed per ray x rays) x 5 bytes (float32 density + uint8
 channel), an upper bound on what caches can save.
 
-Run: python benchmarks/drr_gpu.py [--frames 200]
+Side by side, in the same run when it is installed: DiffDRR 0.6.1 (``peers/diffdrr_peer.py``) on the
+same GPU, same volume, labels, detector and poses, all 16 structures split per ray
+(``mask_to_channels``), its Siddon and trilinear renderers; with its agreement with ours (NCC of the
+channel sums) and our speed over its as a ratio.
+
+Run: python benchmarks/drr_gpu.py [--frames 200] [--peer-frames 20]
 Writes benchmarks/results/drr_gpu.json.
 """
 
@@ -31,6 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=200)
+    parser.add_argument("--peer-frames", type=int, default=20, help="frames for DiffDRR (0: leave it out)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "drr_gpu.json"))
     args = parser.parse_args()
     if not cuda_available():
         raise SystemExit("no CUDA device: run this where a GPU is present")
@@ -53,6 +60,7 @@ def main() -> None:
     bandwidth = 2 * props["memoryClockRate"] * 1e3 * props["memoryBusWidth"] / 8  # bytes/s (DDR)
     result = {"gpu": props["name"].decode(), "volume": list(size), "detector": [256, 256], "channels": 16,
               "frames": args.frames, "peak_bandwidth_gb_s": round(bandwidth / 1e9, 1), "renderers": {}}
+    first_frames = {}  # our compiled renderers' channels at the first pose, for the peer's agreement
     for method in ("siddon", "trilinear"):
         for backend in ("compiled", "array"):
             r = Renderer(density, channels, affine, n_channels=16, method=method, device="cuda", backend=backend)
@@ -65,14 +73,62 @@ def main() -> None:
             cupy.cuda.Stream.null.synchronize()
             per_second = frames / (time.perf_counter() - t)
             result["renderers"][f"{method}_{backend}"] = {"drrs_per_second": round(per_second, 1)}
+            if backend == "compiled":
+                first_frames[method] = r.render(g.with_pose(poses[0]))
+            del r
         # Physical limit: voxels crossed per ray ~ (ray length in voxels) x 3 for Siddon, 8 per sample for trilinear.
         voxels_per_ray = 3 * max(size) if method == "siddon" else 8 * 2 * max(size)
         touched = 256 * 256 * voxels_per_ray * 5
         result["renderers"][f"{method}_compiled"]["bound_drrs_per_second_at_peak_bandwidth"] = round(
             bandwidth / touched, 1)
-    out = REPO / "benchmarks" / "results" / "drr_gpu.json"
+    if args.peer_frames:
+        add_diffdrr(result, first_frames, density, channels, big, g, poses[:args.peer_frames], cupy)
+    out = Path(args.out)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def add_diffdrr(result: dict, first_frames: dict, density, channels, grid, geometry, poses, cupy,
+                device: str = "cuda") -> None:
+    """DiffDRR at the same geometry on the same GPU: DRRs per second, NCC with ours, our speed-up."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import diffdrr
+        from peers.diffdrr_peer import DiffDRRPeer
+    except ImportError as err:
+        result["diffdrr"] = f"not installed ({err})"
+        return
+    result["diffdrr_version"] = getattr(diffdrr, "__version__", "0.6.1")
+    ratios = result.setdefault("ratios", {})
+    for method in ("siddon", "trilinear"):
+        ours = first_frames[method]
+        ours = np.asarray(ours.get() if hasattr(ours, "get") else ours, float).sum(0)
+        try:
+            peer = DiffDRRPeer(density / 1000.0, grid, geometry.with_pose(poses[0]), renderer=method,
+                               labels=channels, pad_voxels=0, device=device)
+            theirs = peer.render(poses[0]).sum(0)
+            t = time.perf_counter()
+            for pose in poses:
+                peer.render(pose)  # returns a NumPy array: synchronised
+        except torch.cuda.OutOfMemoryError as err:
+            result["renderers"][f"diffdrr_{method}"] = {"error": f"out of GPU memory: {str(err).splitlines()[0]}"}
+            continue
+        per_second = len(poses) / (time.perf_counter() - t)
+        ncc = float(np.corrcoef(ours.ravel(), theirs.ravel())[0, 1])
+        result["renderers"][f"diffdrr_{method}"] = {"drrs_per_second": round(per_second, 2),
+                                                    "ncc_vs_bonedrr": round(ncc, 6),
+                                                    "mean_ratio_vs_bonedrr": round(float(theirs.mean() / ours.mean()), 6)}
+        ratios[f"{method}_speedup_vs_diffdrr"] = round(
+            result["renderers"][f"{method}_compiled"]["drrs_per_second"] / per_second, 1)
+        del peer
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if cupy is not None:
+        cupy.get_default_memory_pool().free_all_blocks()
 
 
 if __name__ == "__main__":

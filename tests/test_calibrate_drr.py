@@ -11,6 +11,7 @@ import SimpleITK as sitk
 from bonedrr.calibrate import calibrate, calibrate_case, density_volume, phantom_calibration
 from bonedrr.drr import (DEFAULT_CHANNELS, STRUCTURES, channel_matrix, read_drr, render_case, structure_volume,
                          write_drr)
+from bonedrr.device import cuda_available
 from bonedrr.errors import InputError
 from bonedrr.geometry import Geometry
 from bonedrr.labels import CANONICAL_LABELS
@@ -140,17 +141,17 @@ def test_drr_cli_writes_h5_and_contact_sheet(tmp_path, cases):
     back = read_drr(tmp_path / "d.h5")
     assert back["channels"] == ["bone", "rest"] and back["method"] == "trilinear"
     assert (tmp_path / "d.png").stat().st_size > 10_000
-    bad = subprocess.run([sys.executable, "-m", "bonedrr", "drr", "--density", str(tmp_path / "density.nii.gz"),
-                          "--labels", str(labels), "--geometry", str(geometry), "--out", str(tmp_path / "e.h5"),
-                          "--device", "cuda"], capture_output=True, text=True)
-    try:
-        import cupy  # noqa: F401
-        has_cuda = True
-    except ImportError:
-        has_cuda = False
-    if not has_cuda:
-        assert bad.returncode == 2
-        assert bad.stderr.strip().splitlines()[-1].startswith(
+    # the same on a GPU: the same channels where CuPy finds one, else one clear error
+    on_cuda = subprocess.run([sys.executable, "-m", "bonedrr", "drr", "--density", str(tmp_path / "density.nii.gz"),
+                              "--labels", str(labels), "--geometry", str(geometry), "--out", str(tmp_path / "e.h5"),
+                              "--method", "trilinear", "--device", "cuda", "--channels", channels],
+                             capture_output=True, text=True)
+    if cuda_available():
+        assert on_cuda.returncode == 0, on_cuda.stderr
+        np.testing.assert_allclose(read_drr(tmp_path / "e.h5")["drr"], back["drr"], rtol=1e-4, atol=1e-4)
+    else:
+        assert on_cuda.returncode == 2 and not (tmp_path / "e.h5").exists()
+        assert on_cuda.stderr.strip().splitlines()[-1].startswith(
             "bonedrr drr: error: --device cuda was asked for, but CuPy finds no CUDA device")
 
 
