@@ -8,6 +8,9 @@ ray is one thread's). The volume is read through the read-only data cache (``__l
 from __future__ import annotations
 
 _SOURCE = r"""
+// NVRTC compiles without <math.h>, so there is no INFINITY macro
+#define BONEDRR_INF __longlong_as_double(0x7ff0000000000000LL)
+
 extern "C" __global__
 void siddon(const float* __restrict__ density, const unsigned char* __restrict__ channels,
             int nx, int ny, int nz, double ox, double oy, double oz,
@@ -24,12 +27,12 @@ void siddon(const float* __restrict__ density, const unsigned char* __restrict__
     int iy = min(max((int)floor(oy + (t + eps) * dy + 0.5), 0), ny - 1);
     int iz = min(max((int)floor(oz + (t + eps) * dz + 0.5), 0), nz - 1);
     int sx = dx > 0 ? 1 : -1, sy = dy > 0 ? 1 : -1, sz = dz > 0 ? 1 : -1;
-    double tx = dx != 0 ? (ix + 0.5 * sx - ox) / dx : INFINITY;
-    double ty = dy != 0 ? (iy + 0.5 * sy - oy) / dy : INFINITY;
-    double tz = dz != 0 ? (iz + 0.5 * sz - oz) / dz : INFINITY;
-    double ddx = dx != 0 ? fabs(1.0 / dx) : INFINITY;
-    double ddy = dy != 0 ? fabs(1.0 / dy) : INFINITY;
-    double ddz = dz != 0 ? fabs(1.0 / dz) : INFINITY;
+    double tx = dx != 0 ? (ix + 0.5 * sx - ox) / dx : BONEDRR_INF;
+    double ty = dy != 0 ? (iy + 0.5 * sy - oy) / dy : BONEDRR_INF;
+    double tz = dz != 0 ? (iz + 0.5 * sz - oz) / dz : BONEDRR_INF;
+    double ddx = dx != 0 ? fabs(1.0 / dx) : BONEDRR_INF;
+    double ddy = dy != 0 ? fabs(1.0 / dy) : BONEDRR_INF;
+    double ddz = dz != 0 ? fabs(1.0 / dz) : BONEDRR_INF;
     double* acc = out + (long long)r * n_channels;
     while (t < t_end) {
         double t_next = fmin(fmin(tx, ty), fmin(tz, t_end));
@@ -79,6 +82,8 @@ void trilinear(const float* __restrict__ padded, const unsigned char* __restrict
 }
 """
 
+#: NVRTC options (tests/test_cuda_source.py compiles the source with them where no GPU is present).
+COMPILE_OPTIONS = ("-std=c++11",)
 _MODULE = None
 THREADS_PER_BLOCK = 128
 
@@ -88,7 +93,7 @@ def _module():
     if _MODULE is None:
         import cupy
 
-        _MODULE = cupy.RawModule(code=_SOURCE, options=("-std=c++11",))
+        _MODULE = cupy.RawModule(code=_SOURCE, options=COMPILE_OPTIONS)
     return _MODULE
 
 
