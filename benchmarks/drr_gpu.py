@@ -28,6 +28,7 @@ import SimpleITK as sitk
 from bonedrr.device import cuda_available
 from bonedrr.geometry import Geometry, ap_pose
 from bonedrr.images import index_to_world
+from bonedrr.labels import PRESETS, remap
 from bonedrr.render import Renderer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +50,11 @@ def main() -> None:
     big = sitk.Resample(ct, size, sitk.Transform(), sitk.sitkLinear, ct.GetOrigin(), spacing, ct.GetDirection(),
                         -1000.0, sitk.sitkFloat32)
     density = np.clip(1000.0 + sitk.GetArrayFromImage(big), 0, None).astype(np.float32)
-    channels = (np.arange(density.size, dtype=np.int64).reshape(density.shape) % 16).astype(np.uint8)
+    labels = sitk.Resample(sitk.ReadImage(str(REPO / "resources" / "totalseg_example" / "labels.nii.gz")), big,
+                           sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    label_sets = {  # the real CT's structures, and a worst case whose label changes at every voxel
+        "real_labels": remap(sitk.GetArrayFromImage(labels), PRESETS["totalsegmentator_v2"]).astype(np.uint8),
+        "striped_labels": (np.arange(density.size, dtype=np.int64).reshape(density.shape) % 16).astype(np.uint8)}
     affine = index_to_world(big)
     centre = affine[:3, :3] @ ((np.array(size) - 1) / 2) + affine[:3, 3]
     rng = np.random.default_rng(0)
@@ -59,38 +64,64 @@ def main() -> None:
     props = cupy.cuda.runtime.getDeviceProperties(device.id)
     bandwidth = 2 * props["memoryClockRate"] * 1e3 * props["memoryBusWidth"] / 8  # bytes/s (DDR)
     result = {"gpu": props["name"].decode(), "volume": list(size), "detector": [256, 256], "channels": 16,
-              "frames": args.frames, "peak_bandwidth_gb_s": round(bandwidth / 1e9, 1), "renderers": {}}
-    first_frames = {}  # our compiled renderers' channels at the first pose, for the peer's agreement
-    for method in ("siddon", "trilinear"):
-        for backend in ("compiled", "array"):
-            r = Renderer(density, channels, affine, n_channels=16, method=method, device="cuda", backend=backend)
-            r.render(g.with_pose(poses[0]))
-            frames = args.frames if backend == "compiled" else max(args.frames // 20, 3)
-            cupy.cuda.Stream.null.synchronize()
-            t = time.perf_counter()
-            for pose in poses[:frames]:
-                r.render(g.with_pose(pose))
-            cupy.cuda.Stream.null.synchronize()
-            per_second = frames / (time.perf_counter() - t)
-            result["renderers"][f"{method}_{backend}"] = {"drrs_per_second": round(per_second, 1)}
-            if backend == "compiled":
-                first_frames[method] = r.render(g.with_pose(poses[0]))
-            del r
-        # Physical limit: voxels crossed per ray ~ (ray length in voxels) x 3 for Siddon, 8 per sample for trilinear.
-        voxels_per_ray = 3 * max(size) if method == "siddon" else 8 * 2 * max(size)
-        touched = 256 * 256 * voxels_per_ray * 5
-        result["renderers"][f"{method}_compiled"]["bound_drrs_per_second_at_peak_bandwidth"] = round(
-            bandwidth / touched, 1)
-    if args.peer_frames:
-        add_diffdrr(result, first_frames, density, channels, big, g, poses[:args.peer_frames], cupy)
+              "frames": args.frames, "peak_bandwidth_gb_s": round(bandwidth / 1e9, 1), "label_sets": {}}
+    for name, channels in label_sets.items():
+        rows = result["label_sets"][name] = {}
+        first_frames = {}  # our compiled renderers' channels at the first pose, for the peer's agreement
+        for method in ("siddon", "trilinear"):
+            # the array path (0.2 DRRs/s trilinear) only once, on the real labels
+            backends = ("compiled", "array") if name == "real_labels" and method == "siddon" else ("compiled",)
+            for backend in backends:
+                r = Renderer(density, channels, affine, n_channels=16, method=method, device="cuda", backend=backend)
+                r.render(g.with_pose(poses[0]))
+                frames = args.frames if backend == "compiled" else 3
+                cupy.cuda.Stream.null.synchronize()
+                t = time.perf_counter()
+                for pose in poses[:frames]:
+                    r.render(g.with_pose(pose))
+                cupy.cuda.Stream.null.synchronize()
+                per_second = frames / (time.perf_counter() - t)
+                rows[f"{method}_{backend}"] = {"drrs_per_second": round(per_second, 1)}
+                if backend == "compiled":
+                    first_frames[method] = r.render(g.with_pose(poses[0]))
+                    rows[f"{method}_{backend}"]["kernel_ms"] = round(kernel_ms(r, g.with_pose(poses[0]), cupy), 3)
+                del r
+            # Physical limit: voxels crossed per ray ~ (ray length in voxels) x 3 for Siddon, 8 per sample
+            # for trilinear.
+            voxels_per_ray = 3 * max(size) if method == "siddon" else 8 * 2 * max(size)
+            touched = 256 * 256 * voxels_per_ray * 5
+            rows[f"{method}_compiled"]["bound_drrs_per_second_at_peak_bandwidth"] = round(bandwidth / touched, 1)
+        if args.peer_frames and name == "real_labels":
+            add_diffdrr(rows, first_frames, density, channels, big, g, poses[:args.peer_frames], cupy)
     out = Path(args.out)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
-def add_diffdrr(result: dict, first_frames: dict, density, channels, grid, geometry, poses, cupy,
+def kernel_ms(renderer: Renderer, geometry: Geometry, cupy, repeats: int = 20) -> float:
+    """Milliseconds of the CUDA kernel alone (CUDA events), the rays set up once: the rest of a DRR's time
+    is the ray set-up on the host and the copies."""
+    from bonedrr.render import cuda_kernels
+    from bonedrr.render.rays import box_entry_exit, index_rays
+
+    origin, directions = index_rays(geometry, renderer.world_to_index)
+    origin, directions = cupy.asarray(origin), cupy.asarray(directions)
+    t_enter, t_exit = box_entry_exit(origin[None, :], directions, *renderer._box, xp=cupy)
+    args = (renderer.method, renderer.density, renderer.channels, renderer.shape, renderer.n_channels, origin,
+            directions, t_enter, t_exit, renderer.step_mm)
+    cuda_kernels.render(*args)
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record()
+    for _ in range(repeats):
+        cuda_kernels.render(*args)
+    end.record()
+    end.synchronize()
+    return cupy.cuda.get_elapsed_time(start, end) / repeats
+
+
+def add_diffdrr(rows: dict, first_frames: dict, density, channels, grid, geometry, poses, cupy,
                 device: str = "cuda") -> None:
-    """DiffDRR at the same geometry on the same GPU: DRRs per second, NCC with ours, our speed-up."""
+    """DiffDRR at the same geometry on the same GPU into ``rows``: DRRs per second, NCC with ours, our speed-up."""
     import sys
 
     import torch
@@ -100,10 +131,10 @@ def add_diffdrr(result: dict, first_frames: dict, density, channels, grid, geome
         import diffdrr
         from peers.diffdrr_peer import DiffDRRPeer
     except ImportError as err:
-        result["diffdrr"] = f"not installed ({err})"
+        rows["diffdrr"] = f"not installed ({err})"
         return
-    result["diffdrr_version"] = getattr(diffdrr, "__version__", "0.6.1")
-    ratios = result.setdefault("ratios", {})
+    rows["diffdrr_version"] = getattr(diffdrr, "__version__", "0.6.1")
+    ratios = rows.setdefault("ratios", {})
     for method in ("siddon", "trilinear"):
         ours = first_frames[method]
         ours = np.asarray(ours.get() if hasattr(ours, "get") else ours, float).sum(0)
@@ -115,15 +146,14 @@ def add_diffdrr(result: dict, first_frames: dict, density, channels, grid, geome
             for pose in poses:
                 peer.render(pose)  # returns a NumPy array: synchronised
         except torch.cuda.OutOfMemoryError as err:
-            result["renderers"][f"diffdrr_{method}"] = {"error": f"out of GPU memory: {str(err).splitlines()[0]}"}
+            rows[f"diffdrr_{method}"] = {"error": f"out of GPU memory: {str(err).splitlines()[0]}"}
             continue
         per_second = len(poses) / (time.perf_counter() - t)
         ncc = float(np.corrcoef(ours.ravel(), theirs.ravel())[0, 1])
-        result["renderers"][f"diffdrr_{method}"] = {"drrs_per_second": round(per_second, 2),
-                                                    "ncc_vs_bonedrr": round(ncc, 6),
-                                                    "mean_ratio_vs_bonedrr": round(float(theirs.mean() / ours.mean()), 6)}
+        rows[f"diffdrr_{method}"] = {"drrs_per_second": round(per_second, 2), "ncc_vs_bonedrr": round(ncc, 6),
+                                     "mean_ratio_vs_bonedrr": round(float(theirs.mean() / ours.mean()), 6)}
         ratios[f"{method}_speedup_vs_diffdrr"] = round(
-            result["renderers"][f"{method}_compiled"]["drrs_per_second"] / per_second, 1)
+            rows[f"{method}_compiled"]["drrs_per_second"] / per_second, 2)
         del peer
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -1,8 +1,11 @@
 """Hand-written CUDA kernels (CuPy RawKernel), one thread per ray: the same algorithms as
 ``cpu_kernels`` (which the GPU tests compare them with). Units: density x mm; the caller scales.
 
-Each thread accumulates its ray's channels in ``out[ray * n_channels + channel]`` (no atomics: a
-ray is one thread's). The volume is read through the read-only data cache (``__ldg``).
+Each thread accumulates its ray's channels in ``out[channel * n_rays + ray]`` (no atomics: a ray is
+one thread's): channel-major, so the 32 rays of a warp, neighbouring pixels, add to neighbouring
+addresses. A thread sums the run of samples of one channel in a register and adds it to ``out`` only
+when the channel changes: along a ray through a label map the channel changes a few dozen times, not
+at every voxel. The volume is read through the read-only data cache (``__ldg``).
 """
 
 from __future__ import annotations
@@ -33,18 +36,29 @@ void siddon(const float* __restrict__ density, const unsigned char* __restrict__
     double ddx = dx != 0 ? fabs(1.0 / dx) : BONEDRR_INF;
     double ddy = dy != 0 ? fabs(1.0 / dy) : BONEDRR_INF;
     double ddz = dz != 0 ? fabs(1.0 / dz) : BONEDRR_INF;
-    double* acc = out + (long long)r * n_channels;
+    double* acc = out + r;  // channel c at acc[c * n_rays]
+    int run_channel = -1;
+    double run = 0.0;
     while (t < t_end) {
         double t_next = fmin(fmin(tx, ty), fmin(tz, t_end));
         long long v_index = ((long long)iz * ny + iy) * nx + ix;
         float v = __ldg(density + v_index);
-        if (v != 0.0f) acc[__ldg(channels + v_index)] += v * (t_next - t);
+        if (v != 0.0f) {
+            int c = __ldg(channels + v_index);
+            if (c != run_channel) {
+                if (run_channel >= 0) acc[(long long)run_channel * n_rays] += run;
+                run_channel = c;
+                run = 0.0;
+            }
+            run += v * (t_next - t);
+        }
         t = t_next;
         if (t >= t_end) break;
         if (tx <= ty && tx <= tz) { ix += sx; tx += ddx; if (ix < 0 || ix >= nx) break; }
         else if (ty <= tz) { iy += sy; ty += ddy; if (iy < 0 || iy >= ny) break; }
         else { iz += sz; tz += ddz; if (iz < 0 || iz >= nz) break; }
     }
+    if (run_channel >= 0) acc[(long long)run_channel * n_rays] += run;
 }
 
 extern "C" __global__
@@ -61,7 +75,9 @@ void trilinear(const float* __restrict__ padded, const unsigned char* __restrict
     if (t1 <= t0) return;
     double dx = directions[3 * r], dy = directions[3 * r + 1], dz = directions[3 * r + 2];
     int px_ = nx + 2, py_ = ny + 2;
-    double* acc = out + (long long)r * n_channels;
+    double* acc = out + r;  // channel c at acc[c * n_rays]
+    int run_channel = -1;
+    double run = 0.0;
     int n = (int)ceil((t1 - t0) / step);
     for (int s = 0; s < n; ++s) {
         double t = t0 + (s + 0.5) * step;
@@ -75,10 +91,17 @@ void trilinear(const float* __restrict__ padded, const unsigned char* __restrict
             float v = __ldg(padded + v_index);
             if (v != 0.0f) {
                 double w = ((c & 1) ? fx : 1.0 - fx) * ((c & 2) ? fy : 1.0 - fy) * ((c & 4) ? fz : 1.0 - fz);
-                acc[__ldg(channels + v_index)] += w * v * step;
+                int label = __ldg(channels + v_index);
+                if (label != run_channel) {
+                    if (run_channel >= 0) acc[(long long)run_channel * n_rays] += run;
+                    run_channel = label;
+                    run = 0.0;
+                }
+                run += w * v * step;
             }
         }
     }
+    if (run_channel >= 0) acc[(long long)run_channel * n_rays] += run;
 }
 """
 
@@ -98,12 +121,13 @@ def _module():
 
 
 def render(method, density, channels, shape, n_channels, origin, directions, t_enter, t_exit, step):
-    """(rays, channels) float64 CuPy array. ``shape`` is the unpadded (nz, ny, nx)."""
+    """(rays, channels) float64 CuPy array (a transposed view of the channel-major result). ``shape`` is
+    the unpadded (nz, ny, nx)."""
     import cupy
 
     nz, ny, nx = shape
     n_rays = int(directions.shape[0])
-    out = cupy.zeros((n_rays, n_channels), cupy.float64)
+    out = cupy.zeros((n_channels, n_rays), cupy.float64)
     blocks = (n_rays + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
     common = (density, channels, cupy.int32(nx), cupy.int32(ny), cupy.int32(nz), float(origin[0]),
               float(origin[1]), float(origin[2]), cupy.ascontiguousarray(directions, cupy.float64),
@@ -113,4 +137,4 @@ def render(method, density, channels, shape, n_channels, origin, directions, t_e
         _module().get_function("siddon")((blocks,), (THREADS_PER_BLOCK,), (*common, out))
     else:
         _module().get_function("trilinear")((blocks,), (THREADS_PER_BLOCK,), (*common, float(step), out))
-    return out
+    return out.T
