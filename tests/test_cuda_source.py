@@ -76,3 +76,33 @@ def test_the_cuda_kernels_compile_with_nvrtc():
     status, log, _ = compile_source('extern "C" __global__ void f(double* x) { x[0] = INFINITY; }',
                                     COMPILE_OPTIONS)
     assert status != 0 and 'identifier "INFINITY" is undefined' in log
+
+
+@pytest.mark.parametrize("method", ["siddon", "trilinear"])
+def test_the_kernels_ray_set_up_is_the_host_ray_set_up(real_ct, method):
+    """The kernels set up their own rays from ``ray_parameters``; its NumPy twin (the same arithmetic as
+    ``ray_of``) gives the rays of ``index_rays`` and ``box_entry_exit``, on the real CT at a tilted pose
+    with an off-centre principal point, including the rays that miss the volume."""
+    import numpy as np
+
+    from bonedrr.geometry import Geometry, ap_pose
+    from bonedrr.images import index_to_world
+    from bonedrr.render import Renderer
+    from bonedrr.render.cuda_kernels import ray_parameters, rays_of_parameters
+    from bonedrr.render.rays import box_entry_exit, index_rays
+
+    density = np.zeros(real_ct.GetSize()[::-1], np.float32)
+    renderer = Renderer(density, density.astype(np.uint8), index_to_world(real_ct), n_channels=1, method=method,
+                        device="cpu")
+    a = index_to_world(real_ct)
+    centre = a[:3, :3] @ ((np.array(real_ct.GetSize()) - 1) / 2) + a[:3, 3]
+    g = Geometry(1000.0, 96, 80, (3.0, 2.5), (40.0, 30.0), ap_pose(centre, 700.0, (4, -7, 12), (220, 0, 0)))
+    origin, directions = index_rays(g, renderer.world_to_index)
+    t_enter, t_exit = box_entry_exit(origin[None, :], directions, *renderer._box)
+    d, lo, hi = rays_of_parameters(ray_parameters(g, renderer.world_to_index, *renderer._box), g.rows, g.cols)
+    np.testing.assert_allclose(d, directions, rtol=1e-12, atol=1e-12)
+    hit = t_exit > t_enter
+    assert 0.2 < hit.mean() < 1.0  # some rays miss the volume
+    np.testing.assert_array_equal(hi > lo, hit)
+    np.testing.assert_allclose(lo[hit], t_enter[hit], rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(hi[hit], t_exit[hit], rtol=1e-10, atol=1e-9)

@@ -70,18 +70,28 @@ class Renderer:
                 density, channels = np.pad(density, 1), np.pad(channels, 1)
         self.density, self.channels = self.xp.asarray(density), self.xp.asarray(channels)
 
-    def render(self, geometry: Geometry) -> np.ndarray:
-        """DRRs of every channel at ``geometry``: (n_channels, rows, cols) float32 in g/cm2 (NumPy)."""
+    def render(self, geometry: Geometry, on_device: bool = False):
+        """DRRs of every channel at ``geometry``: (n_channels, rows, cols) float32 in g/cm2.
+
+        Args:
+            geometry: The projection.
+            on_device: On a GPU, return the CuPy array and leave it there (for a caller that goes on
+                computing on the GPU); otherwise, and always on the CPU, a NumPy array.
+        """
         xp = self.xp
-        origin, directions = index_rays(geometry, self.world_to_index)
-        origin, directions = xp.asarray(origin), xp.asarray(directions)
-        t_enter, t_exit = box_entry_exit(origin[None, :], directions, *self._box, xp=xp)
         if self.backend == "compiled" and self.device == "cuda":
             from bonedrr.render import cuda_kernels
 
+            params = cuda_kernels.ray_parameters(geometry, self.world_to_index, *self._box)
             out = cuda_kernels.render(self.method, self.density, self.channels, self.shape, self.n_channels,
-                                      origin, directions, t_enter, t_exit, self.step_mm)
-        elif self.backend == "compiled":
+                                      params, geometry.rows, geometry.cols, self.step_mm)
+            drr = (out * MG_CM3_MM_TO_G_CM2).astype(xp.float32).reshape(self.n_channels, geometry.rows,
+                                                                         geometry.cols)
+            return drr if on_device else drr.get()
+        origin, directions = index_rays(geometry, self.world_to_index)
+        origin, directions = xp.asarray(origin), xp.asarray(directions)
+        t_enter, t_exit = box_entry_exit(origin[None, :], directions, *self._box, xp=xp)
+        if self.backend == "compiled":
             from bonedrr.render import cpu_kernels
 
             out = np.zeros((directions.shape[0], self.n_channels), np.float64)
@@ -97,4 +107,4 @@ class Renderer:
                          *extra)
         drr = (out.T * MG_CM3_MM_TO_G_CM2).reshape(self.n_channels, geometry.rows, geometry.cols)
         drr = drr.astype(xp.float32)
-        return drr.get() if hasattr(drr, "get") else drr
+        return drr if on_device or not hasattr(drr, "get") else drr.get()
