@@ -13,6 +13,9 @@ Measured in one run on the demo cohort's results (run the demo first: ``./run.sh
    - ``workers_2_batch_ring``: 2 worker processes, ``collate_fn=SharedBatchRing()`` (the same
      batches again, written into a ring of shared-memory blocks that each worker reuses, so no
      fresh pages are allocated per batch);
+   - ``workers_2_mapped``: 2 worker processes through ``MappedBatchLoader`` (the same batches, written
+     by the workers into a ring of blocks that the main process mapped once before forking them, so
+     only the slot and the layout travel back, not a file descriptor per batch);
    - ``workers_0``: no worker process, the default collate (as ``bonedrr train`` reads by default,
      ``train.num_workers`` 0).
 
@@ -58,15 +61,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from bonedrr.config import load_config  # noqa: E402
-from bonedrr.dataset import SharedBatchRing, ShardDataset  # noqa: E402
+from bonedrr.dataset import MappedBatchLoader, SharedBatchRing, ShardDataset  # noqa: E402
 from bonedrr.shards import COMPRESSIONS, PackSettings, pack_cohort  # noqa: E402
 
 BATCH = 8
 #: DataLoader set-ups: name -> (worker processes, collate_fn; None: the default collate).
 SETUPS = {"workers_2": (2, None), "workers_2_shard_collate": (2, ShardDataset.collate),
-          "workers_2_batch_ring": (2, SharedBatchRing()), "workers_0": (0, None)}
+          "workers_2_batch_ring": (2, SharedBatchRing()), "workers_2_mapped": (2, MappedBatchLoader),
+          "workers_0": (0, None)}
 COLLATE_NAMES = {"workers_2": "default", "workers_2_shard_collate": "ShardDataset.collate",
-                 "workers_2_batch_ring": "SharedBatchRing()", "workers_0": "default"}
+                 "workers_2_batch_ring": "SharedBatchRing()", "workers_2_mapped": "MappedBatchLoader",
+                 "workers_0": "default"}
 IMAGES = ("xray", "drr", "mask", "overview")
 
 
@@ -125,8 +130,11 @@ def loader_rate(dataset, n_samples: int, workers: int, collate_fn=None, repeats:
     start-up, file opening and the page cache). The order is shuffled without replacement
     (successive permutations of the dataset, as shuffled epochs are)."""
     sampler = RandomSampler(dataset, num_samples=n_samples, generator=torch.Generator().manual_seed(0))
-    loader = DataLoader(dataset, batch_size=BATCH, sampler=sampler, num_workers=workers,
-                        persistent_workers=workers > 0, collate_fn=collate_fn)
+    if collate_fn is MappedBatchLoader:  # a loader of its own, not a collate_fn
+        loader = MappedBatchLoader(dataset, BATCH, num_workers=workers, sampler=sampler, persistent_workers=True)
+    else:
+        loader = DataLoader(dataset, batch_size=BATCH, sampler=sampler, num_workers=workers,
+                            persistent_workers=workers > 0, collate_fn=collate_fn)
     rates = []
     for r in range(repeats + 1):
         t = time.perf_counter()

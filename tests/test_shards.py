@@ -305,6 +305,57 @@ def test_a_shared_batch_ring_reuses_its_blocks_and_keeps_the_held_batch_intact(p
         SharedBatchRing(depth=0)
 
 
+def test_mapped_batch_loader_hands_over_the_same_batches_through_blocks_mapped_once(packed):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from torch.utils.data import RandomSampler
+
+    from bonedrr.dataset import MappedBatchLoader, ShardDataset
+
+    out, _ = packed
+    dataset = ShardDataset(out, channels=["proximal_femur", "bone"])
+    order = torch.randint(len(dataset), (33,), generator=torch.Generator().manual_seed(0)).tolist()  # 11 batches
+    reference = list(DataLoader(dataset, batch_size=3, sampler=order))
+    loader = MappedBatchLoader(dataset, batch_size=3, num_workers=2, sampler=order, persistent_workers=True)
+    blocks = {int(b.data_ptr()) for b in loader._blocks}
+    used = []
+    for _ in range(2):  # two epochs: the workers go round their rings
+        held = None
+        for k, batch in enumerate(loader):
+            assert_same(batch, reference[k])
+            if held is not None:  # the batch before, held while this one was taken, is intact
+                assert_same(held, reference[k - 1])
+            held = batch
+            used.append(batch["xray"].data_ptr())
+    # every batch is a view of the main process's own blocks: 2 workers x (2 * 2 + 2), all reused
+    assert len(used) == 22 and set(used) <= blocks and len(set(used)) == len(blocks) == 12
+    assert len(loader) == 11
+
+    # short epochs with new workers each time: the rings go on where the last epoch's workers stopped,
+    # so the last batch of an epoch survives the first of the next
+    def short_epochs():  # 3 batches an epoch, other samples in each
+        return RandomSampler(dataset, replacement=True, num_samples=9, generator=torch.Generator().manual_seed(1))
+
+    expected_epochs = DataLoader(dataset, batch_size=3, sampler=short_epochs())
+    reference = [list(expected_epochs) for _ in range(4)]
+    loader = MappedBatchLoader(dataset, batch_size=3, num_workers=2, sampler=short_epochs())
+    held = None
+    for epoch in range(4):
+        for k, batch in enumerate(loader):
+            assert_same(batch, reference[epoch][k])
+            if held is not None:
+                assert_same(held[0], reference[held[1]][held[2]])
+            held = (batch, epoch, k)
+
+    # without workers: ShardDataset.collate in the main process
+    plain = MappedBatchLoader(dataset, batch_size=3, sampler=order)
+    for batch, expected in zip(plain, DataLoader(dataset, batch_size=3, sampler=order)):
+        assert_same(batch, expected)
+    with pytest.raises(ValueError, match="MappedBatchLoader needs the fork start method, not 'spawn' here"):
+        MappedBatchLoader(dataset, batch_size=3, num_workers=2, multiprocessing_context="spawn")
+
+
 def test_overview_holds_the_whole_radiograph_and_the_head(cohort, packed):
     root, _ = cohort
     out, _ = packed

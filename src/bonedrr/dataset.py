@@ -204,11 +204,12 @@ class ShardDataset(Dataset):
         return np.array([_float(r[name]) for r in self.index])
 
 
-def collate_into(items: Sequence[dict], storage_of_size) -> dict:
-    """:meth:`ShardDataset.collate`'s batch, written into ``storage_of_size(nbytes)`` (an
-    ``UntypedStorage`` of at least ``nbytes`` bytes; the batch's tensors are views of it)."""
+def batch_layout(items: Sequence[dict]) -> tuple[dict, int]:
+    """Where :meth:`ShardDataset.collate` puts each tensor of a batch of ``items`` in one block:
+    ``({key: (dtype, shape, byte offset)}, block bytes)``; keys that are not numbers or tensors stay
+    lists and are not in it."""
     n, first = len(items), items[0]
-    layout, size = {}, 0  # key -> (dtype, shape, byte offset) of what becomes a tensor
+    layout, size = {}, 0
     for key, value in first.items():
         if isinstance(value, torch.Tensor):
             dtype, shape = value.dtype, (n, *value.shape)
@@ -222,21 +223,35 @@ def collate_into(items: Sequence[dict], storage_of_size) -> dict:
             continue
         layout[key] = (dtype, shape, size)
         size += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
-    block = torch.empty(0, dtype=torch.uint8).set_(storage_of_size(size))
+    return layout, size
+
+
+def _views(block: torch.Tensor, layout: dict) -> dict:
+    """The tensors of ``layout`` as views of ``block`` (uint8)."""
+    return {key: block[offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+            for key, (dtype, shape, offset) in layout.items()}
+
+
+def _write(items: Sequence[dict], layout: dict, block: torch.Tensor) -> dict:
+    """Write the batch of ``items`` into ``block`` as ``layout`` says; the batch (views of ``block``)."""
+    views, first = _views(block, layout), items[0]
     batch = {}
     for key in first:
         values = [item[key] for item in items]
-        if key not in layout:
+        if key not in views:
             batch[key] = values
-            continue
-        dtype, shape, offset = layout[key]
-        out = block[offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-        if isinstance(first[key], torch.Tensor):
-            torch.stack(values, out=out)
+        elif isinstance(first[key], torch.Tensor):
+            batch[key] = torch.stack(values, out=views[key])
         else:
-            out.copy_(torch.tensor(values, dtype=dtype))
-        batch[key] = out
+            batch[key] = views[key].copy_(torch.tensor(values, dtype=layout[key][0]))
     return batch
+
+
+def collate_into(items: Sequence[dict], storage_of_size) -> dict:
+    """:meth:`ShardDataset.collate`'s batch, written into ``storage_of_size(nbytes)`` (an
+    ``UntypedStorage`` of at least ``nbytes`` bytes; the batch's tensors are views of it)."""
+    layout, size = batch_layout(items)
+    return _write(items, layout, torch.empty(0, dtype=torch.uint8).set_(storage_of_size(size)))
 
 
 class SharedBatchRing:
@@ -297,3 +312,98 @@ class SharedBatchRing:
         if get_worker_info() is None:
             return collate_into(items, torch.UntypedStorage)
         return collate_into(items, self._storage)
+
+
+def fork_available() -> bool:
+    """Whether worker processes can be forked here (:class:`MappedBatchLoader` needs it)."""
+    import multiprocessing
+
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+class MappedBatchLoader:
+    """A DataLoader whose worker processes hand over batches through shared memory mapped once.
+
+    With :class:`SharedBatchRing` each batch still travels the way torch hands a shared tensor to
+    another process: a file descriptor through a socket, then a fresh mapping in the main process.
+    Here the main process maps a ring of ``depth`` blocks per worker once, before the workers start;
+    the forked workers inherit the mappings, write batch ``j`` into their block ``j % depth``
+    (:meth:`ShardDataset.collate`'s layout) and send back only the slot and the layout, a few hundred
+    bytes. The batch you get is views of the main process's block, the same lifetime as
+    :class:`SharedBatchRing`'s: valid while you hold it and take the next one (``depth =
+    prefetch_factor * num_workers + 2``); ``.clone()`` what you keep longer.
+
+    It needs the ``fork`` start method (Linux's default), in-order loading (the DataLoader's default),
+    and batches no larger than the first ``batch_size`` items (the samples of a shard folder all have
+    one shape). Without workers it is a plain DataLoader with :meth:`ShardDataset.collate`.
+
+    Args:
+        dataset: The dataset (items as :class:`ShardDataset`'s).
+        batch_size: Samples per batch.
+        num_workers: Worker processes.
+        prefetch_factor: Batches each worker loads ahead (torch's default 2).
+        **loader_kwargs: Passed to ``torch.utils.data.DataLoader`` (``shuffle``, ``sampler``,
+            ``generator``, ``persistent_workers``, ...).
+
+    Example:
+        >>> loader = MappedBatchLoader(ShardDataset("results/demo/shards"), batch_size=8,  # doctest: +SKIP
+        ...                            num_workers=2, shuffle=True)
+        >>> for batch in loader:                                                          # doctest: +SKIP
+        ...     step(batch["xray"], batch["drr"])
+    """
+
+    def __init__(self, dataset, batch_size: int, num_workers: int = 0, prefetch_factor: int = 2,
+                 **loader_kwargs):
+        import mmap
+
+        from torch.utils.data import DataLoader
+
+        self.batch_size = int(batch_size)
+        if num_workers == 0:
+            self._blocks = []
+            self.loader = DataLoader(dataset, batch_size, collate_fn=ShardDataset.collate, **loader_kwargs)
+            return
+        context = loader_kwargs.pop("multiprocessing_context", None) or "fork"
+        if getattr(context, "get_start_method", lambda: context)() != "fork" or not fork_available():
+            raise ValueError(f"MappedBatchLoader needs the fork start method, not {context!r} here: "
+                             "use SharedBatchRing as the DataLoader's collate_fn instead")
+        self.depth = prefetch_factor * num_workers + 2
+        first = dataset[0]
+        _, self.block_bytes = batch_layout([first] * self.batch_size)
+        # anonymous shared mappings: inherited by the forked workers, freed with the last process
+        self._mmaps = [mmap.mmap(-1, self.block_bytes, flags=mmap.MAP_SHARED)
+                       for _ in range(num_workers * self.depth)]
+        self._blocks = [torch.frombuffer(m, dtype=torch.uint8) for m in self._mmaps]
+        for block in self._blocks:  # touch every page now, not while training
+            block.zero_()
+        # each worker's batch count, shared so that it survives the workers of one epoch: new workers
+        # go on round their ring instead of rewriting the block of the batch still held
+        self._counts_map = mmap.mmap(-1, 8 * num_workers, flags=mmap.MAP_SHARED)
+        self._counts = torch.frombuffer(self._counts_map, dtype=torch.int64)
+        self._counts.zero_()
+        self.loader = DataLoader(dataset, batch_size, num_workers=num_workers, prefetch_factor=prefetch_factor,
+                                 collate_fn=self._collate, multiprocessing_context="fork", **loader_kwargs)
+
+    def _collate(self, items: Sequence[dict]) -> dict:
+        """In a worker: write the batch into this worker's next block; return where it is."""
+        worker = get_worker_info().id
+        slot = worker * self.depth + int(self._counts[worker]) % self.depth
+        self._counts[worker] += 1
+        layout, size = batch_layout(items)
+        if size > self.block_bytes:
+            raise ValueError(f"a batch of {len(items)} samples needs {size} bytes, more than the "
+                             f"{self.block_bytes} of a block: samples of different shapes?")
+        batch = _write(items, layout, self._blocks[slot])
+        return {"slot": slot, "layout": layout, "keys": list(batch),
+                "lists": {k: v for k, v in batch.items() if k not in layout}}
+
+    def __iter__(self):
+        if not self._blocks:
+            yield from self.loader
+            return
+        for handed in self.loader:
+            views = _views(self._blocks[handed["slot"]], handed["layout"])
+            yield {k: views[k] if k in views else handed["lists"][k] for k in handed["keys"]}
+
+    def __len__(self) -> int:
+        return len(self.loader)

@@ -653,11 +653,12 @@ def train_model(shard_dir: str | Path, out_dir: str | Path, settings: TrainSetti
              list(folds) if folds else "all", list(exclude_folds) if exclude_folds else "none", dev, ", ".join(channels))
     loader_kw = {"batch_size": settings.batch_size, "num_workers": settings.num_workers,
                  "drop_last": len(train_set) > settings.batch_size}
-    from bonedrr.dataset import SharedBatchRing, ShardDataset
+    from bonedrr.dataset import MappedBatchLoader, SharedBatchRing, ShardDataset, fork_available
 
-    # From a worker, a batch in one reused shared block (the epochs below let go of a batch before
-    # taking the next one, well within the ring's lifetime)
-    if settings.num_workers and isinstance(train_set, ShardDataset):
+    # From a worker, a batch in a reused shared block (the epochs below let go of a batch before taking
+    # the next one, well within the rings' lifetime): mapped once where workers fork, else handed over
+    mapped = bool(settings.num_workers) and isinstance(train_set, ShardDataset) and fork_available()
+    if settings.num_workers and isinstance(train_set, ShardDataset) and not mapped:
         loader_kw["collate_fn"] = SharedBatchRing()
     if val_dataset is not None and len(val_dataset) == 0:
         log.warning("no validation samples in folds %s: the curves show training losses only", val_folds)
@@ -703,7 +704,8 @@ def train_model(shard_dir: str | Path, out_dir: str | Path, settings: TrainSetti
         for epoch in bar:
             t0 = time.perf_counter()
             gen = _generator(settings.seed, p, epoch)
-            loader = DataLoader(train_set, shuffle=True, generator=_generator(settings.seed, p, epoch), **loader_kw)
+            loader = (MappedBatchLoader if mapped else DataLoader)(
+                train_set, shuffle=True, generator=_generator(settings.seed, p, epoch), **loader_kw)
             if phase == "locator":
                 stats = _locator_epoch(run, loader, opt, gen)
             else:
