@@ -321,6 +321,38 @@ def fork_available() -> bool:
     return "fork" in multiprocessing.get_all_start_methods()
 
 
+class _MappedRing:
+    """:class:`MappedBatchLoader`'s collate_fn: ``depth`` blocks of ``block_bytes`` per worker, mapped
+    (shared, anonymous) by the main process and inherited by the forked workers."""
+
+    def __init__(self, n_workers: int, depth: int, block_bytes: int):
+        import mmap
+
+        self.depth, self.block_bytes = depth, block_bytes
+        self._maps = [mmap.mmap(-1, block_bytes, flags=mmap.MAP_SHARED) for _ in range(n_workers * depth)]
+        self.blocks = [torch.frombuffer(m, dtype=torch.uint8) for m in self._maps]
+        for block in self.blocks:  # touch every page now, not while training
+            block.zero_()
+        # each worker's batch count, shared so that it survives the workers of one epoch: new workers
+        # go on round their ring instead of rewriting the block of the batch still held
+        self._counts_map = mmap.mmap(-1, 8 * n_workers, flags=mmap.MAP_SHARED)
+        self.counts = torch.frombuffer(self._counts_map, dtype=torch.int64)
+        self.counts.zero_()
+
+    def __call__(self, items: Sequence[dict]) -> dict:
+        """In a worker: write the batch into this worker's next block; return where it is."""
+        worker = get_worker_info().id
+        slot = worker * self.depth + int(self.counts[worker]) % self.depth
+        self.counts[worker] += 1
+        layout, size = batch_layout(items)
+        if size > self.block_bytes:
+            raise ValueError(f"a batch of {len(items)} samples needs {size} bytes, more than the "
+                             f"{self.block_bytes} of a block: samples of different shapes?")
+        batch = _write(items, layout, self.blocks[slot])
+        return {"slot": slot, "layout": layout, "keys": list(batch),
+                "lists": {k: v for k, v in batch.items() if k not in layout}}
+
+
 class MappedBatchLoader:
     """A DataLoader whose worker processes hand over batches through shared memory mapped once.
 
@@ -354,8 +386,6 @@ class MappedBatchLoader:
 
     def __init__(self, dataset, batch_size: int, num_workers: int = 0, prefetch_factor: int = 2,
                  **loader_kwargs):
-        import mmap
-
         from torch.utils.data import DataLoader
 
         self.batch_size = int(batch_size)
@@ -367,35 +397,14 @@ class MappedBatchLoader:
         if getattr(context, "get_start_method", lambda: context)() != "fork" or not fork_available():
             raise ValueError(f"MappedBatchLoader needs the fork start method, not {context!r} here: "
                              "use SharedBatchRing as the DataLoader's collate_fn instead")
-        self.depth = prefetch_factor * num_workers + 2
-        first = dataset[0]
-        _, self.block_bytes = batch_layout([first] * self.batch_size)
-        # anonymous shared mappings: inherited by the forked workers, freed with the last process
-        self._mmaps = [mmap.mmap(-1, self.block_bytes, flags=mmap.MAP_SHARED)
-                       for _ in range(num_workers * self.depth)]
-        self._blocks = [torch.frombuffer(m, dtype=torch.uint8) for m in self._mmaps]
-        for block in self._blocks:  # touch every page now, not while training
-            block.zero_()
-        # each worker's batch count, shared so that it survives the workers of one epoch: new workers
-        # go on round their ring instead of rewriting the block of the batch still held
-        self._counts_map = mmap.mmap(-1, 8 * num_workers, flags=mmap.MAP_SHARED)
-        self._counts = torch.frombuffer(self._counts_map, dtype=torch.int64)
-        self._counts.zero_()
+        _, block_bytes = batch_layout([dataset[0]] * self.batch_size)
+        # The collate_fn is an object of its own: a bound method of this loader would make a reference
+        # cycle (loader -> DataLoader -> collate_fn -> loader) that keeps persistent workers alive until
+        # a garbage collection, which may then run in another loader's forked worker.
+        self._ring = _MappedRing(num_workers, prefetch_factor * num_workers + 2, block_bytes)
+        self._blocks = self._ring.blocks
         self.loader = DataLoader(dataset, batch_size, num_workers=num_workers, prefetch_factor=prefetch_factor,
-                                 collate_fn=self._collate, multiprocessing_context="fork", **loader_kwargs)
-
-    def _collate(self, items: Sequence[dict]) -> dict:
-        """In a worker: write the batch into this worker's next block; return where it is."""
-        worker = get_worker_info().id
-        slot = worker * self.depth + int(self._counts[worker]) % self.depth
-        self._counts[worker] += 1
-        layout, size = batch_layout(items)
-        if size > self.block_bytes:
-            raise ValueError(f"a batch of {len(items)} samples needs {size} bytes, more than the "
-                             f"{self.block_bytes} of a block: samples of different shapes?")
-        batch = _write(items, layout, self._blocks[slot])
-        return {"slot": slot, "layout": layout, "keys": list(batch),
-                "lists": {k: v for k, v in batch.items() if k not in layout}}
+                                 collate_fn=self._ring, multiprocessing_context="fork", **loader_kwargs)
 
     def __iter__(self):
         if not self._blocks:

@@ -15,9 +15,11 @@ pose, all channels in one pass. Two ray integrals, the user's choice:
 Either way each contribution goes to exactly one channel, so the channels of a partition sum to the
 total DRR to float precision.
 
-Backends (``bonedrr.device``): on the CPU, compiled kernels (numba, parallel over rays; chosen by
-measurement, see ``benchmarks/drr.py``); on an NVIDIA GPU, the same algorithms written with the array
-module (CuPy). The NumPy version of that array-module path is what the CPU kernels are tested against.
+Backends (``bonedrr.device``): ``compiled``, the default, is numba kernels on the CPU (parallel over
+rays; chosen by measurement, see ``benchmarks/drr.py``) and hand-written CUDA kernels on an NVIDIA GPU
+(``cuda_kernels``: one thread per ray, rays set up on the GPU; ``benchmarks/drr_gpu.py``); ``array`` is
+the same algorithms written with the array module, NumPy or CuPy. The NumPy array path is what the CPU
+kernels are tested against, and the CPU kernels are what the CUDA kernels are tested against.
 """
 
 from bonedrr.render.renderer import METHODS, Renderer
