@@ -3,15 +3,15 @@
 :class:`ShardDataset` serves one sample (one hip) per item, selected by fold, with the DRR channels a
 model asks for; a ``DataLoader`` gets a batch's items in one call (``__getitems__``). HDF5 files are
 opened lazily, once per process, so it is safe in a ``DataLoader`` with worker processes (each worker
-opens its own handles after the fork). With worker processes, ``collate_fn=SharedBatchRing()``
-makes the same batches as the default collate, faster: a worker hands a batch to the main process
-in one piece instead of one per key, in shared memory that it reuses (benchmarks/shards.py).
+opens its own handles after the fork). With worker processes, :class:`MappedBatchLoader` makes the
+same batches as a ``DataLoader`` with the default collate, faster: a worker writes a batch into
+shared memory that the main process mapped once and sends back only where it is
+(benchmarks/shards.py). Where workers cannot fork, ``collate_fn=SharedBatchRing()`` does the same
+through torch's own hand-over.
 
 Example:
-    >>> from torch.utils.data import DataLoader                               # doctest: +SKIP
-    >>> train = ShardDataset("results/demo/shards", exclude_folds=[0])       # doctest: +SKIP
-    >>> loader = DataLoader(train, batch_size=8, shuffle=True, num_workers=2,  # doctest: +SKIP
-    ...                     collate_fn=SharedBatchRing())
+    >>> train = ShardDataset("results/demo/shards", exclude_folds=[0])          # doctest: +SKIP
+    >>> loader = MappedBatchLoader(train, batch_size=8, shuffle=True, num_workers=2)  # doctest: +SKIP
     >>> batch = next(iter(loader))                                            # doctest: +SKIP
     >>> batch["drr"].shape                                                    # doctest: +SKIP
     torch.Size([8, 7, 128, 64])
