@@ -104,7 +104,7 @@ def test_disk_full_is_one_clear_line(tmp_path):
         pytest.skip("no /dev/full")
     target = tmp_path / "density.npy"
     with pytest.raises(BonedrrError, match=r"density\.npy: cannot write: No space left on device"):
-        with atomic_path(target) as tmp:
+        with atomic_path(target):
             with open("/dev/full", "wb") as full:  # writing here raises ENOSPC like a full disk
                 try:
                     full.write(np.zeros(1 << 16).tobytes())

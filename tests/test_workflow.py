@@ -327,7 +327,7 @@ def comparable(path: Path):
             out = {}
             f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
             # variable-length strings come back as object arrays, whose bytes are pointers
-            return {k: (v.tolist() if getattr(v, "dtype", None) == object else
+            return {k: (v.tolist() if getattr(getattr(v, "dtype", None), "kind", "") == "O" else
                         v.tobytes() if hasattr(v, "tobytes") else v) for k, v in out.items()}
     return path.read_bytes()
 
