@@ -4,17 +4,19 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
-from bonedrr.errors import BonedrrError
+from bonedrr.errors import BonedrrError, InputError
 from bonedrr.model.augment import AugmentSettings, RandomAugment, affine, affine_matrix, shift_matrix
 from bonedrr.model.losses import gc_loss, gradient_correlation
 from bonedrr.model.network import PatchDiscriminator, UNet
@@ -257,7 +259,7 @@ def test_worker_processes_train_the_same_weights(real_shards, tmp_path):
 
 
 def _run(*args):
-    """The CLI in a fresh process (what a user times: python and torch start-up included)."""
+    """The CLI in a fresh process (what a user times: python start-up included)."""
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "bonedrr", *args], capture_output=True, text=True,
                        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"})
@@ -345,7 +347,118 @@ def test_estimate_cli_on_dicom_and_png_radiographs(real_shards, real_model, tmp_
     assert json.loads(out)["sides"]["right"]["drr_bmd_g_cm2"] == pytest.approx(expected, abs=1e-3)
     assert json.loads(out)["sides"]["right"]["input"] == "crop"
     with capsys.disabled():
-        print("\nestimate wall time, s (dicom: a fresh process with python and torch start-up):", timings)
+        print("\nestimate wall time, s (dicom: a fresh process, python start-up included):", timings)
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch-free model (model.npz) that `bonedrr estimate` runs on a CPU
+
+
+def test_numpy_layers_are_torchs():
+    from torch.nn import functional as F
+
+    from bonedrr.model import portable
+
+    rng = np.random.default_rng(5)
+    for k, shape in ((3, (2, 5, 9, 6)), (1, (1, 4, 7, 3))):
+        x = rng.normal(size=shape).astype(np.float32)
+        w, b = rng.normal(size=(7, shape[1], k, k)).astype(np.float32), rng.normal(size=7).astype(np.float32)
+        ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), padding=k // 2).numpy()
+        np.testing.assert_allclose(portable._conv2d(x, w, b), ref, atol=2e-5)
+    x = rng.normal(size=(2, 3, 5, 7)).astype(np.float32)
+    for size in ((10, 14), (9, 13), (3, 4), (5, 7)):  # up, odd, down, same
+        ref = F.interpolate(torch.from_numpy(x), size=size, mode="bilinear", align_corners=False).numpy()
+        np.testing.assert_allclose(portable.resize_bilinear(x, size), ref, atol=1e-5)
+    overviews = rng.gamma(2.0, 100.0, size=(3, 16, 32)).astype(np.float32)
+    overviews[0, :, :4] = 0  # letterbox
+    overviews[2] = 0  # nothing but padding: the whole range
+    from bonedrr.model.network import overview_scale, robust_range
+
+    np.testing.assert_allclose(portable.overview_scale(overviews), overview_scale(torch.from_numpy(overviews)).numpy(),
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.stack(portable.robust_range(overviews)),
+                               torch.stack(robust_range(torch.from_numpy(overviews))).numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+def test_numpy_unet_is_the_torch_unet(scaled):
+    """Random weights (GroupNorm's affine too), so a wrong key or layer order cannot hide."""
+    from bonedrr.model.portable import unet_forward
+
+    torch.manual_seed(0)
+    net = UNet(1, 3, base_channels=8, depth=3).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.rand(2, 1, 32, 16) * 900 + 50
+    scale = torch.tensor([[60.0, 500.0], [100.0, 700.0]]) if scaled else None
+    with torch.no_grad():
+        ref = net(x, scale).numpy()
+    weights = {k: v.numpy() for k, v in net.state_dict().items()}
+    out = unet_forward(weights, x.numpy(), depth=3, scale=None if scale is None else scale.numpy())
+    assert np.abs(ref).max() > 1.0
+    np.testing.assert_allclose(out, ref, atol=5e-4 * np.abs(ref).max())
+
+
+@pytest.mark.slow
+def test_portable_model_predicts_and_locates_as_the_torch_model(real_shards, real_model, tmp_path):
+    from bonedrr.dataset import ShardDataset
+    from bonedrr.dicom import read_radiograph
+    from bonedrr.estimate import load_for_inference
+    from bonedrr.model.portable import PortableModel, load_portable, portable_path
+
+    _, demo_dir, truths = real_shards
+    assert portable_path(real_model) == real_model / "model.npz"
+    model, portable = load_model(real_model), load_portable(real_model / "model.npz")
+    assert (portable.channels, portable.crop_shape, portable.calibration, portable.input_scale) == (
+        model.channels, model.crop_shape, model.calibration, model.input_scale)
+    data = ShardDataset(real_shards[0], channels=model.channels)
+    batch = [data[i] for i in range(len(data))]
+    xray = np.stack([b["xray"][0].numpy() for b in batch])
+    scale = model.scale_of(np.stack([b["overview"][0].numpy() for b in batch]))
+    expected = model.predict(xray, scale)
+    assert expected.max() > 0.5
+    np.testing.assert_allclose(portable.predict(xray, scale), expected, atol=1e-4)
+    np.testing.assert_allclose(portable.bmd(portable.predict(xray, scale)), model.bmd(expected), atol=1e-5)
+    # crops of another size are resized in and out alike
+    bigger = np.repeat(np.repeat(xray[:2], 2, 1), 2, 2)
+    np.testing.assert_allclose(portable.predict(bigger, scale[:2]), model.predict(bigger, scale[:2]), atol=1e-4)
+    radiograph = read_radiograph(demo_dir / truths[0]["case_id"] / truths[0]["files"]["xray"])
+    heads, conf = model.locate_hips_with_confidence(radiograph.pixels, radiograph.pixel_mm)
+    p_heads, p_conf = portable.locate_hips_with_confidence(radiograph.pixels, radiograph.pixel_mm)
+    for side in ("right", "left"):
+        np.testing.assert_allclose(p_heads[side], heads[side], atol=0.01)
+        assert p_conf[side] == pytest.approx(conf[side], abs=1e-4)
+    # the CPU gets the torch-free copy; a model.pt newer than it (replaced) or a damaged copy does not
+    folder = Path(shutil.copytree(real_model, tmp_path / "m"))
+    assert isinstance(load_for_inference(folder, "cpu"), PortableModel)
+    assert not isinstance(load_for_inference(folder, "auto"), PortableModel)
+    os.utime(folder / "model.pt", ns=(time.time_ns(), (folder / "model.npz").stat().st_mtime_ns + 1))
+    assert portable_path(folder) is None and not isinstance(load_for_inference(folder, "cpu"), PortableModel)
+    (folder / "model.npz").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(InputError, match=r"model.npz: not a bonedrr portable model"):
+        load_portable(folder / "model.npz")
+
+
+@pytest.mark.slow
+def test_estimate_in_a_fresh_process_does_not_import_torch(real_shards, real_model):
+    _, demo_dir, truths = real_shards
+    dicom = demo_dir / truths[0]["case_id"] / truths[0]["files"]["xray"]
+    code = ("import sys; from bonedrr.cli import main; rc = main(['estimate', '--model', sys.argv[1], '--xray', "
+            "sys.argv[2], '--json']); print('torch imported:', 'torch' in sys.modules); sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code, str(real_model), str(dicom)], capture_output=True, text=True,
+                       env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().endswith("torch imported: False")
+    result = json.loads(p.stdout.rsplit("torch imported", 1)[0])
+    expected = load_model(real_model)
+    from bonedrr.estimate import estimate
+
+    torch_result = estimate(real_model, dicom, device="auto")  # auto: the torch model
+    for side in ("right", "left"):
+        assert result["sides"][side]["drr_bmd_g_cm2"] == pytest.approx(torch_result["sides"][side]["drr_bmd_g_cm2"],
+                                                                        abs=2e-4)
+    assert expected.calibration is not None
 
 
 @pytest.mark.slow

@@ -47,6 +47,8 @@ from bonedrr.labels import SIDES
 
 # The CLI imports this module for its defaults: image libraries are imported where they are used.
 
+#: The DRR channel BMD is read from (the proximal femur, DESIGN.md).
+BMD_CHANNEL = "proximal_femur"
 #: Default projected-bone threshold of DRR-BMD, g/cm2 (config ``bmd.threshold_g_cm2``).
 BMD_THRESHOLD_G_CM2 = 0.05
 

@@ -259,17 +259,13 @@ def _train(args) -> None:
 def _estimate(args) -> None:
     from bonedrr.estimate import describe, estimate_many
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     many = len(args.xray) > 1
     out_dirs = [None if args.out is None else Path(args.out) / (Path(x).name.split(".")[0] if many else "")
                 for x in args.xray]
     if many and len({d for d in out_dirs if d is not None}) < len(args.xray) and args.out is not None:
         raise BonedrrError("--xray: two radiographs share a file name (their --out folders would collide)")
     results = estimate_many(args.model, args.xray, side=args.side, out_dirs=out_dirs, pixel_mm=args.pixel_mm,
-                            crop=args.crop, t_reference=args.t_reference, device=args.device)
+                            crop=args.crop, t_reference=args.t_reference, device=args.device, threads=args.threads)
     if args.json:
         print(json.dumps([{"xray": Path(x).name, **r} for x, r in zip(args.xray, results)] if many else results[0],
                          indent=2))
@@ -586,8 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for estimate.json and the decomposed images (default: none written; several "
                    "radiographs: a subfolder per file name)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
-    p.add_argument("--threads", type=int, help="CPU threads of torch")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                   help="cpu runs the model's torch-free copy (model.npz) where it has one; auto and cuda use torch")
+    p.add_argument("--threads", type=int, help="CPU threads of the torch model (the torch-free one's BLAS follows "
+                   "OMP_NUM_THREADS)")
     p.set_defaults(func=_estimate)
 
     p = sub.add_parser("check-config", help="validate a config and its sample sheets")

@@ -8,6 +8,9 @@ same place, a left hip mirrored), decomposed, and its BMD read from the predicte
 as from a true one (:func:`bonedrr.bmd.drr_bmd`). With a DXA calibration in the model, the
 DXA-equivalent aBMD too; with a young-adult reference, the T-score.
 
+On a CPU the model runs from its torch-free copy (``model.npz``, :mod:`bonedrr.model.portable`), so a
+call does not pay for importing torch.
+
 Nothing identifying is written: the outputs hold numbers, the model's folder name and pictures of the
 crops, never a DICOM tag or the input's path.
 """
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bonedrr.bmd import BMD_CHANNEL
 from bonedrr.dicom import RASTER_SUFFIXES, read_radiograph
 from bonedrr.errors import InputError
 from bonedrr.images import atomic_path, write_json
@@ -34,7 +38,7 @@ def hip_crops(model, pixels: np.ndarray, pixel_mm, sides, crop_input: bool):
     """The model's input for each requested hip of a radiograph, cut as the shards were.
 
     Args:
-        model: A :class:`bonedrr.train.DecompositionModel`.
+        model: A :class:`bonedrr.model.portable.HipModel` (torch or NumPy).
         pixels: The radiograph (rows, cols), bone bright.
         pixel_mm: Its detector pixel (row, col), mm.
         sides: ``["right"]``, ``["left"]`` or both.
@@ -76,7 +80,7 @@ def hip_crops(model, pixels: np.ndarray, pixel_mm, sides, crop_input: bool):
 
 def estimate(model_dir: str | Path, xray: str | Path, side: str = "both", out_dir: str | Path | None = None,
              pixel_mm=None, crop: bool = False, t_reference: tuple[float, float] | None = None,
-             device: str = "cpu") -> dict:
+             device: str = "cpu", threads: int | None = None) -> dict:
     """BMD of the hip(s) in one radiograph.
 
     Args:
@@ -89,7 +93,9 @@ def estimate(model_dir: str | Path, xray: str | Path, side: str = "both", out_di
         crop: The image is a hip crop (one side), not a full radiograph.
         t_reference: (mean, sd) of young-adult aBMD, g/cm2: adds a T-score (of the DXA-equivalent value
             when the model has a DXA calibration, else of the DRR-BMD).
-        device: ``cpu``, ``cuda`` or ``auto``.
+        device: ``cpu`` (the model's torch-free copy where it has one: :func:`load_for_inference`),
+            ``cuda`` or ``auto``.
+        threads: CPU threads of a torch model (the torch-free one's BLAS follows ``OMP_NUM_THREADS``).
 
     Returns:
         The result record (also ``estimate.json``).
@@ -97,26 +103,24 @@ def estimate(model_dir: str | Path, xray: str | Path, side: str = "both", out_di
     Raises:
         InputError: Missing or unreadable model or image, a hip that cannot be found.
     """
-    return estimate_many(model_dir, [xray], side, [out_dir], pixel_mm, crop, t_reference, device)[0]
+    return estimate_many(model_dir, [xray], side, [out_dir], pixel_mm, crop, t_reference, device, threads)[0]
 
 
 def estimate_many(model_dir: str | Path, xrays: list, side: str = "both", out_dirs: list | None = None,
                   pixel_mm=None, crop: bool = False, t_reference: tuple[float, float] | None = None,
-                  device: str = "cpu") -> list[dict]:
-    """:func:`estimate` for several radiographs with the model loaded once (python, torch and the model
-    load take a few seconds, a radiograph a tenth of one).
+                  device: str = "cpu", threads: int | None = None) -> list[dict]:
+    """:func:`estimate` for several radiographs with the model loaded once (python's start and the model
+    load take a few tenths of a second, torch's import where the torch model is used a few seconds).
 
     Args:
         xrays: The radiographs.
         out_dirs: One output folder (or None) per radiograph; None writes nothing.
-        model_dir, side, pixel_mm, crop, t_reference, device: As for :func:`estimate`.
+        model_dir, side, pixel_mm, crop, t_reference, device, threads: As for :func:`estimate`.
 
     Returns:
         One result record per radiograph, in order; ``seconds`` of each counts its own work, the first
         also the model load.
     """
-    from bonedrr.train import load_model
-
     t0 = time.perf_counter()
     xrays = [Path(x) for x in xrays]
     for xray in xrays:  # every input checked before the model loads
@@ -124,11 +128,7 @@ def estimate_many(model_dir: str | Path, xrays: list, side: str = "both", out_di
             raise InputError("radiograph file not found", xray)
         if xray.suffix.lower() in RASTER_SUFFIXES and pixel_mm is None and not crop:
             raise InputError("a PNG/JPEG has no pixel spacing: give --pixel-mm ROW COL (mm at the detector)", xray)
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(model_dir, device=device)
+    model = load_for_inference(model_dir, device, threads)
     out_dirs = out_dirs or [None] * len(xrays)
     results = []
     for xray, out_dir in zip(xrays, out_dirs):
@@ -138,10 +138,33 @@ def estimate_many(model_dir: str | Path, xrays: list, side: str = "both", out_di
     return results
 
 
+def load_for_inference(model_dir: str | Path, device: str = "cpu", threads: int | None = None):
+    """The model folder's torch-free copy (:class:`bonedrr.model.portable.PortableModel`, ``model.npz``)
+    for the CPU, which spares the call torch's import; the torch model for a GPU, ``auto``, or a folder
+    without an up-to-date ``model.npz`` (trained before it existed). ``threads``: the torch model's CPU
+    threads.
+
+    Raises:
+        InputError: Missing or unreadable model.
+    """
+    from bonedrr.model.portable import load_portable, portable_path
+
+    npz = portable_path(model_dir) if device == "cpu" else None
+    if npz is not None:
+        return load_portable(npz)
+    import torch
+
+    from bonedrr.train import load_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_model(model_dir, device=device)
+
+
 def _estimate_one(model, model_name: str, xray: Path, side: str, out_dir, pixel_mm, crop: bool, t_reference,
                   t0: float) -> dict:
-    from bonedrr.train import BMD_CHANNEL
-
     radiograph = read_radiograph(xray, default_pixel_mm=pixel_mm or (1.0, 1.0))
     sides = list(SIDES) if side == "both" else [side]
     crops, facts = hip_crops(model, radiograph.pixels, radiograph.pixel_mm, sides, crop)

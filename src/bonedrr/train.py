@@ -39,13 +39,14 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from bonedrr.bmd import BMD_THRESHOLD_G_CM2, drr_bmd
+from bonedrr.bmd import BMD_CHANNEL, BMD_THRESHOLD_G_CM2, drr_bmd
 from bonedrr.errors import BonedrrError, InputError
 from bonedrr.images import atomic_path
 from bonedrr.model import locator as loc
 from bonedrr.model.augment import AugmentSettings, RandomAugment
 from bonedrr.model.losses import bmd_loss, gan_loss, gc_loss, gradient_correlation, l1_loss
 from bonedrr.model.network import PatchDiscriminator, UNet, overview_scale
+from bonedrr.model.portable import PORTABLE_FILE, CropGeometry, HipModel, write_portable
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,6 @@ CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train_log.tsv"
 CURVES_FILE = "curves.png"
 FORMAT_VERSION = 1
-#: The channel BMD is read from.
-BMD_CHANNEL = "proximal_femur"
 LOG_COLUMNS = ("phase", "epoch", "loss", "l1", "gc", "gan", "bmd", "val_l1", "val_gc", "val_bmd_mae", "seconds")
 
 
@@ -165,31 +164,9 @@ def _fingerprint(settings: TrainSettings, folds, val_folds, n_train: int) -> str
 # The model
 
 
-@dataclass
-class CropGeometry:
-    """How a hip crop is cut from a whole radiograph: the shards' crop settings (docs/shards.md).
-
-    Args:
-        shape: (rows, cols) of the crop.
-        crop_mm: (height, width) of the crop at the detector, mm.
-        head_position: Where the femoral-head centre lies in the crop, as fractions of (height, width),
-            in the right hip's orientation.
-    """
-
-    shape: tuple[int, int]
-    crop_mm: tuple[float, float]
-    head_position: tuple[float, float]
-
-    @property
-    def pack_settings(self):
-        """The same crop as :class:`bonedrr.shards.PackSettings` (for :func:`bonedrr.shards.crop_grid`)."""
-        from bonedrr.shards import PackSettings
-
-        return PackSettings(crop_mm=self.crop_mm, crop_px=self.shape, head_position=self.head_position)
-
-
-class DecompositionModel:
-    """A trained model: radiograph crops in, DRR channels (g/cm2) out; and the hip locator.
+class DecompositionModel(HipModel):
+    """A trained model: radiograph crops in, DRR channels (g/cm2) out; and the hip locator (torch; the
+    torch-free twin for inference is :class:`bonedrr.model.portable.PortableModel`).
 
     Args:
         stage_nets: One U-Net per stage.
@@ -198,37 +175,21 @@ class DecompositionModel:
         locator: The hip-locator network, or None.
         calibration: ``{"slope", "intercept"}`` of DXA aBMD against predicted DRR-BMD, or None.
         info: Training facts (settings, folds, samples), kept in ``model.pt``.
+        device: Where the networks run.
     """
 
     def __init__(self, stage_nets: list[UNet], stage_channels: list[list[str]], crop: CropGeometry,
                  locator: loc.Locator | None = None, calibration: dict | None = None, info: dict | None = None,
                  device: str = "cpu"):
+        super().__init__(stage_channels, crop, calibration, info)
         self.stage_nets = [n.eval() for n in stage_nets]
-        self.stage_channels = [list(c) for c in stage_channels]
-        self.crop = crop
         self.locator = locator.eval() if locator is not None else None
-        self.calibration = calibration
-        self.info = info or {}
-        # models saved before input_scale existed scaled each crop by itself
-        self.input_scale = self.info.get("settings", {}).get("input_scale", "crop")
         self.device = torch.device(device)
-        # channel -> (stage, index in its output); a later stage wins a duplicate
-        self._source: dict[str, tuple[int, int]] = {}
-        for s, chans in enumerate(self.stage_channels):
-            for i, c in enumerate(chans):
-                self._source.pop(c, None)
-                self._source[c] = (s, i)
         self.to(device)
 
     @property
-    def channels(self) -> list[str]:
-        """Output channels of :meth:`predict`, in order."""
-        return list(self._source)
-
-    @property
-    def crop_shape(self) -> tuple[int, int]:
-        """(rows, cols) of the crops the model was trained on."""
-        return tuple(self.crop.shape)
+    def has_locator(self) -> bool:
+        return self.locator is not None
 
     def to(self, device: str | torch.device) -> "DecompositionModel":
         self.device = torch.device(device)
@@ -238,47 +199,13 @@ class DecompositionModel:
             self.locator.to(self.device)
         return self
 
-    def scale_of(self, overviews) -> np.ndarray | None:
-        """The input scale (N, 2) of crops from whole radiographs with these overviews (N, h, w) (the
-        shards' ``overview``, or :meth:`overview_of`); None for a model that scales each crop by itself."""
-        if self.input_scale == "crop":
-            return None
-        ov = torch.as_tensor(np.asarray(overviews, np.float32))
-        return overview_scale(ov.reshape(len(ov), -1)).numpy()
-
-    def overview_of(self, radiograph: np.ndarray, pixel_mm=(1.0, 1.0)) -> np.ndarray:
-        """A whole radiograph's overview (128 x 256), as the shards store it (right hip's orientation)."""
-        from bonedrr.shards import overview_grid, resample
-
-        grid = overview_grid(np.shape(radiograph), pixel_mm, "right")
-        return resample(np.asarray(radiograph, np.float32), grid["rows"], grid["cols"], grid["zoom"])
-
     @torch.no_grad()
     def predict(self, xray_crops: np.ndarray, scale: np.ndarray | None = None, batch_size: int = 16) -> np.ndarray:
-        """Decompose radiograph crops (N, H, W) as stored in the shards -> (N, C, H, W) g/cm2 (>= 0).
-
-        Crops of another size are resized to :attr:`crop_shape` and the output back.
-
-        Args:
-            xray_crops: (N, H, W) or (H, W).
-            scale: (N, 2) or (2,): each crop's input scale from its whole radiograph
-                (:meth:`scale_of`); required when the model's ``input_scale`` is ``overview``.
-
-        Raises:
-            BonedrrError: No scale for a model that needs one.
-        """
-        x = np.asarray(xray_crops, np.float32)
-        if x.ndim == 2:
-            x = x[None]
-        if self.input_scale == "overview":
-            if scale is None:
-                raise BonedrrError("this model scales its input by the whole radiograph: give predict() the "
-                                   "scale of each crop's radiograph (DecompositionModel.scale_of)")
-            scale = np.array(np.broadcast_to(np.asarray(scale, np.float32).reshape(-1, 2), (len(x), 2)))
+        x, scale = self._crops_and_scale(xray_crops, scale)
         out = []
         for i in range(0, len(x), batch_size):
             t = torch.from_numpy(x[i:i + batch_size])[:, None].to(self.device)
-            sc = torch.from_numpy(scale[i:i + batch_size]) if self.input_scale == "overview" else None
+            sc = torch.from_numpy(scale[i:i + batch_size]) if scale is not None else None
             size = t.shape[-2:]
             if tuple(size) != self.crop_shape:
                 t = F.interpolate(t, size=self.crop_shape, mode="bilinear", align_corners=False)
@@ -289,68 +216,28 @@ class DecompositionModel:
             out.append(y.cpu().numpy())
         return np.concatenate(out).astype(np.float32)
 
-    def bmd(self, prediction: np.ndarray, threshold_g_cm2: float | None = None) -> np.ndarray:
-        """DRR-BMD (g/cm2) of each predicted sample (N, C, H, W), exactly as from a true DRR."""
-        threshold = threshold_g_cm2 if threshold_g_cm2 is not None else self.info.get("threshold_g_cm2",
-                                                                                       BMD_THRESHOLD_G_CM2)
-        k = self.channels.index(BMD_CHANNEL)
-        return np.array([drr_bmd(p[k], threshold) for p in prediction], float)
-
-    def calibrated(self, drr_bmd_g_cm2):
-        """DXA-equivalent aBMD from DRR-BMD with the fitted calibration (None without one)."""
-        if not self.calibration:
-            return None
-        return self.calibration["slope"] * np.asarray(drr_bmd_g_cm2, float) + self.calibration["intercept"]
-
-    def locate_hips(self, radiograph: np.ndarray, pixel_mm=(1.0, 1.0)) -> dict[str, tuple[float, float]]:
-        """Femoral-head centres (row, col, radiograph pixels) of an AP pelvis radiograph, per side:
-        ``{"right": (r, c), "left": (r, c)}``.
-
-        The right hip is sought in the image as displayed (patient's right on the viewer's left, the
-        shards' orientation), the left hip in its mirror. ``pixel_mm`` (row, col spacing) matters only
-        for non-square pixels (the overview keeps the physical aspect).
-
-        Raises:
-            BonedrrError: The model has no locator (trained with ``locator.epochs: 0``).
-        """
-        return self.locate_hips_with_confidence(radiograph, pixel_mm)[0]
+    predict.__doc__ = HipModel.predict.__doc__
 
     @torch.no_grad()
-    def locate_hips_with_confidence(self, radiograph: np.ndarray, pixel_mm=(1.0, 1.0)) -> tuple[dict, dict]:
-        """:meth:`locate_hips` and, per side, a confidence (0..1: the heatmap's mass near its peak).
-
-        Raises:
-            BonedrrError: The model has no locator (trained with ``locator.epochs: 0``).
-        """
-        from bonedrr.shards import overview_grid, resample
-
-        if self.locator is None:
-            raise BonedrrError("this model has no hip locator (trained with locator epochs 0); give a hip crop")
-        image = np.asarray(radiograph, np.float32)
-        found, confidence = {}, {}
-        for side in ("right", "left"):
-            grid = overview_grid(image.shape, pixel_mm, side)
-            ov = resample(image, grid["rows"], grid["cols"], grid["zoom"])
-            rc, conf = self.locator.locate(torch.from_numpy(ov)[None, None].to(self.device))
-            r, c = (float(np.interp(v, np.arange(len(g)), g, left=np.nan, right=np.nan))
-                    for v, g in zip(rc[0].tolist(), (grid["rows"], grid["cols"])))
-            found[side] = (r, c)
-            confidence[side] = float(conf[0])
-        return found, confidence
+    def _locate(self, overview: np.ndarray) -> tuple[tuple[float, float], float]:
+        rc, conf = self.locator.locate(torch.from_numpy(np.asarray(overview, np.float32))[None, None].to(self.device))
+        return (float(rc[0, 0]), float(rc[0, 1])), float(conf[0])
 
     def save(self, path: str | Path) -> None:
-        """Write ``model.pt`` (atomically)."""
+        """Write ``model.pt`` and then, beside it, its torch-free copy ``model.npz`` (each atomically;
+        a ``model.npz`` older than its ``model.pt`` is not used)."""
         payload = {
             "format_version": FORMAT_VERSION,
-            "stage_channels": self.stage_channels,
             "stage_states": [n.state_dict() for n in self.stage_nets],
             "locator_state": self.locator.state_dict() if self.locator is not None else None,
-            "crop": asdict(self.crop),
-            "calibration": self.calibration,
-            "info": self.info,
+            **self._meta(),
         }
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
+        arrays = [{k: v.detach().cpu().numpy() for k, v in n.state_dict().items()} for n in self.stage_nets]
+        locator = ({k: v.detach().cpu().numpy() for k, v in self.locator.state_dict().items()}
+                   if self.locator is not None else None)
+        write_portable(Path(path).with_name(PORTABLE_FILE), self, arrays, locator)
 
 
 def _unet(settings: dict, out_channels: int) -> UNet:

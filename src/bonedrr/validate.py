@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from bonedrr import metrics
-from bonedrr.bmd import BMD_THRESHOLD_G_CM2, drr_bmd
+from bonedrr.bmd import BMD_CHANNEL, BMD_THRESHOLD_G_CM2, drr_bmd
 from bonedrr.errors import BonedrrError, InputError
 from bonedrr.images import atomic_path, write_json
 
@@ -60,7 +60,6 @@ log = logging.getLogger("bonedrr.validate")
 
 #: Ground truths: sample key -> (label, unit).
 TRUTHS = {"drr_bmd": ("DRR-BMD", "g/cm2"), "qct_vbmd": ("QCT vBMD", "mg/cm3"), "dxa_abmd": ("DXA aBMD", "g/cm2")}
-BMD_CHANNEL = "proximal_femur"
 DEFAULT_QUALITIES = (95, 75, 50, 30, 20, 10, 5, 3, 1)
 #: Issue 7's targets on the demo cohort (checked and reported in metrics.json).
 TARGETS = {"pearson_r": 0.95, "icc_2_1": 0.9, "jpeg_ratio": 50.0, "jpeg_max_r_drop": 0.02, "pose_rms_cv": 0.03}

@@ -2,5 +2,6 @@
 (:mod:`.losses`), training augmentation (:mod:`.augment`), and the hip locator (:mod:`.locator`).
 
 Training, checkpoints and the loadable model are in :mod:`bonedrr.train`; the clinic command in
-:mod:`bonedrr.estimate`. Only these modules and :mod:`bonedrr.dataset` import torch.
+:mod:`bonedrr.estimate`, which runs the trained networks without torch (:mod:`.portable`, NumPy). Only
+these modules (but :mod:`.portable`) and :mod:`bonedrr.dataset` import torch.
 """

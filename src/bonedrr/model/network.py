@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bonedrr.model.portable import AIR_FRACTION, OVERVIEW_PERCENTILES
+
 
 def robust_range(x: torch.Tensor, low: float = 0.01, high: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image of (N, ...): the ``low`` and ``high`` quantiles of its pixels, exact zeros left out.
@@ -33,16 +35,6 @@ def robust_range(x: torch.Tensor, low: float = 0.01, high: float = 0.99) -> tupl
     q = torch.nanquantile(flat, torch.tensor([low, high], device=x.device, dtype=flat.dtype), dim=1)
     q = torch.nan_to_num(q, nan=0.0)  # an image of zeros only
     return q[0], q[1]
-
-
-#: Percentiles (0-100) of the body in the whole radiograph's overview mapped to 0 and 1 of the
-#: network's input: the thinnest soft tissue and the median (mostly soft tissue, so bone density stays
-#: visible).
-OVERVIEW_PERCENTILES = (1.0, 50.0)
-#: Pixels within this fraction of the overview's range (minimum to 99.5th percentile) above its
-#: minimum are air or padding and left out: a radiograph's air is exactly 0 in one file and 1-3 in a
-#: JPEG of it, and the overview's letterbox is 0; counting them would move the scale.
-AIR_FRACTION = 0.02
 
 
 def overview_scale(overview: torch.Tensor) -> torch.Tensor:
