@@ -143,6 +143,27 @@ def _state(model):
             for k, v in n.state_dict().items()}
 
 
+def test_jpeg_augmentation_is_the_last_intensity_step_and_keeps_the_padding():
+    from bonedrr.model.augment import jpeg_compress
+
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, 64, 32) * 800 + 200
+    x[:, :, :, :6] = 0  # beyond the radiograph
+    t = torch.rand(3, 2, 64, 32)
+    strong = jpeg_compress(x, torch.tensor([5, 5, 0]))
+    mild = jpeg_compress(x, torch.tensor([95, 95, 95]))
+    assert torch.equal(strong[2], x[2]) and (strong[:, :, :, :6] == 0).all()
+    body = x[:, :, :, 6:]
+    err_strong, err_mild = ((strong - x)[:2, :, :, 6:]).abs().mean(), ((mild - x)[:, :, :, 6:]).abs().mean()
+    assert err_mild < 0.3 * err_strong and err_strong > 0.02 * (body.max() - body.min())
+    plain = RandomAugment(AugmentSettings(), torch.Generator().manual_seed(7))(x, t)
+    lossy = RandomAugment(AugmentSettings(jpeg=1.0, jpeg_quality=(5, 5)), torch.Generator().manual_seed(7))(x, t)
+    assert torch.equal(lossy[1], plain[1])  # targets untouched
+    assert torch.allclose(lossy[0], jpeg_compress(plain[0], torch.tensor([5, 5, 5])))
+    with pytest.raises(BonedrrError, match=r"jpeg_quality must be \[lowest, highest\] within 1-95, not \[50, 10\]"):
+        AugmentSettings(jpeg=0.5, jpeg_quality=[50, 10])
+
+
 def test_seeded_training_is_reproducible_and_resume_gives_the_same_weights(tmp_path):
     data = SyntheticShards(8, (32, 16), seed=2)
     a = train_model(None, tmp_path / "a", TINY, dataset=data, progress=False)

@@ -9,8 +9,10 @@ with the same sampling grid to the radiograph and to every DRR channel and mask,
 input stays paired with its target. Intensity (radiograph only, the targets are physical g/cm2):
 a gamma curve and a contrast change on the image's own robust range, Gaussian noise, and a new
 overall exposure scale and offset (what the model's input normalisation removes, so only the
-non-linear parts teach it anything, as intended). Exact zeros, the padding outside the radiograph,
-stay zero.
+non-linear parts teach it anything, as intended), and optionally a lossy JPEG round trip at a random
+quality (:func:`jpeg_compress`: what an archive or a teleradiology link does to a radiograph; the
+validation's JPEG sweep measures the model against it). Exact zeros, the padding outside the
+radiograph, stay zero.
 
 Example:
     >>> import torch
@@ -93,6 +95,38 @@ def adjust_intensity(x: torch.Tensor, gamma: torch.Tensor, contrast: torch.Tenso
     return out, scale * gain.view(-1, 1) + offset.view(-1, 1) * span.view(-1, 1)
 
 
+def jpeg_compress(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """Radiograph (N, 1, H, W), each sample mapped linearly to 8 bits (the range of its pixels that are
+    not padding), JPEG-encoded at its ``quality`` (N,: Pillow's 1-95; 0 leaves the sample as it is),
+    decoded and mapped back. Exact zeros (padding beyond the radiograph) stay zero.
+
+    Example:
+        >>> x = torch.linspace(100, 900, 64 * 32).reshape(1, 1, 64, 32)
+        >>> y = jpeg_compress(x, torch.tensor([90]))
+        >>> bool((y - x).abs().max() < 10), bool(torch.equal(jpeg_compress(x, torch.tensor([0])), x))
+        (True, True)
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    out = x.clone()
+    for i in torch.nonzero(quality > 0).flatten().tolist():
+        image = x[i, 0].detach().float().cpu().numpy()
+        body = image != 0
+        if not body.any():
+            continue
+        lo, hi = float(image[body].min()), float(image[body].max())
+        step = (hi - lo) / 255.0 if hi > lo else 1.0
+        u8 = np.clip(np.round((image - lo) / step), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(u8).save(buffer, "JPEG", quality=int(quality[i]))
+        decoded = np.asarray(Image.open(buffer), np.float32) * step + lo
+        out[i, 0] = torch.from_numpy(np.where(body, decoded, 0.0)).to(x.device, x.dtype)
+    return out
+
+
 @dataclass(frozen=True)
 class AugmentSettings:
     """Strengths of the random augmentation (0 switches a part off).
@@ -104,6 +138,8 @@ class AugmentSettings:
         gamma: log(gamma) drawn uniformly in +- this.
         contrast: Contrast factor in 1 +- this.
         noise: Noise standard deviation drawn in 0..this (fraction of the robust range).
+        jpeg: Probability of a JPEG round trip (:func:`jpeg_compress`), last, after the intensity changes.
+        jpeg_quality: (lowest, highest) Pillow quality, drawn uniformly (integers).
     """
 
     rotate_deg: float = 5.0
@@ -112,6 +148,16 @@ class AugmentSettings:
     gamma: float = 0.3
     contrast: float = 0.2
     noise: float = 0.02
+    jpeg: float = 0.0
+    jpeg_quality: tuple[int, int] = (5, 95)
+
+    def __post_init__(self):
+        object.__setattr__(self, "jpeg_quality", tuple(int(q) for q in self.jpeg_quality))
+        low, high = self.jpeg_quality
+        if not 1 <= low <= high <= 95:
+            from bonedrr.errors import BonedrrError
+
+            raise BonedrrError(f"train augment jpeg_quality must be [lowest, highest] within 1-95, not {list(self.jpeg_quality)}")
 
 
 class RandomAugment:
@@ -147,6 +193,15 @@ class RandomAugment:
         gain = torch.exp(self._uniform(n, math.log(2.0)))
         offset = self._uniform(n, 0.5)
         if scale is None:
-            return adjust_intensity(xray, gamma, contrast, noise, gain, offset, self.g), targets
+            return self._jpeg(adjust_intensity(xray, gamma, contrast, noise, gain, offset, self.g)), targets
         xray, scale = adjust_intensity(xray, gamma, contrast, noise, gain, offset, self.g, scale=scale)
-        return xray, targets, scale
+        return self._jpeg(xray), targets, scale
+
+    def _jpeg(self, xray: torch.Tensor) -> torch.Tensor:
+        if self.s.jpeg <= 0:  # no draw: the random stream of settings without JPEG stays as it was
+            return xray
+        n = len(xray)
+        low, high = self.s.jpeg_quality
+        quality = torch.randint(low, high + 1, (n,), generator=self.g)
+        quality = torch.where(torch.rand(n, generator=self.g) < self.s.jpeg, quality, 0)
+        return jpeg_compress(xray, quality)
