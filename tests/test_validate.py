@@ -152,6 +152,19 @@ def test_pose_sweep_measures_each_hip_on_every_radiograph(validated):
     assert pose["bmd_true_hips"]["n_subjects"] == 2 and pose["bmd_true_hips"]["n_measurements"] == 6
     assert 0 <= pose["bmd_true_hips"]["rms_cv"] < 1
     assert pose["radiographs_per_hip"] == 3
+    # the truth's own change with the pose: demo_000's DRRs rendered at each radiograph's true pose
+    assert pose["true_drr_bmd"]["n_subjects"] == 2 and pose["true_drr_bmd"]["n_measurements"] == 6
+    assert 0.001 < pose["true_drr_bmd"]["rms_cv"] < 0.2
+
+
+def test_true_drr_bmd_by_pose_is_the_pipelines_drr_bmd_at_the_cases_own_pose(cohort):
+    case = cohort["results"] / "demo_000"
+    by_pose = v.true_drr_bmd_by_pose(case, cohort["demo_root"] / "demo_000", threshold=0.05)
+    assert len(by_pose) == 3  # the case's radiograph and its two views
+    sides = json.loads((case / "bmd.json").read_text())["sides"]
+    for side in ("right", "left"):
+        assert by_pose[0][side] == pytest.approx(sides[side]["drr_bmd_g_cm2"], rel=1e-6)
+        assert by_pose[1][side] != pytest.approx(by_pose[0][side], rel=1e-4)  # another pose, another projection
 
 
 def test_report_is_self_contained_and_carries_no_patient_data(cohort, validated):

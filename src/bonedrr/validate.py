@@ -312,15 +312,59 @@ def _true_heads(demo_case: Path) -> list[dict]:
     return out
 
 
-def pose_sweep(model, patients: list[tuple[str, Path]], pack, default_pixel_mm, threshold: float) -> list[dict]:
+def true_drr_bmd_by_pose(case_dir: Path, demo_case: Path, threshold: float, cut_mm: float = 80.0) -> list[dict]:
+    """The true DRR-BMD of each hip on each radiograph of a demo patient (:func:`_radiographs_of`
+    order): the case's proximal-femur DRRs (its density and labels, as the pipeline's) rendered at each
+    radiograph's true pose. How much the truth itself changes with the pose: a model that followed it
+    exactly would repeat this much, so it is the floor of the predicted BMD's RMS-CV.
+
+    Args:
+        case_dir: The pipeline's case folder (``results/<cohort>/<case>``: ``density.nii.gz``,
+            ``labels.nii.gz``).
+        demo_case: The demo patient's folder (``truth.json``, ``views/views.json``).
+        threshold: DRR-BMD's projected-bone threshold, g/cm2.
+        cut_mm: The proximal femur's cut below the lesser trochanter, as the DRRs'.
+
+    Returns:
+        One ``{side: DRR-BMD}`` per radiograph.
+    """
+    from bonedrr.bmd import drr_bmd
+    from bonedrr.drr import DEFAULT_CHANNELS, render_case
+    from bonedrr.geometry import Geometry
+
+    geometries = [json.loads((demo_case / "truth.json").read_text())["geometry"]]
+    views = demo_case / "views" / "views.json"
+    if views.is_file():
+        geometries += [v["geometry"] for v in json.loads(views.read_text())["views"]]
+    channels = {f"proximal_femur_{s}": DEFAULT_CHANNELS[f"proximal_femur_{s}"] for s in ("right", "left")}
+    out = []
+    for g in geometries:
+        drr = render_case(case_dir / "density.nii.gz", case_dir / "labels.nii.gz", Geometry.from_dict(g),
+                          channels=channels, device="cpu", cut_mm=cut_mm)
+        out.append({s: drr_bmd(drr["drr"][drr["channels"].index(f"proximal_femur_{s}")], threshold)
+                    for s in ("right", "left")})
+    return out
+
+
+def pose_sweep(model, patients: list[tuple[str, Path]], pack, default_pixel_mm, threshold: float,
+               cases_root: Path | None = None) -> list[dict]:
     """BMD of each hip on each radiograph of the given demo patients, as ``bonedrr estimate`` reads it
     (the file read, the hips located by the model's locator and cut out by
-    :func:`bonedrr.estimate.hip_crops`), and at the true hip centres. One row per (patient, side, radiograph)."""
+    :func:`bonedrr.estimate.hip_crops`), and at the true hip centres. One row per (patient, side, radiograph).
+
+    With ``cases_root`` (``results/<cohort>``), each row also holds the true DRR-BMD at that radiograph's
+    pose (:func:`true_drr_bmd_by_pose`) where the case has its density and labels."""
     from bonedrr.dicom import read_radiograph
     from bonedrr.estimate import hip_crops as estimate_crops
 
     rows = []
     for patient_id, case_dir in patients:
+        case = Path(cases_root) / case_dir.name if cases_root is not None else None
+        truth_by_pose = None
+        if case is not None and (case / "density.nii.gz").is_file():
+            bmd_record = case / "bmd.json"  # the DRRs' proximal-femur cut
+            cut_mm = json.loads(bmd_record.read_text()).get("proximal_femur_cut_mm", 80.0) if bmd_record.is_file() else 80.0
+            truth_by_pose = true_drr_bmd_by_pose(case, case_dir, threshold, cut_mm)
         for k, (path, true_heads) in enumerate(zip(_radiographs_of(case_dir), _true_heads(case_dir))):
             radiograph = read_radiograph(path, default_pixel_mm)
             sides = [s for s in ("right", "left") if true_heads.get(s) is not None]
@@ -339,6 +383,8 @@ def pose_sweep(model, patients: list[tuple[str, Path]], pack, default_pixel_mm, 
                 if facts:
                     d = np.subtract(facts[side]["femoral_head_px"], true_heads[side]) * radiograph.pixel_mm
                     row["locator_error_mm"] = float(np.hypot(*d))
+                if truth_by_pose is not None:
+                    row["true_drr_bmd"] = float(truth_by_pose[k][side])
                 rows.append(row)
     return rows
 
@@ -346,10 +392,12 @@ def pose_sweep(model, patients: list[tuple[str, Path]], pack, default_pixel_mm, 
 def summarise_pose(rows: list[dict]) -> dict:
     """RMS-CV of BMD over each hip's radiographs (located and true hips) and the locator's error."""
     out = {}
-    for key in ("bmd_located_hips", "bmd_true_hips"):
+    for key in ("bmd_located_hips", "bmd_true_hips", "true_drr_bmd"):
+        if not any(key in r for r in rows):
+            continue
         groups: dict = {}
         for r in rows:
-            groups.setdefault((r["patient_id"], r["side"]), []).append(r[key])
+            groups.setdefault((r["patient_id"], r["side"]), []).append(r.get(key, math.nan))
         out[key] = metrics.rms_cv(groups.values())
     errors = np.array([r.get("locator_error_mm", math.nan) for r in rows], float)
     out["locator_error_mm"] = {"median": float(np.nanmedian(errors)) if np.isfinite(errors).any() else math.nan,
@@ -466,7 +514,7 @@ def validate_cohort(shard_dir: str | Path, model_dirs: list[str | Path], out_dir
         if demo_root is not None:
             patients = [(pid, Path(demo_root) / case) for pid, case in sorted(patients_by_fold.get(fold, {}).items())
                         if (Path(demo_root) / case / "views").is_dir()]
-            pose_rows += pose_sweep(model, patients, pack, default_pixel_mm, settings.threshold_g_cm2)
+            pose_rows += pose_sweep(model, patients, pack, default_pixel_mm, settings.threshold_g_cm2, cases_root)
 
     result = summarise(per_sample, jpeg_rows, pose_rows, images, fold_info, cohort, settings)
     if qc_dir is not None:
@@ -557,6 +605,8 @@ def summarise(per_sample, jpeg_rows, pose_rows, images, fold_info, cohort, setti
                            "(baseline: fitted like the others)",
             "jpeg_ratio": "uncompressed 8-bit size (rows x cols bytes) / JPEG size of the whole radiograph",
             "rms_cv": "sqrt(mean over hips of (SD / mean)^2) of BMD over each hip's radiographs (Gluer 1995)",
+            "true_drr_bmd_rms_cv": "the same of the true DRR-BMD, the case's proximal-femur DRR rendered at each "
+                                   "radiograph's true pose: how much the truth itself changes with the pose",
             "ceiling": "the true DRR-BMD, calibrated to QCT and DXA like the predictions: what a perfect decomposition "
                        "would reach",
         },

@@ -146,6 +146,9 @@ def write_plots(folder: Path, rows: list[dict], jpeg: list[dict], pose: list[dic
         summary = result.get("pose") or {}
         rms = summary.get("bmd_located_hips", {}).get("rms_cv", math.nan)
         b.axhline(100 * rms, color="k", ls="--", lw=1, label=f"RMS-CV {100 * rms:.2f} %")
+        floor = (summary.get("true_drr_bmd") or {}).get("rms_cv")
+        if floor is not None and math.isfinite(floor):
+            b.axhline(100 * floor, color="C2", ls="-.", lw=1, label=f"the truth's own {100 * floor:.2f} %")
         b.axhline(3.0, color="r", ls=":", lw=1, label="target 3 %")
         b.set_xticks(range(len(hips)), [f"{p}\n{s[0].upper()}" for p, s in hips], fontsize=6, rotation=90)
         b.set_ylabel("CV of BMD over radiographs (%)")
@@ -287,11 +290,14 @@ def write_report(path: Path, result: dict, plots: dict[str, Path]) -> None:
     if pose:
         located, true, error = pose["bmd_located_hips"], pose["bmd_true_hips"], pose["locator_error_mm"]
         parts += ["<h2>Multi-pose repeatability</h2>",
-                  _table(["hips located by", "RMS-CV", "hips", "radiographs"],
+                  _table(["BMD", "RMS-CV", "hips", "radiographs"],
                          [[name, f"{_fmt(100 * (r['rms_cv'] if r['rms_cv'] is not None else math.nan), 2)} %",
                            _fmt(r["n_subjects"]), _fmt(r["n_measurements"])]
-                          for name, r in (("the model (as bonedrr estimate)", located),
-                                          ("truth (projected head centre)", true))]),
+                          for name, r in (("predicted, hips located by the model (as bonedrr estimate)", located),
+                                          ("predicted, hips at the projected true head centres", true),
+                                          ("true DRR-BMD at each radiograph's pose (the truth's own change)",
+                                           pose.get("true_drr_bmd")))
+                          if r is not None]),
                   f"<p class=note>{html.escape(d['rms_cv'])}. Locator error: median {_fmt(error['median'], 1)} mm, "
                   f"max {_fmt(error['max'], 1)} mm. The paper reports 3.27-3.79 %.</p>"]
         if "pose" in plots:
