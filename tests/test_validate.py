@@ -143,6 +143,11 @@ def test_jpeg_recrop_is_the_shards_crop_and_reaches_50x(cohort, validated):
     assert [e["quality"] for e in result["jpeg"]] == [90, 10, 1]
     ratios = [e["ratio_raw8"] for e in result["jpeg"]]
     assert ratios == sorted(ratios) and ratios[0] > 2
+    out, _ = validated
+    with open(out / "jpeg.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * len(data) and {r["quality"] for r in rows} == {"90", "10", "1"}
+    assert {(r["case_id"], r["side"]) for r in rows} == {(r["case_id"], r["side"]) for r in data.index}
 
 
 def test_pose_sweep_measures_each_hip_on_every_radiograph(validated):
@@ -155,6 +160,11 @@ def test_pose_sweep_measures_each_hip_on_every_radiograph(validated):
     # the truth's own change with the pose: demo_000's DRRs rendered at each radiograph's true pose
     assert pose["true_drr_bmd"]["n_subjects"] == 2 and pose["true_drr_bmd"]["n_measurements"] == 6
     assert 0.001 < pose["true_drr_bmd"]["rms_cv"] < 0.2
+    with open(out / "pose.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["case_id"], r["file"]) for r in rows if r["side"] == "right"] == [
+        ("demo_000", "xray.dcm"), ("demo_000", "view1.dcm"), ("demo_000", "view2.dcm")]
+    assert all(float(r["bmd_located_hips"]) > 0 and float(r["true_drr_bmd"]) > 0 for r in rows)
 
 
 def test_true_drr_bmd_by_pose_is_the_pipelines_drr_bmd_at_the_cases_own_pose(cohort):

@@ -33,8 +33,9 @@ Robustness:
   by the model and, to separate the locator's share, at their true projected centres.
 
 Metrics are those of :mod:`bonedrr.metrics` (ICC(2,1) reported; T-scores against NHANES III,
-classification only against DXA). Outputs in ``results/validation/<cohort>/``: ``predictions.csv``,
-``metrics.json``, ``plots/*.png``, ``report.html`` (self-contained; sample ids are pseudonymous case
+classification only against DXA). Outputs in ``results/validation/<cohort>/``: ``predictions.csv``
+(one row per held-out hip), ``jpeg.csv`` and ``pose.csv`` (the sweeps' rows), ``metrics.json``,
+``plots/*.png``, ``report.html`` (self-contained; sample ids are pseudonymous case
 ids, nothing from a DICOM header).
 """
 
@@ -377,7 +378,7 @@ def pose_sweep(model, patients: list[tuple[str, Path]], pack, default_pixel_mm, 
             values, _ = predicted_bmd(model, np.concatenate([true, located]), threshold,
                                       model.overview_of(radiograph.pixels, radiograph.pixel_mm))
             for i, side in enumerate(sides):
-                row = {"patient_id": patient_id, "case_id": case_dir.name, "side": side, "radiograph": k,
+                row = {"patient_id": patient_id, "case_id": case_dir.name, "side": side, "radiograph": k, "file": path.name,
                        "bmd_true_hips": float(values[i]),
                        "bmd_located_hips": float(values[len(sides) + i]) if facts else math.nan}
                 if facts:
@@ -521,6 +522,9 @@ def validate_cohort(shard_dir: str | Path, model_dirs: list[str | Path], out_dir
         result["pipeline"] = pipeline_quality(qc_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_predictions(out_dir / "predictions.csv", per_sample)
+    write_predictions(out_dir / "jpeg.csv", [{**{k: per_sample[r["row"]][k] for k in ("sample_id", "case_id", "side")},
+                                              **r} for r in jpeg_rows], JPEG_COLUMNS)
+    write_predictions(out_dir / "pose.csv", pose_rows, POSE_COLUMNS)
     write_json(out_dir / "metrics.json", _finite(result))
     from bonedrr.validation_report import write_plots, write_report
 
@@ -688,11 +692,20 @@ PREDICTION_COLUMNS = ("fold", "sample_id", "case_id", "patient_id", "side", "pre
                       "ceiling_dxa_abmd", "psnr_db_proximal_femur", "ssim_proximal_femur")
 
 
-def write_predictions(path: Path, rows: list[dict]) -> None:
-    """predictions.csv: one row per held-out hip (units: g/cm2, QCT mg/cm3; empty = unknown)."""
+#: jpeg.csv: one row per held-out hip and JPEG quality.
+JPEG_COLUMNS = ("sample_id", "case_id", "side", "quality", "ratio_raw8", "ratio_png", "jpeg_bytes", "pred_drr_bmd",
+                "pred_qct_vbmd", "pred_dxa_abmd")
+#: pose.csv: one row per hip and radiograph of the multi-pose sweep.
+POSE_COLUMNS = ("patient_id", "case_id", "side", "radiograph", "file", "bmd_located_hips", "bmd_true_hips",
+                "true_drr_bmd", "locator_error_mm")
+
+
+def write_predictions(path: Path, rows: list[dict], columns=PREDICTION_COLUMNS) -> None:
+    """predictions.csv: one row per held-out hip (units: g/cm2, QCT mg/cm3; empty = unknown); with other
+    ``columns``, jpeg.csv and pose.csv alike."""
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, PREDICTION_COLUMNS, extrasaction="ignore")
+            w = csv.DictWriter(f, columns, extrasaction="ignore")
             w.writeheader()
             for r in rows:
                 w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else

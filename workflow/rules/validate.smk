@@ -9,6 +9,8 @@ rule validate:
     output:
         metrics="results/validation/{cohort}/metrics.json",
         predictions="results/validation/{cohort}/predictions.csv",
+        jpeg_rows="results/validation/{cohort}/jpeg.csv",
+        pose_rows="results/validation/{cohort}/pose.csv",
         report=report("results/validation/{cohort}/report.html", category="validation",
                       caption="../report/validation.rst", labels={"cohort": "{cohort}", "figure": "report"}),
         scatter=report("results/validation/{cohort}/plots/scatter.png", category="validation",
