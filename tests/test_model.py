@@ -164,6 +164,31 @@ def test_jpeg_augmentation_is_the_last_intensity_step_and_keeps_the_padding():
         AugmentSettings(jpeg=0.5, jpeg_quality=[50, 10])
 
 
+def test_unsharp_augmentation_is_scipys_inside_and_leaves_the_padding_alone():
+    from scipy import ndimage
+
+    from bonedrr.model.augment import unsharp_mask
+
+    torch.manual_seed(1)
+    x = torch.rand(2, 1, 48, 40, dtype=torch.float64) * 500 + 100
+    x[1, :, :, :10] = 0  # beyond the radiograph
+    y = unsharp_mask(x, torch.tensor([0.6, 0.6], dtype=torch.float64), torch.tensor([2.0, 2.0]))
+    ref = x[0, 0].numpy() + 0.6 * (x[0, 0].numpy() - ndimage.gaussian_filter(x[0, 0].numpy(), 2.0, truncate=3.0))
+    np.testing.assert_allclose(y[0, 0, 6:-6, 6:-6].numpy(), ref[6:-6, 6:-6], rtol=1e-9)
+    assert (y[1, :, :, :10] == 0).all()
+    flat = torch.full((1, 1, 32, 32), 700.0, dtype=torch.float64)
+    flat[..., :8] = 0
+    # a uniform radiograph next to padding: no halo at its border
+    np.testing.assert_allclose(unsharp_mask(flat, torch.tensor([1.0]), torch.tensor([4.0]))[..., 8:], 700.0)
+    assert torch.equal(unsharp_mask(x, torch.tensor([0.0, 0.0]), torch.tensor([2.0, 2.0])), x)
+    t = torch.rand(2, 2, 48, 40)
+    a = RandomAugment(AugmentSettings(unsharp=0.8), torch.Generator().manual_seed(2))(x.float(), t)
+    b = RandomAugment(AugmentSettings(), torch.Generator().manual_seed(2))(x.float(), t)
+    assert torch.equal(a[1], b[1]) and not torch.allclose(a[0], b[0])
+    with pytest.raises(BonedrrError, match=r"unsharp_sigma_px must be \[smallest, largest\] above 0, not \[0.0, 3.0\]"):
+        AugmentSettings(unsharp=0.5, unsharp_sigma_px=(0, 3))
+
+
 def test_seeded_training_is_reproducible_and_resume_gives_the_same_weights(tmp_path):
     data = SyntheticShards(8, (32, 16), seed=2)
     a = train_model(None, tmp_path / "a", TINY, dataset=data, progress=False)

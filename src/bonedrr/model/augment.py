@@ -9,8 +9,10 @@ with the same sampling grid to the radiograph and to every DRR channel and mask,
 input stays paired with its target. Intensity (radiograph only, the targets are physical g/cm2):
 a gamma curve and a contrast change on the image's own robust range, Gaussian noise, and a new
 overall exposure scale and offset (what the model's input normalisation removes, so only the
-non-linear parts teach it anything, as intended), and optionally a lossy JPEG round trip at a random
-quality (:func:`jpeg_compress`: what an archive or a teleradiology link does to a radiograph; the
+non-linear parts teach it anything, as intended), optionally unsharp masking of random strength and
+width (:func:`unsharp_mask`: the edge enhancement every DX processing applies in its own way, to which
+the validation's multi-pose sweep found the model's BMD sensitive), and optionally a lossy JPEG round
+trip at a random quality (:func:`jpeg_compress`: what an archive or a teleradiology link does to a radiograph; the
 validation's JPEG sweep measures the model against it). Exact zeros, the padding outside the
 radiograph, stay zero.
 
@@ -95,6 +97,38 @@ def adjust_intensity(x: torch.Tensor, gamma: torch.Tensor, contrast: torch.Tenso
     return out, scale * gain.view(-1, 1) + offset.view(-1, 1) * span.view(-1, 1)
 
 
+def unsharp_mask(x: torch.Tensor, amount: torch.Tensor, sigma_px: torch.Tensor) -> torch.Tensor:
+    """Radiograph (N, 1, H, W) + ``amount`` * (itself - its Gaussian blur of ``sigma_px``), per sample
+    (N,); amount 0 leaves a sample as it is, a negative amount softens. The blur leaves the padding out
+    (normalised convolution), so a crop's edge at the radiograph's border gets no halo, and exact zeros
+    stay zero. Linear, so an exposure change before or after it is the same.
+
+    Example:
+        >>> x = torch.zeros(1, 1, 9, 9); x[..., 3:6, 3:6] = 2.0; x[..., :, 0] = 0  # a bright square on 0
+        >>> x = x + 1.0  # on a background of 1
+        >>> y = unsharp_mask(x, torch.tensor([0.5]), torch.tensor([1.5]))
+        >>> bool(y[0, 0, 4, 4] > x[0, 0, 4, 4]), bool(y[0, 0, 4, 1] < x[0, 0, 4, 1])
+        (True, True)
+    """
+    out = x.clone()
+    body = (x != 0).to(x.dtype)
+    for i in torch.nonzero(amount != 0).flatten().tolist():
+        sigma = float(sigma_px[i])
+        radius = max(1, int(math.ceil(3 * sigma)))
+        t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+        kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+        kernel = kernel / kernel.sum()
+
+        def blur(image: torch.Tensor) -> torch.Tensor:
+            image = F.conv2d(image, kernel.view(1, 1, -1, 1), padding=(radius, 0))
+            return F.conv2d(image, kernel.view(1, 1, 1, -1), padding=(0, radius))
+
+        mask = body[i:i + 1]
+        smooth = blur(x[i:i + 1] * mask) / blur(mask).clamp_min(1e-6)
+        out[i:i + 1] = (x[i:i + 1] + amount[i] * (x[i:i + 1] - smooth)) * mask
+    return out
+
+
 def jpeg_compress(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     """Radiograph (N, 1, H, W), each sample mapped linearly to 8 bits (the range of its pixels that are
     not padding), JPEG-encoded at its ``quality`` (N,: Pillow's 1-95; 0 leaves the sample as it is),
@@ -138,6 +172,8 @@ class AugmentSettings:
         gamma: log(gamma) drawn uniformly in +- this.
         contrast: Contrast factor in 1 +- this.
         noise: Noise standard deviation drawn in 0..this (fraction of the robust range).
+        unsharp: Unsharp-masking amount drawn uniformly in -this/2..this (0: off; :func:`unsharp_mask`).
+        unsharp_sigma_px: (smallest, largest) width of its blur, crop pixels, drawn uniformly.
         jpeg: Probability of a JPEG round trip (:func:`jpeg_compress`), last, after the intensity changes.
         jpeg_quality: (lowest, highest) Pillow quality, drawn uniformly (integers).
     """
@@ -148,16 +184,23 @@ class AugmentSettings:
     gamma: float = 0.3
     contrast: float = 0.2
     noise: float = 0.02
+    unsharp: float = 0.0
+    unsharp_sigma_px: tuple[float, float] = (3.0, 10.0)
     jpeg: float = 0.0
     jpeg_quality: tuple[int, int] = (5, 95)
 
     def __post_init__(self):
         object.__setattr__(self, "jpeg_quality", tuple(int(q) for q in self.jpeg_quality))
+        object.__setattr__(self, "unsharp_sigma_px", tuple(float(v) for v in self.unsharp_sigma_px))
+        from bonedrr.errors import BonedrrError
+
         low, high = self.jpeg_quality
         if not 1 <= low <= high <= 95:
-            from bonedrr.errors import BonedrrError
-
             raise BonedrrError(f"train augment jpeg_quality must be [lowest, highest] within 1-95, not {list(self.jpeg_quality)}")
+        low, high = self.unsharp_sigma_px
+        if not 0 < low <= high:
+            raise BonedrrError("train augment unsharp_sigma_px must be [smallest, largest] above 0, not "
+                               f"{list(self.unsharp_sigma_px)}")
 
 
 class RandomAugment:
@@ -193,9 +236,19 @@ class RandomAugment:
         gain = torch.exp(self._uniform(n, math.log(2.0)))
         offset = self._uniform(n, 0.5)
         if scale is None:
-            return self._jpeg(adjust_intensity(xray, gamma, contrast, noise, gain, offset, self.g)), targets
+            xray = adjust_intensity(xray, gamma, contrast, noise, gain, offset, self.g)
+            return self._jpeg(self._unsharp(xray)), targets
         xray, scale = adjust_intensity(xray, gamma, contrast, noise, gain, offset, self.g, scale=scale)
-        return self._jpeg(xray), targets, scale
+        return self._jpeg(self._unsharp(xray)), targets, scale
+
+    def _unsharp(self, xray: torch.Tensor) -> torch.Tensor:
+        if self.s.unsharp <= 0:  # no draw: the random stream of settings without it stays as it was
+            return xray
+        n = len(xray)
+        amount = torch.rand(n, generator=self.g) * 1.5 * self.s.unsharp - 0.5 * self.s.unsharp
+        low, high = self.s.unsharp_sigma_px
+        sigma = low + torch.rand(n, generator=self.g) * (high - low)
+        return unsharp_mask(xray, amount, sigma)
 
     def _jpeg(self, xray: torch.Tensor) -> torch.Tensor:
         if self.s.jpeg <= 0:  # no draw: the random stream of settings without JPEG stays as it was
