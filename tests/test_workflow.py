@@ -60,6 +60,15 @@ def test_dry_run_shows_the_dag(workdir):
         assert any(line.split()[:2] == [rule, str(count)] for line in out.splitlines()), out
 
 
+def test_a_step_asked_for_alone_schedules_every_cases_checkpoint_at_once(workdir):
+    """Input functions that iterate over the cases meet their checkpoints one at a time; without the
+    ``checkpoint_statuses`` input naming them all, this DAG held one ingest check (one job per update)."""
+    result = snakemake(workdir, "-n", "results/validation/tiny/report.html")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout + result.stderr
+    assert any(line.split()[:2] == ["ingest_check", "2"] for line in out.splitlines()), out
+
+
 def test_lint_is_clean(workdir):
     result = snakemake(workdir, "--lint")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -28,14 +28,15 @@ rule bmd:
 
 rule bmd_summary:
     input:
-        lambda wc: expand("results/{{cohort}}/{case}/bmd.json", case=packable_cases(wc.cohort)),
+        checkpoints=checkpoint_statuses(("ingest", "segment")),
+        records=lambda wc: expand("results/{{cohort}}/{case}/bmd.json", case=packable_cases(wc.cohort)),
     output:
         "results/{cohort}/qc/bmd.tsv",
     log:
         "results/{cohort}/logs/bmd_summary.log",
     params:
         cli=BONEDRR,
-        cases=lambda wc, input: " ".join(str(Path(p).parent) for p in input),
+        cases=lambda wc, input: " ".join(str(Path(p).parent) for p in input.records),
     conda:
         "../../envs/pack.yaml"
     shell:

@@ -114,6 +114,30 @@ def segment_ok(cohort, case):
         return json.load(f)["ok"]
 
 
+def checkpoint_statuses(stages):
+    """An input function naming, without waiting for any, the checkpoint status files a cohort-wide step
+    depends on through :func:`ingested_cases` or :func:`downstream_cases`.
+
+    Those iterate over the cases and meet their checkpoints one at a time: each unfinished one stops the
+    evaluation, so a step asked for on its own (``snakemake results/validation/demo/report.html``) would
+    get one case's checkpoint per DAG update, one job at a time. Named as a plain input, every checkpoint
+    is scheduled at once. ``stages``: ``("ingest",)`` or ``("ingest", "segment")``; segment checks only
+    of the cases whose ingest is known to have passed (the others never run one).
+    """
+
+    def statuses(wildcards):
+        cohort = wildcards.cohort
+        files = [f"results/{cohort}/{case}/status/ingest.json" for case in CASES[cohort]]
+        if "segment" in stages:
+            for case in labelled_cases(cohort):
+                ingest = Path(f"results/{cohort}/{case}/status/ingest.json")
+                if ingest.is_file() and json.loads(ingest.read_text()).get("ok"):
+                    files.append(f"results/{cohort}/{case}/status/segment.json")
+        return files
+
+    return statuses
+
+
 def downstream_cases(cohort):
     """The cases that go on to registration and DRRs: in a cohort that segments (labelled_cases),
     passed ingest and segmentation."""

@@ -56,7 +56,8 @@ rule ingest:
 
 rule ingest_overview:
     input:
-        lambda wc: expand("results/{{cohort}}/{case}/case.json", case=ingested_cases(wc.cohort)),
+        checkpoints=checkpoint_statuses(("ingest",)),
+        records=lambda wc: expand("results/{{cohort}}/{case}/case.json", case=ingested_cases(wc.cohort)),
     output:
         png=report("results/{cohort}/qc/ingest.png", category="ingest"),
         table="results/{cohort}/qc/ingest.tsv",
@@ -68,7 +69,7 @@ rule ingest_overview:
         runtime=10,
     params:
         cli=BONEDRR,
-        cases=lambda wc, input: " ".join(str(Path(p).parent) for p in input),
+        cases=lambda wc, input: " ".join(str(Path(p).parent) for p in input.records),
     conda:
         "../../envs/ingest.yaml"
     shell:

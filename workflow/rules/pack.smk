@@ -5,6 +5,7 @@
 rule pack_shards:
     input:
         unpack(pack_inputs),
+        checkpoints=checkpoint_statuses(("ingest", "segment")),
     output:
         manifest="results/{cohort}/shards/manifest.json",
         index="results/{cohort}/shards/index.csv",

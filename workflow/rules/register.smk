@@ -29,7 +29,8 @@ rule register:
 
 rule registration_summary:
     input:
-        lambda wc: expand("results/{{cohort}}/{case}/pose.json", case=downstream_cases(wc.cohort)),
+        checkpoints=checkpoint_statuses(("ingest", "segment")),
+        records=lambda wc: expand("results/{{cohort}}/{case}/pose.json", case=downstream_cases(wc.cohort)),
     output:
         table=report("results/{cohort}/qc/registration.tsv", category="register",
                      caption="../report/registration.rst"),
@@ -43,7 +44,7 @@ rule registration_summary:
         runtime=5,
     params:
         cli=BONEDRR,
-        cases=lambda wc, input: " ".join(str(Path(p).parent) for p in input),
+        cases=lambda wc, input: " ".join(str(Path(p).parent) for p in input.records),
     conda:
         "../../envs/register.yaml"
     shell:

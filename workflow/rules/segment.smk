@@ -86,7 +86,8 @@ rule segment:
 
 rule segmentation_summary:
     input:
-        lambda wc: expand("results/{{cohort}}/{case}/segmentation.json", case=downstream_cases(wc.cohort)),
+        checkpoints=checkpoint_statuses(("ingest", "segment")),
+        records=lambda wc: expand("results/{{cohort}}/{case}/segmentation.json", case=downstream_cases(wc.cohort)),
     output:
         table=report("results/{cohort}/qc/segmentation.tsv", category="segment",
                      caption="../report/segmentation.rst"),
@@ -96,7 +97,7 @@ rule segmentation_summary:
         "results/{cohort}/logs/segmentation_summary.log",
     params:
         cli=BONEDRR,
-        cases=lambda wc, input: " ".join(str(Path(p).parent) for p in input),
+        cases=lambda wc, input: " ".join(str(Path(p).parent) for p in input.records),
     conda:
         "../../envs/segment.yaml"
     shell:

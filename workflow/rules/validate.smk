@@ -6,6 +6,7 @@
 rule validate:
     input:
         unpack(validate_inputs),
+        checkpoints=checkpoint_statuses(("ingest", "segment")),
     output:
         metrics="results/validation/{cohort}/metrics.json",
         predictions="results/validation/{cohort}/predictions.csv",
