@@ -121,12 +121,17 @@ def test_demo_case_files_and_truth(demo_cases):
 
 
 def test_demo_case_is_reproducible(tmp_path, demo_cases):
-    from bonedrr.demo.cohort import make_case
+    from bonedrr.demo.cohort import draw_patient, make_case
     folder, settings, truths = demo_cases
     again = make_case(tmp_path / "demo_001", "demo_001", 1, settings)
     assert json.dumps(again, sort_keys=True) == json.dumps(truths[1], sort_keys=True)
     assert (tmp_path / "demo_001" / "xray.png").read_bytes() == (folder / "demo_001" / "xray.png").read_bytes()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    # The patient alone, without its files, is the case's patient (what experiments re-simulate).
+    patient, params, _ = draw_patient(1, settings)
+    assert params.to_dict() == truths[1]["patient"]
+    for side in ("left", "right"):
+        assert vp.qct_vbmd(patient, side, truths[1]["proximal_femur_cut_mm"]) == truths[1]["qct_vbmd_mg_cm3"][side]
 
 
 def test_extra_views_differ_in_pose_carry_no_phi_and_leave_the_case_unchanged(demo_cases, demo_case_with_views):

@@ -90,14 +90,21 @@ def _template(settings: DemoSettings) -> tuple[vp.Materials, dict[str, float], f
     return _TEMPLATES[key]
 
 
-def make_case(out_dir: str | Path, case: str, index: int, settings: DemoSettings) -> dict:
-    """Make one virtual patient and write its folder. Returns its truth (as in truth.json)."""
-    out_dir = Path(out_dir)
+def draw_patient(index: int, settings: DemoSettings) -> tuple[vp.Materials, vp.PatientParams, np.random.Generator]:
+    """Virtual patient ``index`` of a cohort: its materials, its drawn parameters, and its random stream
+    after those draws (:func:`make_case` draws the case's acquisition from it). The same patient every
+    time, so an experiment can re-simulate a case's radiograph without its files."""
     rng = np.random.default_rng([settings.seed, index])
     template, template_abmd, share = _template(settings)
     params = vp.draw_params(rng, template_abmd, settings.abmd_range, trabecular_share=share,
                             proximal_femur_cut_mm=settings.proximal_femur_cut_mm)
-    patient = vp.make_patient(template, params)
+    return vp.make_patient(template, params), params, rng
+
+
+def make_case(out_dir: str | Path, case: str, index: int, settings: DemoSettings) -> dict:
+    """Make one virtual patient and write its folder. Returns its truth (as in truth.json)."""
+    out_dir = Path(out_dir)
+    patient, params, rng = draw_patient(index, settings)
     files = case_files(index, settings.nifti_png_every)
     raster = files["xray"] != "xray.dcm"
 

@@ -8,7 +8,7 @@ trained model.
 
 :class:`HipModel` is what both models share and needs no torch: the crop geometry, the input scale
 from the whole radiograph, BMD, the DXA calibration and the hip search.
-:class:`bonedrr.train.DecompositionModel` is its torch twin.
+:class:`bonedrr.train.DecompositionModel` is its torch subclass.
 
 Example:
     >>> rng = np.random.default_rng(0)
