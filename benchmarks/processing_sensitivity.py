@@ -51,12 +51,14 @@ RANGES = {"kvp": (70.0, 85.0), "al_mm": (2.5, 4.0), "photons_per_pixel": (10 ** 
 SIDES = ("right", "left")
 
 
-def hip_bmd(model, image: np.ndarray, pixel_mm, heads: dict, pack, threshold: float, shift_px=(0, 0)) -> np.ndarray:
+def hip_bmd(model, image: np.ndarray, pixel_mm, heads: dict, pack, threshold: float, shift_px=(0, 0),
+            kvp: float | None = None) -> np.ndarray:
     """Predicted BMD of both hips of a simulated radiograph, cut at the true centres (moved by
-    ``shift_px`` crop pixels)."""
+    ``shift_px`` crop pixels); ``kvp``: its tube voltage, for a model conditioned on it (as its DICOM
+    would record it)."""
     zoom = np.asarray(pack.crop_mm) / np.asarray(pack.crop_px) / np.asarray(pixel_mm)
     crops = np.stack([v.recrop(image, pixel_mm, np.add(heads[s], np.multiply(shift_px, zoom)), s, pack) for s in SIDES])
-    values, _ = v.predicted_bmd(model, crops, threshold, model.overview_of(image, pixel_mm))
+    values, _ = v.predicted_bmd(model, crops, threshold, model.overview_of(image, pixel_mm), kvp)
     return values
 
 
@@ -73,7 +75,8 @@ def measure_patient(model, demo_case: Path, pack, threshold: float, noise_draws:
         return simulate_radiograph(areal, geometry.pixel_mm, exposure, np.random.default_rng([seed, 7919])) * 65535
 
     def mean_bmd(exposure: XrayExposure) -> np.ndarray:
-        return np.mean([hip_bmd(model, simulate(exposure, k), geometry.pixel_mm, heads, pack, threshold)
+        return np.mean([hip_bmd(model, simulate(exposure, k), geometry.pixel_mm, heads, pack, threshold,
+                                kvp=exposure.kvp)
                         for k in range(noise_draws)], axis=0)
 
     base = mean_bmd(own)
@@ -83,11 +86,12 @@ def measure_patient(model, demo_case: Path, pack, threshold: float, noise_draws:
         values = [mean_bmd(replace(own, **{name: float(level)})) for level in levels]
         out["parameters"][name] = {"levels": levels, "bmd": [x.tolist() for x in values],
                                    "span_pct": ((values[-1] - values[0]) / base * 100).tolist()}
-    noise = np.array([hip_bmd(model, simulate(own, k), geometry.pixel_mm, heads, pack, threshold) for k in range(8)])
+    noise = np.array([hip_bmd(model, simulate(own, k), geometry.pixel_mm, heads, pack, threshold, kvp=own.kvp)
+                      for k in range(8)])
     out["noise_cv_pct"] = (noise.std(0, ddof=1) / noise.mean(0) * 100).tolist()
     image = simulate(own, 0)
     shifts = [(dr, dc) for dr in (-2, 0, 2) for dc in (-2, 0, 2)]
-    shifted = np.array([hip_bmd(model, image, geometry.pixel_mm, heads, pack, threshold, s) for s in shifts])
+    shifted = np.array([hip_bmd(model, image, geometry.pixel_mm, heads, pack, threshold, s, own.kvp) for s in shifts])
     out["crop_shift_cv_pct"] = (shifted.std(0, ddof=1) / shifted.mean(0) * 100).tolist()
     return out
 

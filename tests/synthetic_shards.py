@@ -18,7 +18,11 @@ def _disc(rr, cc, r, c, radius):
 
 
 class SyntheticShards(Dataset):
-    def __init__(self, n: int = 12, shape=(64, 32), seed: int = 0, channels=None, folds=None):
+    """``kvp``: each item's tube voltage (None: NaN, unknown); ``kvp_effect``: the bone's attenuation in
+    the radiograph scales as (80 / kVp) ** kvp_effect, as a harder beam lowers bone contrast (0: none)."""
+
+    def __init__(self, n: int = 12, shape=(64, 32), seed: int = 0, channels=None, folds=None, kvp=None,
+                 kvp_effect: float = 0.0):
         self.shape = shape
         self.channels = list(channels or CHANNELS)
         rng = np.random.default_rng(seed)
@@ -38,7 +42,9 @@ class SyntheticShards(Dataset):
             soft = 3.0 + 0.5 * cc / w
             drr = {"proximal_femur": proximal, "femur": femur, "hip": pelvis, "pelvis": pelvis,
                    "bone": femur + pelvis, "muscle": muscle, "soft_tissue": soft}
-            mu = 2.0 * (femur + pelvis) + 0.2 * muscle + 0.18 * soft
+            kv = float(kvp[i]) if kvp is not None else math.nan
+            bone_mu = 2.0 * (80.0 / kv) ** kvp_effect if kvp_effect else 2.0
+            mu = bone_mu * (femur + pelvis) + 0.2 * muscle + 0.18 * soft
             xray = 1000 * (1 - np.exp(-mu / 3)) + rng.normal(0, 5, (h, w))
             head_ov = (rng.uniform(40, 80), rng.uniform(60, 110))
             ov = 0.2 + _disc(ov_rr, ov_cc, *head_ov, 9) + 0.5 * _disc(ov_rr, ov_cc, head_ov[0] - 10, 128, 30)
@@ -49,7 +55,7 @@ class SyntheticShards(Dataset):
                 "overview": torch.tensor(ov, dtype=torch.float32)[None],
                 "head_overview_px": torch.tensor(head_ov, dtype=torch.float32),
                 "drr_bmd": float(proximal[proximal > 0.3].mean()), "qct_vbmd": 250.0 * density,
-                "dxa_abmd": 0.8 * density + 0.05, "sample_id": f"syn_{i:03d}_right", "patient_id": f"syn{i // 2}",
+                "dxa_abmd": 0.8 * density + 0.05, "kvp": kv, "sample_id": f"syn_{i:03d}_right", "patient_id": f"syn{i // 2}",
                 "fold": i % 3,
             })
         self.index = [{"sample_id": it["sample_id"], "patient_id": it["patient_id"], "fold": it["fold"]}

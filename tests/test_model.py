@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from bonedrr.bmd import drr_bmd
 from bonedrr.errors import BonedrrError, InputError
 from bonedrr.model.augment import AugmentSettings, RandomAugment, affine, affine_matrix, shift_matrix
 from bonedrr.model.losses import gc_loss, gradient_correlation
@@ -426,24 +428,78 @@ def test_numpy_layers_are_torchs():
                                torch.stack(robust_range(torch.from_numpy(overviews))).numpy(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("scaled", [True, False])
-def test_numpy_unet_is_the_torch_unet(scaled):
-    """Random weights (GroupNorm's affine too), so a wrong key or layer order cannot hide."""
-    from bonedrr.model.portable import unet_forward
+@pytest.mark.parametrize("scaled,conditioned", [(True, False), (False, False), (True, True)])
+def test_numpy_unet_is_the_torch_unet(scaled, conditioned):
+    """Random weights (GroupNorm's affine and the FiLM layers too), so a wrong key or layer order cannot hide."""
+    from bonedrr.model.portable import kvp_condition, unet_forward
 
     torch.manual_seed(0)
-    net = UNet(1, 3, base_channels=8, depth=3).eval()
+    net = UNet(1, 3, base_channels=8, depth=3, conditions=int(conditioned)).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.3 * torch.randn_like(p))
     x = torch.rand(2, 1, 32, 16) * 900 + 50
     scale = torch.tensor([[60.0, 500.0], [100.0, 700.0]]) if scaled else None
+    condition = kvp_condition([70.0, 85.0]) if conditioned else None
     with torch.no_grad():
-        ref = net(x, scale).numpy()
+        ref = net(x, scale, None if condition is None else torch.from_numpy(condition)).numpy()
     weights = {k: v.numpy() for k, v in net.state_dict().items()}
-    out = unet_forward(weights, x.numpy(), depth=3, scale=None if scale is None else scale.numpy())
+    assert ("film.3.weight" in weights) == conditioned  # bottleneck + 3 decoder levels
+    out = unet_forward(weights, x.numpy(), depth=3, scale=None if scale is None else scale.numpy(), condition=condition)
     assert np.abs(ref).max() > 1.0
     np.testing.assert_allclose(out, ref, atol=5e-4 * np.abs(ref).max())
+    if conditioned:  # the condition matters, and is required
+        with torch.no_grad():
+            other = net(x, scale, torch.from_numpy(kvp_condition([85.0, 70.0]))).numpy()
+        assert np.abs(other - ref).max() > 0.1 * np.abs(ref).max()
+        with pytest.raises(ValueError, match=r"needs a condition of shape \(2, 1\), got None"):
+            net(x, scale)
+        with pytest.raises(BonedrrError, match="conditioned .FiLM layers.: give its condition"):
+            unet_forward(weights, x.numpy(), depth=3, scale=scale.numpy())
+
+
+def test_film_layers_start_as_the_identity():
+    """A kVp-conditioned U-Net starts as the plain U-Net with the same convolutions, whatever the kVp."""
+    from bonedrr.model.portable import kvp_condition
+
+    torch.manual_seed(1)
+    plain = UNet(1, 2, base_channels=4, depth=2).eval()
+    conditioned = UNet(1, 2, base_channels=4, depth=2, conditions=1).eval()
+    conditioned.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.rand(3, 1, 16, 8) * 500
+    with torch.no_grad():
+        torch.testing.assert_close(conditioned(x, None, torch.from_numpy(kvp_condition([60.0, 80.0, 100.0]))),
+                                   plain(x))
+
+
+def test_kvp_conditioning_needs_every_training_kvp(tmp_path):
+    settings = TrainSettings(**{**TINY.__dict__, "condition": "kvp", "locator_epochs": 0})
+    kvp = [80.0] * 11 + [math.nan]
+    data = SyntheticShards(n=12, kvp=kvp)
+    with pytest.raises(InputError, match=r"network condition kvp: 1 of 12 samples have no kVp .* syn_011_right"):
+        train_model(None, tmp_path / "m", settings, dataset=data, progress=False)
+    with pytest.raises(BonedrrError, match="train network condition must be one of none, kvp, not 'mAs'"):
+        TrainSettings.from_config({"network": {"condition": "mAs"}})
+
+
+@pytest.mark.slow
+def test_kvp_conditioned_model_reads_density_the_image_alone_cannot(tmp_path):
+    """Bone contrast that falls with kVp (a harder beam) while density does not: given the kVp, the model
+    tells a dense bone at 85 kV from a light one at 70; without it, it cannot."""
+    kvps = np.random.default_rng(7).choice([70.0, 75.0, 80.0, 85.0], size=48)
+    train = SyntheticShards(n=40, seed=11, kvp=kvps[:40], kvp_effect=4.0)
+    held = SyntheticShards(n=8, seed=12, kvp=kvps[40:], kvp_effect=4.0)
+    errors = {}
+    for condition in ("none", "kvp"):
+        settings = TrainSettings(stages=(Stage(("femur", "bone"), 12), Stage(("proximal_femur",), 12)), batch_size=4,
+                                 base_channels=8, depth=2, locator_epochs=0, seed=0, condition=condition,
+                                 input_scale="crop")
+        model = train_model(None, tmp_path / condition, settings, dataset=train, progress=False)
+        xray = np.stack([it["xray"][0].numpy() for it in held.items])
+        pred = model.bmd(model.predict(xray, kvp=[it["kvp"] for it in held.items]))
+        truth = np.array([drr_bmd(it["drr"][0].numpy()) for it in held.items])  # channel 0: proximal_femur
+        errors[condition] = float(np.mean(np.abs(pred - truth)))
+    assert errors["kvp"] < 0.7 * errors["none"], errors
 
 
 @pytest.mark.slow
@@ -526,3 +582,43 @@ def test_estimate_errors_are_one_line(real_shards, real_model, tmp_path, capsys)
     for (model, xray), message in cases:
         code, out, err = _main(capsys, "estimate", "--model", str(model), "--xray", str(xray))
         assert (code, out, err) == (2, "", f"bonedrr estimate: error: {message}\n")
+
+
+@pytest.mark.slow
+def test_estimate_with_a_kvp_conditioned_model(real_shards, tmp_path, capsys):
+    """The kVp reaches the model from the DICOM's KVP, from --kvp for a PNG, and from the sample sheet's
+    xray_kvp through ingest into the shards (which a conditioned model trains on); without it, one clear error."""
+    from bonedrr.dataset import ShardDataset
+    from bonedrr.model.portable import load_portable
+
+    shards, demo_dir, truths = real_shards
+    dataset = ShardDataset(shards)
+    by_case = {t["case_id"]: t["exposure"]["kvp"] for t in truths}
+    assert [item["kvp"] for item in dataset] == [by_case[r["case_id"]] for r in dataset.index]  # the PNG's too
+    settings = TrainSettings(**{**TINY.__dict__, "condition": "kvp", "locator_epochs": 3})
+    model = train_model(shards, tmp_path / "kvp_model", settings, progress=False)
+    assert model.needs_kvp and load_portable(tmp_path / "kvp_model" / "model.npz").needs_kvp
+    with pytest.raises(BonedrrError, match="conditioned on the tube voltage: give each radiograph's kVp"):
+        model.predict(dataset[0]["xray"].numpy(), model.scale_of(dataset[0]["overview"].numpy()))
+
+    dicom = demo_dir / truths[0]["case_id"] / truths[0]["files"]["xray"]
+    png = demo_dir / truths[1]["case_id"] / truths[1]["files"]["xray"]
+    code, out, err = _main(capsys, "estimate", "--model", str(tmp_path / "kvp_model"), "--xray", str(dicom), "--json",
+                           "--side", "right")
+    assert code == 0, err
+    result = json.loads(out)
+    assert (result["kvp"], result["kvp_source"]) == (truths[0]["exposure"]["kvp"], "dicom")
+    code, out, err = _main(capsys, "estimate", "--model", str(tmp_path / "kvp_model"), "--xray", str(png),
+                           "--pixel-mm", "2.8", "2.8", "--side", "left")
+    assert (code, out) == (2, "")
+    assert err == (f"bonedrr estimate: error: {png}: this model is conditioned on the tube voltage and the radiograph "
+                   "does not record it (no DICOM KVP): give --kvp KV\n")
+    bmd = {}
+    for kv in (70, 85):
+        code, out, err = _main(capsys, "estimate", "--model", str(tmp_path / "kvp_model"), "--xray", str(png),
+                               "--pixel-mm", "2.8", "2.8", "--side", "left", "--json", "--kvp", str(kv))
+        assert code == 0, err
+        result = json.loads(out)
+        assert (result["kvp"], result["kvp_source"]) == (kv, "--kvp")
+        bmd[kv] = result["sides"]["left"]["drr_bmd_g_cm2"]
+    assert bmd[70] != bmd[85]  # the condition reaches the prediction

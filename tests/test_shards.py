@@ -130,7 +130,7 @@ def test_round_trip_values_attributes_checksums(cohort, packed):
         xray = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "xray.nii.gz"))).astype(np.float64)
         with h5py.File(out / r["shard"], "r") as f:
             i = int(r["row"])
-            assert f.attrs["format_version"] == "1.0" and json.loads(f.attrs["channels"]) == list(CHANNELS)
+            assert f.attrs["format_version"] == "1.1" and json.loads(f.attrs["channels"]) == list(CHANNELS)
             assert f["drr"].chunks == (1, len(CHANNELS), 64, 32) and f["drr"].compression == "gzip"
             assert f["sample_id"][i].decode() == r["sample_id"] and f["patient_id"][i].decode() == f"p_{r['case_id']}"
             box, side = f["crop_box_px"][i], r["side"]
@@ -156,6 +156,8 @@ def test_round_trip_values_attributes_checksums(cohort, packed):
             assert (hc - box[1]) == pytest.approx(0.7 * 32 if side == "right" else 0.3 * 32, abs=1e-3)
             truth = next(t for t in truths if t["case_id"] == r["case_id"])
             assert f["qct_vbmd"][i] == pytest.approx(truth["qct_vbmd_mg_cm3"][side], rel=0.02)
+            # the radiograph's tube voltage, from its DICOM header through case.json
+            assert f["kvp"][i] == truth["exposure"]["kvp"] == float(r["kvp"])
             assert f["fold"][i] == fold_of(f"p_{r['case_id']}", 5, 0) == int(r["fold"])
 
 
@@ -194,7 +196,7 @@ def item_from_the_file(folder, row, channels):
                 "mask": f["mask"][i, masks.index("proximal_femur")][None].astype(np.float32),
                 "overview": f["overview"][i][None], "head_overview_px": f["head_overview_px"][i],
                 "drr_bmd": float(f["drr_bmd"][i]), "qct_vbmd": float(f["qct_vbmd"][i]),
-                "dxa_abmd": float(f["dxa_abmd"][i]), "sample_id": row["sample_id"],
+                "dxa_abmd": float(f["dxa_abmd"][i]), "kvp": float(f["kvp"][i]), "sample_id": row["sample_id"],
                 "patient_id": row["patient_id"], "fold": int(row["fold"])}
 
 

@@ -55,7 +55,8 @@ def _ingest(args) -> None:
     clinical = {}
     if args.clinical_from:
         clinical = json.loads(Path(args.clinical_from).read_text()).get("clinical", {})
-    for key in ("dxa_abmd_left", "dxa_abmd_right", "qct_vbmd_left", "qct_vbmd_right", "scanner", "patient_id"):
+    for key in ("dxa_abmd_left", "dxa_abmd_right", "qct_vbmd_left", "qct_vbmd_right", "scanner", "patient_id",
+                "xray_kvp"):
         if getattr(args, key) is not None:
             clinical[key] = getattr(args, key)
     side = args.side or clinical.pop("side", None) or "both"
@@ -265,7 +266,8 @@ def _estimate(args) -> None:
     if many and len({d for d in out_dirs if d is not None}) < len(args.xray) and args.out is not None:
         raise BonedrrError("--xray: two radiographs share a file name (their --out folders would collide)")
     results = estimate_many(args.model, args.xray, side=args.side, out_dirs=out_dirs, pixel_mm=args.pixel_mm,
-                            crop=args.crop, t_reference=args.t_reference, device=args.device, threads=args.threads)
+                            crop=args.crop, t_reference=args.t_reference, device=args.device, threads=args.threads,
+                            kvp=args.kvp)
     if args.json:
         print(json.dumps([{"xray": Path(x).name, **r} for x, r in zip(args.xray, results)] if many else results[0],
                          indent=2))
@@ -351,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     for key in ("dxa_abmd_left", "dxa_abmd_right", "qct_vbmd_left", "qct_vbmd_right"):
         p.add_argument("--" + key.replace("_", "-"), type=float, dest=key)
     p.add_argument("--scanner")
+    p.add_argument("--xray-kvp", type=float, dest="xray_kvp",
+                   help="the radiograph's tube voltage (kV) where its file does not record it (DICOM KVP wins)")
     p.add_argument("--patient-id", dest="patient_id",
                    help="pseudonymous patient id shared by a patient's cases (default: the case id)")
     p.set_defaults(func=_ingest)
@@ -577,6 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", action="store_true", help="the image is a hip crop (one side), not a full radiograph")
     p.add_argument("--pixel-mm", type=float, nargs=2, metavar=("ROW", "COL"),
                    help="detector pixel size, mm, for files without spacing tags (PNG/JPEG)")
+    p.add_argument("--kvp", type=float, metavar="KV",
+                   help="tube voltage of a radiograph that does not record it (PNG/JPEG, DICOM without KVP); a model "
+                   "trained with network condition kvp needs it (a DICOM's own KVP wins)")
     p.add_argument("--t-reference", type=float, nargs=2, metavar=("MEAN", "SD"),
                    help="young-adult reference aBMD mean and SD (g/cm2): adds a T-score")
     p.add_argument("--out", help="folder for estimate.json and the decomposed images (default: none written; several "

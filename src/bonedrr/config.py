@@ -36,7 +36,7 @@ SEGMENTATION_DEFAULTS = {
     "val_iterations_per_epoch": None, "fold": "all", "configuration": "3d_fullres", "sides": "model", "plans": {},
     "labels_downstream": "predicted", "plausible_volume_cm3": {}, "seed": 0,
 }
-NUMERIC_COLUMNS = ("dxa_abmd_left", "dxa_abmd_right", "qct_vbmd_left", "qct_vbmd_right")
+NUMERIC_COLUMNS = ("dxa_abmd_left", "dxa_abmd_right", "qct_vbmd_left", "qct_vbmd_right", "xray_kvp")
 
 
 def _schema(name: str) -> dict:

@@ -64,7 +64,9 @@ class ShardDataset(Dataset):
     Item (a dict; the default collate stacks it): ``xray`` (1, H, W) radiograph crop as stored;
     ``drr`` (C, H, W) g/cm2; ``mask`` (1, H, W) proximal-femur projected bone (1 inside);
     ``overview`` (1, 128, 256); ``head_overview_px`` (2,) (row, col); ``drr_bmd``, ``qct_vbmd``,
-    ``dxa_abmd`` floats (NaN when unknown); ``sample_id``, ``patient_id`` str; ``fold`` int.
+    ``dxa_abmd`` floats (NaN when unknown); ``kvp`` float, the radiograph's tube voltage (NaN when its
+    DICOM did not record it, or in shards packed before format 1.1); ``sample_id``, ``patient_id`` str;
+    ``fold`` int.
     """
 
     def __init__(self, shard_dir: str | Path, folds: Sequence[int] | None = None,
@@ -116,6 +118,7 @@ class ShardDataset(Dataset):
             f = h5py.File(self.shard_dir / name, "r")
             shard = {key: f[key] for key in ("xray", "drr", "mask", "overview")}
             shard.update({key: f[key][...] for key in ("head_overview_px", "drr_bmd", "qct_vbmd", "dxa_abmd")})
+            shard["kvp"] = f["kvp"][...] if "kvp" in f else np.full(len(shard["drr_bmd"]), np.nan)  # format 1.1
             shard["file"] = f
             self._files[name] = shard
         return self._files[name]
@@ -148,7 +151,7 @@ class ShardDataset(Dataset):
         mask = np.zeros((n, 1, *crop), np.float32)
         overview = np.empty((n, 1, *first["overview"].shape[1:]), np.float32)
         head = np.empty((n, 2), np.float32)
-        numbers = {key: np.empty(n) for key in ("drr_bmd", "qct_vbmd", "dxa_abmd")}
+        numbers = {key: np.empty(n) for key in ("drr_bmd", "qct_vbmd", "dxa_abmd", "kvp")}
         by_shard: dict[str, list[int]] = {}
         for position, row in enumerate(rows):
             by_shard.setdefault(row["shard"], []).append(position)
@@ -199,9 +202,13 @@ class ShardDataset(Dataset):
         in_worker = get_worker_info() is not None
         return collate_into(items, torch.UntypedStorage._new_shared if in_worker else torch.UntypedStorage)
 
+    def kvp(self) -> np.ndarray:
+        """Every item's tube voltage (kV; NaN when unknown), without opening a shard."""
+        return self.targets("kvp")
+
     def targets(self, name: str = "drr_bmd_g_cm2") -> np.ndarray:
         """A target column of the index for every item (NaN when unknown), without opening a shard."""
-        return np.array([_float(r[name]) for r in self.index])
+        return np.array([_float(r.get(name)) for r in self.index])
 
 
 def batch_layout(items: Sequence[dict]) -> tuple[dict, int]:

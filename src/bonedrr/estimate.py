@@ -80,7 +80,7 @@ def hip_crops(model, pixels: np.ndarray, pixel_mm, sides, crop_input: bool):
 
 def estimate(model_dir: str | Path, xray: str | Path, side: str = "both", out_dir: str | Path | None = None,
              pixel_mm=None, crop: bool = False, t_reference: tuple[float, float] | None = None,
-             device: str = "cpu", threads: int | None = None) -> dict:
+             device: str = "cpu", threads: int | None = None, kvp: float | None = None) -> dict:
     """BMD of the hip(s) in one radiograph.
 
     Args:
@@ -96,6 +96,8 @@ def estimate(model_dir: str | Path, xray: str | Path, side: str = "both", out_di
         device: ``cpu`` (the model's torch-free copy where it has one: :func:`load_for_inference`),
             ``cuda`` or ``auto``.
         threads: CPU threads of a torch model (the torch-free one's BLAS follows ``OMP_NUM_THREADS``).
+        kvp: The tube voltage (kV) of a radiograph whose file does not record it (PNG/JPEG, a DICOM without
+            KVP); a DICOM's own KVP wins. A model trained with ``network condition: kvp`` needs one of them.
 
     Returns:
         The result record (also ``estimate.json``).
@@ -103,19 +105,19 @@ def estimate(model_dir: str | Path, xray: str | Path, side: str = "both", out_di
     Raises:
         InputError: Missing or unreadable model or image, a hip that cannot be found.
     """
-    return estimate_many(model_dir, [xray], side, [out_dir], pixel_mm, crop, t_reference, device, threads)[0]
+    return estimate_many(model_dir, [xray], side, [out_dir], pixel_mm, crop, t_reference, device, threads, kvp)[0]
 
 
 def estimate_many(model_dir: str | Path, xrays: list, side: str = "both", out_dirs: list | None = None,
                   pixel_mm=None, crop: bool = False, t_reference: tuple[float, float] | None = None,
-                  device: str = "cpu", threads: int | None = None) -> list[dict]:
+                  device: str = "cpu", threads: int | None = None, kvp: float | None = None) -> list[dict]:
     """:func:`estimate` for several radiographs with the model loaded once (python's start and the model
     load take a few tenths of a second, torch's import where the torch model is used a few seconds).
 
     Args:
         xrays: The radiographs.
         out_dirs: One output folder (or None) per radiograph; None writes nothing.
-        model_dir, side, pixel_mm, crop, t_reference, device, threads: As for :func:`estimate`.
+        model_dir, side, pixel_mm, crop, t_reference, device, threads, kvp: As for :func:`estimate`.
 
     Returns:
         One result record per radiograph, in order; ``seconds`` of each counts its own work, the first
@@ -133,7 +135,7 @@ def estimate_many(model_dir: str | Path, xrays: list, side: str = "both", out_di
     results = []
     for xray, out_dir in zip(xrays, out_dirs):
         results.append(_estimate_one(model, Path(model_dir).name, xray, side, out_dir, pixel_mm, crop,
-                                     t_reference, t0))
+                                     t_reference, t0, kvp))
         t0 = time.perf_counter()
     return results
 
@@ -163,20 +165,37 @@ def load_for_inference(model_dir: str | Path, device: str = "cpu", threads: int 
     return load_model(model_dir, device=device)
 
 
+def _tube_voltage(radiograph, given: float | None, xray: Path, needed: bool) -> tuple[float | None, str | None]:
+    """(kVp, where it came from): the DICOM's KVP, else ``given`` (``--kvp``); an error where the model
+    needs it and neither has it."""
+    if "KVP" in radiograph.metadata:
+        kvp = float(radiograph.metadata["KVP"])
+        if given is not None and abs(given - kvp) > 0.5:
+            log.warning("%s: --kvp %s differs from the DICOM's KVP %s (the DICOM's is used)", xray.name, given, kvp)
+        return kvp, "dicom"
+    if given is not None:
+        return float(given), "--kvp"
+    if needed:
+        raise InputError("this model is conditioned on the tube voltage and the radiograph does not record it "
+                         "(no DICOM KVP): give --kvp KV", xray)
+    return None, None
+
+
 def _estimate_one(model, model_name: str, xray: Path, side: str, out_dir, pixel_mm, crop: bool, t_reference,
-                  t0: float) -> dict:
+                  t0: float, kvp: float | None = None) -> dict:
     radiograph = read_radiograph(xray, default_pixel_mm=pixel_mm or (1.0, 1.0))
+    kvp, kvp_source = _tube_voltage(radiograph, kvp, xray, model.needs_kvp)
     sides = list(SIDES) if side == "both" else [side]
     crops, facts = hip_crops(model, radiograph.pixels, radiograph.pixel_mm, sides, crop)
     if crop and model.input_scale == "overview":
         log.warning("%s: a hip crop has no whole radiograph around it; the model's input scale (taken from "
                     "the whole radiograph in training) comes from the crop itself, which biases BMD", xray.name)
     scale = model.scale_of(model.overview_of(radiograph.pixels, radiograph.pixel_mm)[None])
-    prediction = model.predict(crops, scale)
+    prediction = model.predict(crops, scale, kvp=kvp)
     bmd = model.bmd(prediction)
     calibrated = model.calibrated(bmd)
     result = {"model": model_name, "units": "g/cm2", "pixel_mm": list(radiograph.pixel_mm),
-              "pixel_spacing_source": radiograph.spacing_source, "sides": {}}
+              "pixel_spacing_source": radiograph.spacing_source, "kvp": kvp, "kvp_source": kvp_source, "sides": {}}
     for i, s in enumerate(sides):
         record = {"drr_bmd_g_cm2": _round(bmd[i]), **facts[s]}
         if calibrated is not None:

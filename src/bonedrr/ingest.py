@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,8 @@ from bonedrr.dicom import read_ct_series, read_radiograph
 from bonedrr.errors import InputError
 from bonedrr.images import VOLUME_SUFFIXES, read_volume, suffix_of, write_image, write_json
 from bonedrr.labels import LABEL_NAMES
+
+log = logging.getLogger("bonedrr.ingest")
 
 HU_PLAUSIBLE = (-1100.0, 30000.0)  # outside this (beyond noise and metal), values are not HU
 
@@ -126,7 +129,8 @@ def ingest_case(case_id: str, ct: str | Path, xray: str | Path, out_dir: str | P
         pixel_mm: The cohort's default detector pixel [row, col] for radiographs without spacing.
         sdd_mm: The cohort's default source-to-detector distance for radiographs without it.
         clinical: Sample-sheet values to carry along (DXA/QCT BMD, scanner, and ``patient_id``, which
-            becomes the record's top-level ``patient_id``; default the case id).
+            becomes the record's top-level ``patient_id``; default the case id; ``xray_kvp``, the tube
+            voltage of a radiograph whose file does not record it, becomes the record's ``xray.KVP``).
         cohort: The cohort's name.
 
     Raises:
@@ -146,6 +150,15 @@ def ingest_case(case_id: str, ct: str | Path, xray: str | Path, out_dir: str | P
 
     hu = sitk.GetArrayViewFromImage(ct_image)
     clinical = dict(clinical or {})
+    technical = dict(radiograph.metadata)
+    sheet_kvp = clinical.pop("xray_kvp", None)
+    if "KVP" in technical:
+        technical["kvp_source"] = "dicom"
+        if sheet_kvp is not None and abs(float(sheet_kvp) - float(technical["KVP"])) > 0.5:
+            log.warning("%s: the sample sheet's xray_kvp %s differs from the DICOM's KVP %s (the DICOM's is used)",
+                        case_id, sheet_kvp, technical["KVP"])
+    elif sheet_kvp is not None:
+        technical.update({"KVP": float(sheet_kvp), "kvp_source": "sample sheet"})
     record = {
         "case_id": case_id, "patient_id": clinical.pop("patient_id", case_id), "cohort": cohort, "side": side,
         "clinical": clinical,
@@ -156,7 +169,7 @@ def ingest_case(case_id: str, ct: str | Path, xray: str | Path, out_dir: str | P
                  "pixel_spacing_source": radiograph.spacing_source,
                  "sdd_source": "dicom" if radiograph.sdd_mm else "config",
                  "value_range": [float(radiograph.pixels.min()), float(radiograph.pixels.max())],
-                 **radiograph.metadata},
+                 **technical},
         "geometry_prior": {"sdd_mm": float(sdd), "rows": rows, "cols": cols,
                            "pixel_mm": list(radiograph.pixel_mm),
                            "principal_point_px": [(rows - 1) / 2, (cols - 1) / 2],

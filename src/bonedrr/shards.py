@@ -45,7 +45,7 @@ from bonedrr.images import _UMASK, atomic_path, write_json
 log = logging.getLogger("bonedrr.shards")
 
 #: Version of the layout in docs/shards.md (major: readers must change; minor: additions only).
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 #: Side-normalised DRR channels of a sample, in this order; the drr.h5 channel each is taken from.
 CHANNELS = ("proximal_femur", "femur", "hip", "pelvis", "bone", "muscle", "soft_tissue")
 #: Structure masks (``mask``): the channel above the BMD threshold, i.e. its projected bone area.
@@ -54,7 +54,7 @@ MASKS = ("proximal_femur", "femur", "hip", "pelvis")
 OVERVIEW_SHAPE = (128, 256)
 COMPRESSIONS = ("none", "lzf", "gzip-1", "gzip-4", "gzip-9")
 INDEX_COLUMNS = ("sample_id", "case_id", "patient_id", "side", "mirrored", "fold", "shard", "row",
-                 "drr_bmd_g_cm2", "drr_bmd_full_g_cm2", "qct_vbmd_mg_cm3", "dxa_abmd_g_cm2",
+                 "drr_bmd_g_cm2", "drr_bmd_full_g_cm2", "qct_vbmd_mg_cm3", "dxa_abmd_g_cm2", "kvp",
                  "registration_similarity", "registration_converged", "qa_flags")
 
 
@@ -259,6 +259,7 @@ def case_samples(case_dir: str | Path, settings: PackSettings) -> tuple[list[dic
             "drr_bmd_g_cm2": drr_bmd(pf, settings.threshold_g_cm2) if pf is not None else math.nan,
             "drr_bmd_full_g_cm2": _nan(hip["drr_bmd_g_cm2"]),
             "qct_vbmd_mg_cm3": _nan(hip["qct_vbmd_mg_cm3"]), "dxa_abmd_g_cm2": _nan(hip["dxa_abmd_g_cm2"]),
+            "kvp": _nan(record.get("xray", {}).get("KVP")),
             "registration_similarity": float(pose.get("similarity_value", math.nan)),
             "registration_converged": int(bool(pose.get("converged"))),
             "qa_flags": ",".join(pose.get("qa_flags", [])),
@@ -307,7 +308,7 @@ def write_shard(path: Path, samples: list[dict], settings: PackSettings, cohort:
             "n_samples": n, "channels": json.dumps(list(settings.channels)), "masks": json.dumps(masks),
             "units": json.dumps({"xray": "as ingested (bone bright), not normalised", "drr": "g/cm2",
                                  "drr_bmd": "g/cm2", "qct_vbmd": "mg/cm3 HA", "dxa_abmd": "g/cm2",
-                                 "pixel_mm": "mm at the detector", "crop_box_px": "radiograph pixels"}),
+                                 "kvp": "kV (DICOM KVP; NaN when not recorded)", "pixel_mm": "mm at the detector", "crop_box_px": "radiograph pixels"}),
             "settings": json.dumps(asdict(settings)), "orientation": "right hip (left hips mirrored left-right)",
         })
 
@@ -323,7 +324,7 @@ def write_shard(path: Path, samples: list[dict], settings: PackSettings, cohort:
         for name, dtype in (("head_overview_px", np.float32), ("head_crop_px", np.float32),
                             ("crop_box_px", np.float64), ("pixel_mm", np.float64), ("world_to_camera", np.float64),
                             ("drr_bmd", np.float64), ("drr_bmd_full", np.float64), ("qct_vbmd", np.float64),
-                            ("dxa_abmd", np.float64), ("mirrored", np.uint8), ("fold", np.int16),
+                            ("dxa_abmd", np.float64), ("kvp", np.float64), ("mirrored", np.uint8), ("fold", np.int16),
                             ("registration_similarity", np.float64), ("registration_converged", np.uint8)):
             key = {"drr_bmd": "drr_bmd_g_cm2", "drr_bmd_full": "drr_bmd_full_g_cm2", "qct_vbmd": "qct_vbmd_mg_cm3",
                    "dxa_abmd": "dxa_abmd_g_cm2"}.get(name, name)

@@ -46,7 +46,7 @@ from bonedrr.model import locator as loc
 from bonedrr.model.augment import AugmentSettings, RandomAugment
 from bonedrr.model.losses import bmd_loss, gan_loss, gc_loss, gradient_correlation, l1_loss
 from bonedrr.model.network import PatchDiscriminator, UNet, overview_scale
-from bonedrr.model.portable import PORTABLE_FILE, CropGeometry, HipModel, write_portable
+from bonedrr.model.portable import CONDITIONS, PORTABLE_FILE, CropGeometry, HipModel, kvp_condition, write_portable
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,9 @@ class TrainSettings:
             models trained before).
         dxa_calibration: Fit a linear map from predicted DRR-BMD to DXA aBMD on the training samples.
         amp: bfloat16 autocast on a GPU.
+        condition: ``none``, or ``kvp``: condition the U-Nets on each radiograph's tube voltage (the
+            shards' ``kvp``, from DICOM KVP; every training sample must have it, and so must every
+            radiograph the model reads).
     """
 
     stages: tuple[Stage, ...] = (Stage(("pelvis", "femur", "bone", "muscle"), 30), Stage(("proximal_femur",), 30))
@@ -114,6 +117,7 @@ class TrainSettings:
     input_scale: str = "overview"
     dxa_calibration: bool = False
     amp: bool = True
+    condition: str = "none"
 
     @classmethod
     def from_config(cls, block: dict | None) -> "TrainSettings":
@@ -140,6 +144,8 @@ class TrainSettings:
     def __post_init__(self):
         if self.input_scale not in INPUT_SCALES:
             raise BonedrrError(f"train input_scale must be one of {', '.join(INPUT_SCALES)}, not {self.input_scale!r}")
+        if self.condition not in CONDITIONS:
+            raise BonedrrError(f"train network condition must be one of {', '.join(CONDITIONS)}, not {self.condition!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -200,16 +206,18 @@ class DecompositionModel(HipModel):
         return self
 
     @torch.no_grad()
-    def predict(self, xray_crops: np.ndarray, scale: np.ndarray | None = None, batch_size: int = 16) -> np.ndarray:
-        x, scale = self._crops_and_scale(xray_crops, scale)
+    def predict(self, xray_crops: np.ndarray, scale: np.ndarray | None = None, batch_size: int = 16,
+                kvp=None) -> np.ndarray:
+        x, scale, condition = self._inputs(xray_crops, scale, kvp)
         out = []
         for i in range(0, len(x), batch_size):
             t = torch.from_numpy(x[i:i + batch_size])[:, None].to(self.device)
             sc = torch.from_numpy(scale[i:i + batch_size]) if scale is not None else None
+            cond = torch.from_numpy(condition[i:i + batch_size]) if condition is not None else None
             size = t.shape[-2:]
             if tuple(size) != self.crop_shape:
                 t = F.interpolate(t, size=self.crop_shape, mode="bilinear", align_corners=False)
-            stage_out = [net(t, sc).float() for net in self.stage_nets]
+            stage_out = [net(t, sc, cond).float() for net in self.stage_nets]
             y = torch.stack([stage_out[s][:, j] for s, j in self._source.values()], 1).clamp_min(0)
             if tuple(size) != self.crop_shape:
                 y = F.interpolate(y, size=tuple(size), mode="bilinear", align_corners=False)
@@ -241,7 +249,8 @@ class DecompositionModel(HipModel):
 
 
 def _unet(settings: dict, out_channels: int) -> UNet:
-    return UNet(1, out_channels, int(settings["base_channels"]), int(settings["depth"]))
+    conditions = 0 if settings.get("condition", "none") == "none" else 1
+    return UNet(1, out_channels, int(settings["base_channels"]), int(settings["depth"]), conditions=conditions)
 
 
 def _locator_net(settings: dict) -> loc.Locator:
@@ -368,6 +377,13 @@ def _autocast(device: torch.device, amp: bool):
     return torch.autocast("cpu", enabled=False)
 
 
+def _condition(settings: TrainSettings, batch: dict, device: torch.device) -> torch.Tensor | None:
+    """The U-Nets' condition (N, 1) of a batch, or None for an unconditioned model."""
+    if settings.condition == "none":
+        return None
+    return torch.from_numpy(kvp_condition(batch["kvp"].numpy())).to(device)
+
+
 def _stage_epoch(run: _Run, k: int, loader: DataLoader, channel_idx: list[int], opt, disc_opt, gen) -> dict:
     s, net, dev = run.s, run.nets[k], run.device
     disc = run.discs[k] if run.discs else None
@@ -386,8 +402,9 @@ def _stage_epoch(run: _Run, k: int, loader: DataLoader, channel_idx: list[int], 
             xray, drr, scale = augment(xray, drr, scale)
             scale = scale.to(dev)
         xray, drr = xray.to(dev), drr.to(dev)
+        condition = _condition(s, batch, dev)
         with _autocast(dev, s.amp):
-            pred = net(xray, scale)
+            pred = net(xray, scale, condition)
         pred = pred.float()
         l1 = l1_loss(pred, drr)
         gcl = gc_loss(pred, drr) if s.gc > 0 else torch.zeros((), device=dev)
@@ -426,7 +443,7 @@ def _stage_validate(run: _Run, k: int, loader: DataLoader | None, channel_idx: l
     for batch in loader:
         drr = batch["drr"][:, channel_idx].to(run.device)
         scale = overview_scale(batch["overview"]).to(run.device) if run.s.input_scale == "overview" else None
-        pred = net(batch["xray"].to(run.device), scale).float().clamp_min(0)
+        pred = net(batch["xray"].to(run.device), scale, _condition(run.s, batch, run.device)).float().clamp_min(0)
         l1s.append(float(F.l1_loss(pred, drr, reduction="none").mean((1, 2, 3)).sum()))
         gcs.append(float(gradient_correlation(pred, drr).mean(1).sum()))
         if j is not None:
@@ -523,6 +540,10 @@ def train_model(shard_dir: str | Path, out_dir: str | Path, settings: TrainSetti
     if missing:
         raise InputError(f"the shards have no channel(s) {', '.join(missing)} (they have "
                          f"{', '.join(train_set.channels)})", shard_dir)
+    if settings.condition == "kvp":
+        _require_kvp(train_set, shard_dir)
+        if val_dataset is not None:
+            _require_kvp(val_dataset, shard_dir)
     first = train_set[0]
     shape = tuple(first["xray"].shape[-2:])
     depth_div = 2 ** settings.depth
@@ -633,6 +654,20 @@ def train_model(shard_dir: str | Path, out_dir: str | Path, settings: TrainSetti
     return model
 
 
+def _require_kvp(dataset: Dataset, shard_dir) -> None:
+    """Every sample has a tube voltage (a kVp-conditioned model is trained on them)."""
+    if hasattr(dataset, "kvp"):
+        kvp = dataset.kvp()
+    else:
+        kvp = np.array([dataset[i]["kvp"] for i in range(len(dataset))], float)
+    lacking = np.flatnonzero(~np.isfinite(kvp))
+    if lacking.size:
+        ids = [str(getattr(dataset, "index", [{}] * len(dataset))[i].get("sample_id", i)) for i in lacking[:3]]
+        raise InputError(f"network condition kvp: {lacking.size} of {len(kvp)} samples have no kVp (their "
+                         f"radiograph has no DICOM KVP; {', '.join(ids)}{', ...' if lacking.size > 3 else ''}); "
+                         "set train network condition: none, or repack from radiographs that record it", shard_dir)
+
+
 def _initialise_from(net: UNet, previous: UNet, prev_channels, channels) -> None:
     """Stage k+1 starts from stage k: every weight but the output layer; output channels that stage k
     also had (or, for the proximal femur, its femur) start from stage k's."""
@@ -652,7 +687,8 @@ def fit_dxa_calibration(model: DecompositionModel, train_set: Dataset) -> dict |
     that have a DXA value (None when fewer than 3 do)."""
     preds, dxa = [], []
     for batch in DataLoader(train_set, batch_size=16):
-        b = model.bmd(model.predict(batch["xray"][:, 0].numpy(), model.scale_of(batch["overview"][:, 0].numpy())))
+        b = model.bmd(model.predict(batch["xray"][:, 0].numpy(), model.scale_of(batch["overview"][:, 0].numpy()),
+                                    kvp=batch["kvp"].numpy()))
         preds += list(b)
         dxa += [float(v) for v in batch["dxa_abmd"]]
     x, y = np.asarray(preds), np.asarray(dxa)

@@ -102,7 +102,7 @@ def load_samples(dataset, channels: list[str] | None = None) -> dict:
            "drr": np.stack([it["drr"].numpy() for it in items]) if items else None,
            "mask": np.stack([it["mask"][0].numpy() for it in items]) if items else None,
            "overview": np.stack([it["overview"][0].numpy() for it in items]) if items else None}
-    for key in ("drr_bmd", "qct_vbmd", "dxa_abmd"):
+    for key in ("drr_bmd", "qct_vbmd", "dxa_abmd", "kvp"):
         out[key] = np.array([it[key] for it in items], float)
     for key in ("sample_id", "patient_id", "fold"):
         out[key] = [it[key] for it in items]
@@ -112,18 +112,19 @@ def load_samples(dataset, channels: list[str] | None = None) -> dict:
     return out
 
 
-def predicted_bmd(model, xray: np.ndarray, threshold: float, overview=None) -> tuple[np.ndarray, np.ndarray]:
+def predicted_bmd(model, xray: np.ndarray, threshold: float, overview=None, kvp=None) -> tuple[np.ndarray, np.ndarray]:
     """(DRR-BMD of each predicted proximal-femur channel, the predictions (N, C, H, W)).
 
     ``overview``: the crops' whole-radiograph overviews (N, h, w), or one radiograph's (h, w) for
-    all, for a model whose input scale comes from them (``DecompositionModel.scale_of``)."""
+    all, for a model whose input scale comes from them (``DecompositionModel.scale_of``). ``kvp``: the
+    crops' tube voltages (N,) or one for all, for a model conditioned on it."""
     if len(xray) == 0:
         return np.zeros(0), np.zeros((0, len(model.channels), 1, 1), np.float32)
     scale = None
     if overview is not None:
         overview = np.asarray(overview, np.float32)
         scale = model.scale_of(overview if overview.ndim == 3 else overview[None])
-    pred = model.predict(np.asarray(xray, np.float32), scale)
+    pred = model.predict(np.asarray(xray, np.float32), scale, kvp=kvp)
     k = list(model.channels).index(BMD_CHANNEL)
     return np.array([drr_bmd(p[k], threshold) for p in pred], float), pred
 
@@ -274,7 +275,7 @@ def jpeg_sweep(model, held_out: dict, cases_root: Path, pack, qualities, thresho
             crops.append(recrop(decoded, pixel_mm, head, side, pack))
             overviews.append(model.overview_of(decoded, pixel_mm))
             sizes.append(size)
-        values, _ = predicted_bmd(model, np.stack(crops), threshold, np.stack(overviews))
+        values, _ = predicted_bmd(model, np.stack(crops), threshold, np.stack(overviews), held_out["kvp"][i])
         for q, v, size in zip(qualities, values, sizes):
             rows.append({"sample_index": i, "quality": int(q), "pred_drr_bmd": float(v), **size})
     return rows
@@ -347,6 +348,16 @@ def true_drr_bmd_by_pose(case_dir: Path, demo_case: Path, threshold: float, cut_
     return out
 
 
+def _kvp_of(radiograph, case: Path | None, k: int) -> float:
+    """A sweep radiograph's tube voltage: its DICOM KVP or, for the case's own radiograph (``k`` 0)
+    without one, what its ingest recorded (the sample sheet's ``xray_kvp``); NaN when neither has it."""
+    if "KVP" in radiograph.metadata:
+        return float(radiograph.metadata["KVP"])
+    if k == 0 and case is not None and (case / "case.json").is_file():
+        return float(json.loads((case / "case.json").read_text())["xray"].get("KVP", math.nan))
+    return math.nan
+
+
 def pose_sweep(model, patients: list[tuple[str, Path]], pack, default_pixel_mm, threshold: float,
                cases_root: Path | None = None) -> list[dict]:
     """BMD of each hip on each radiograph of the given demo patients, as ``bonedrr estimate`` reads it
@@ -376,7 +387,8 @@ def pose_sweep(model, patients: list[tuple[str, Path]], pack, default_pixel_mm, 
                 located, facts = np.zeros((0,) + tuple(pack.crop_px), np.float32), {}
             true = np.stack([recrop(radiograph.pixels, radiograph.pixel_mm, true_heads[s], s, pack) for s in sides])
             values, _ = predicted_bmd(model, np.concatenate([true, located]), threshold,
-                                      model.overview_of(radiograph.pixels, radiograph.pixel_mm))
+                                      model.overview_of(radiograph.pixels, radiograph.pixel_mm),
+                                      _kvp_of(radiograph, case, k))
             for i, side in enumerate(sides):
                 row = {"patient_id": patient_id, "case_id": case_dir.name, "side": side, "radiograph": k, "file": path.name,
                        "bmd_true_hips": float(values[i]),
@@ -472,8 +484,8 @@ def validate_cohort(shard_dir: str | Path, model_dirs: list[str | Path], out_dir
             raise BonedrrError(f"the model of fold {fold} was trained on {len(leaked)} of its held-out patients "
                                f"({', '.join(leaked[:3])}{', ...' if len(leaked) > 3 else ''})",
                                model_paths.get(fold, shard_dir))
-        pred_bmd, pred = predicted_bmd(model, held["xray"], settings.threshold_g_cm2, held["overview"])
-        train_bmd, _ = predicted_bmd(model, train["xray"], settings.threshold_g_cm2, train["overview"])
+        pred_bmd, pred = predicted_bmd(model, held["xray"], settings.threshold_g_cm2, held["overview"], held["kvp"])
+        train_bmd, _ = predicted_bmd(model, train["xray"], settings.threshold_g_cm2, train["overview"], train["kvp"])
         model_fits = fit_calibrations(train_bmd, train)
         base_fits = fit_calibrations(roi_intensity(train["xray"], train["mask"], train["overview"]), train)
         ceiling_fits = fit_calibrations(train["drr_bmd"], train)

@@ -199,7 +199,8 @@ def ingest_args(wildcards):
         row = CASES[wildcards.cohort][wildcards.case]
         files = {k: row[k] for k in ("ct", "xray", "labels") if k in row}
     args += [f"--{k} '{v}'" for k, v in files.items()]
-    for key in ("side", "patient_id", "dxa_abmd_left", "dxa_abmd_right", "qct_vbmd_left", "qct_vbmd_right", "scanner"):
+    for key in ("side", "patient_id", "dxa_abmd_left", "dxa_abmd_right", "qct_vbmd_left", "qct_vbmd_right", "scanner",
+                "xray_kvp"):
         if key in row:
             args.append(f"--{key.replace('_', '-')} '{row[key]}'")
     return " ".join(args)

@@ -139,6 +139,8 @@ def make_case(out_dir: str | Path, case: str, index: int, settings: DemoSettings
     truth["dxa_total_hip_abmd_g_cm2"] = dxa
     truth["clinical"] = {"side": "both", "dxa_abmd_left": round(dxa["left"], 4),
                          "dxa_abmd_right": round(dxa["right"], 4), "scanner": params.scanner}
+    if raster:  # a PNG keeps no header: the sheet gives the tube voltage, as a clinic knows its protocol's
+        truth["clinical"]["xray_kvp"] = exposure.kvp
 
     phi = _made_up_patient(rng)
     hu = vp.scanned_hu(patient, params, rng)
@@ -268,12 +270,12 @@ def _preview(path: Path, hu: np.ndarray, patient: vp.Materials, image: np.ndarra
 def write_samplesheet(path: str | Path, truths: list[dict], case_dirs: list[str]) -> None:
     """The demo cohort's sample sheet, as a user would write theirs (paths relative to the sheet)."""
     path = Path(path)
-    lines = ["case_id\tct\txray\tside\tlabels\tdxa_abmd_left\tdxa_abmd_right\tscanner"]
+    lines = ["case_id\tct\txray\tside\tlabels\tdxa_abmd_left\tdxa_abmd_right\tscanner\txray_kvp"]
     for truth, case_dir in zip(truths, case_dirs):
         rel = Path(case_dir).resolve().relative_to(path.parent.resolve())
         c, f = truth["clinical"], truth["files"]
         lines.append("\t".join([truth["case_id"], str(rel / f["ct"]), str(rel / f["xray"]), c["side"],
                                 str(rel / f["labels"]), str(c["dxa_abmd_left"]), str(c["dxa_abmd_right"]),
-                                c["scanner"]]))
+                                c["scanner"], str(c.get("xray_kvp", ""))]))
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")

@@ -8,6 +8,12 @@ crop's own range is a poor reference for density: a hip crop's brightest pixels 
 dividing by its range divides out much of the bone's density (README, "The whole demo"). The output is linear (g/cm2, as the targets); DRRs are non-negative, which
 :meth:`UNet.forward` does not force (the L1 loss learns it), and ``predict`` clips.
 
+Optionally the network is conditioned on acquisition facts that a processed image does not show (the
+tube voltage: a harder beam gives bone less contrast, which a network of the image alone reads as less
+density). The first GroupNorm removes any overall scale and offset of the input, so a constant input
+plane would carry little; instead each decoder level (and the bottleneck) gets a FiLM layer (Perez et
+al. 2018): a per-channel scale and shift, linear in the conditions, starting as the identity.
+
 Example:
     >>> import torch
     >>> net = UNet(in_channels=1, out_channels=3, base_channels=4, depth=2)
@@ -21,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bonedrr.model.portable import AIR_FRACTION, OVERVIEW_PERCENTILES
+from bonedrr.model.portable import AIR_FRACTION, OVERVIEW_PERCENTILES, film_widths
 
 
 def robust_range(x: torch.Tensor, low: float = 0.01, high: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,10 +98,12 @@ class UNet(nn.Module):
         base_channels: Channels of the first level.
         depth: Number of down-sampling steps.
         normalise: Normalise the input with :class:`RobustNormalise` first (the radiograph as stored).
+        conditions: Number of scalar conditions per image (0: none; 1: the tube voltage,
+            :func:`bonedrr.model.portable.kvp_condition`), each entering through FiLM layers.
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 16, depth: int = 3,
-                 normalise: bool = True):
+                 normalise: bool = True, conditions: int = 0):
         super().__init__()
         self.depth = depth
         self.normalise = RobustNormalise() if normalise else nn.Identity()
@@ -104,20 +112,37 @@ class UNet(nn.Module):
                                   + [_block(widths[i], widths[i + 1]) for i in range(depth)])
         self.up = nn.ModuleList([_block(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(depth))])
         self.head = nn.Conv2d(widths[0], out_channels, 1)
+        self.conditions = conditions
+        self.film = nn.ModuleList([nn.Linear(conditions, 2 * w) for w in film_widths(base_channels, depth)]) \
+            if conditions else None
+        for layer in self.film or []:  # the identity to start: an unconditioned U-Net
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
-    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    def _modulate(self, x: torch.Tensor, level: int, condition: torch.Tensor | None) -> torch.Tensor:
+        if self.film is None:
+            return x
+        gamma, beta = self.film[level](condition.to(x.device, x.dtype)).chunk(2, dim=1)
+        return x * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None,
+                condition: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` (N, in_channels, H, W) as stored; ``scale`` (N, 2): the intensities mapped to 0 and 1
-        (:func:`overview_scale`), or None for the crop's own range."""
+        (:func:`overview_scale`), or None for the crop's own range; ``condition`` (N, conditions),
+        required when the network has conditions."""
+        if self.film is not None and (condition is None or condition.shape != (len(x), self.conditions)):
+            raise ValueError(f"this U-Net needs a condition of shape ({len(x)}, {self.conditions}), got "
+                             f"{None if condition is None else tuple(condition.shape)}")
         x = self.normalise(x, scale) if isinstance(self.normalise, RobustNormalise) else x
         skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else F.max_pool2d(x, 2))
             skips.append(x)
-        x = skips.pop()
-        for block in self.up:
+        x = self._modulate(skips.pop(), 0, condition)
+        for level, block in enumerate(self.up, start=1):
             skip = skips.pop()
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            x = block(torch.cat([x, skip], 1))
+            x = self._modulate(block(torch.cat([x, skip], 1)), level, condition)
         return self.head(x)
 
 

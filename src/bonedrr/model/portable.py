@@ -41,6 +41,11 @@ OVERVIEW_PERCENTILES = (1.0, 50.0)
 #: minimum are air or padding and left out: a radiograph's air is exactly 0 in one file and 1-3 in a
 #: JPEG of it, and the overview's letterbox is 0; counting them would move the scale.
 AIR_FRACTION = 0.02
+#: The network's conditions (train ``network.condition``): ``none``, or ``kvp``, the radiograph's tube
+#: voltage (DICOM KVP), which sets the bone's contrast and which a processed image does not show.
+CONDITIONS = ("none", "kvp")
+#: kVp enters the network as (kVp - KVP_CENTRE) / KVP_SPAN (hip AP radiographs: about 65-95 kVp).
+KVP_CENTRE, KVP_SPAN = 80.0, 10.0
 _GROUP_NORM_EPS = 1e-5  # torch.nn.GroupNorm's default
 _LEAKY_SLOPE = 0.1  # bonedrr.model.network._block's
 
@@ -118,6 +123,16 @@ def peak(logits: np.ndarray, window: int = 7) -> tuple[np.ndarray, np.ndarray]:
     return out, conf
 
 
+def kvp_condition(kvp) -> np.ndarray:
+    """(N, 1) network condition of tube voltages ``kvp`` (N,) in kV."""
+    return ((np.asarray(kvp, np.float32).reshape(-1, 1) - KVP_CENTRE) / KVP_SPAN).astype(np.float32)
+
+
+def film_widths(base_channels: int, depth: int) -> list[int]:
+    """Channels of the U-Net's FiLM layers: the bottleneck's, then each decoder level's, deepest first."""
+    return [base_channels * 2 ** depth] + [base_channels * 2 ** i for i in reversed(range(depth))]
+
+
 # ---------------------------------------------------------------------------------------------
 # The U-Net's layers (torch's semantics: NCHW, float32)
 
@@ -192,8 +207,17 @@ def _block(weights: dict, name: str, x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _film(weights: dict, level: int, x: np.ndarray, condition: np.ndarray | None) -> np.ndarray:
+    """bonedrr.model.network.UNet._modulate: x * (1 + gamma) + beta, (gamma, beta) linear in the condition."""
+    if f"film.{level}.weight" not in weights:
+        return x
+    out = condition @ weights[f"film.{level}.weight"].T + weights[f"film.{level}.bias"]
+    gamma, beta = np.split(out.astype(np.float32), 2, axis=1)
+    return (x * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]).astype(np.float32)
+
+
 def unet_forward(weights: dict[str, np.ndarray], x: np.ndarray, depth: int, scale: np.ndarray | None = None,
-                 normalise: bool = True) -> np.ndarray:
+                 normalise: bool = True, condition: np.ndarray | None = None) -> np.ndarray:
     """:class:`bonedrr.model.network.UNet`'s forward pass from its ``state_dict`` (as NumPy arrays).
 
     Args:
@@ -202,7 +226,10 @@ def unet_forward(weights: dict[str, np.ndarray], x: np.ndarray, depth: int, scal
         depth: The U-Net's number of down-sampling steps.
         scale: (N, 2) intensities mapped to 0 and 1, or None for each image's own 1st-99th percentile.
         normalise: Whether the U-Net normalises its input (:class:`bonedrr.model.network.RobustNormalise`).
+        condition: (N, conditions) for a U-Net with FiLM layers (:func:`kvp_condition`).
     """
+    if "film.0.weight" in weights and condition is None:
+        raise BonedrrError("this U-Net is conditioned (FiLM layers): give its condition")
     x = np.asarray(x, np.float32)
     if normalise:
         lo, hi = (scale[:, 0], scale[:, 1]) if scale is not None else robust_range(x)
@@ -213,11 +240,11 @@ def unet_forward(weights: dict[str, np.ndarray], x: np.ndarray, depth: int, scal
     for i in range(depth + 1):
         x = _block(weights, f"down.{i}", x if i == 0 else _pool(x, 2, np.max))
         skips.append(x)
-    x = skips.pop()
+    x = _film(weights, 0, skips.pop(), condition)
     for i in range(depth):
         skip = skips.pop()
         x = resize_bilinear(x, skip.shape[-2:])
-        x = _block(weights, f"up.{i}", np.concatenate([x, skip], 1))
+        x = _film(weights, i + 1, _block(weights, f"up.{i}", np.concatenate([x, skip], 1)), condition)
     return _conv2d(x, weights["head.weight"], weights["head.bias"])
 
 
@@ -245,6 +272,7 @@ class HipModel:
         self.info = info or {}
         # models saved before input_scale existed scaled each crop by itself
         self.input_scale = self.info.get("settings", {}).get("input_scale", "crop")
+        self.condition = self.info.get("settings", {}).get("condition", "none")
         # channel -> (stage, index in its output); a later stage wins a duplicate
         self._source: dict[str, tuple[int, int]] = {}
         for s, chans in enumerate(self.stage_channels):
@@ -266,7 +294,13 @@ class HipModel:
     def has_locator(self) -> bool:
         raise NotImplementedError
 
-    def predict(self, xray_crops: np.ndarray, scale: np.ndarray | None = None, batch_size: int = 16) -> np.ndarray:
+    @property
+    def needs_kvp(self) -> bool:
+        """Whether :meth:`predict` needs each radiograph's tube voltage (the model is conditioned on it)."""
+        return self.condition == "kvp"
+
+    def predict(self, xray_crops: np.ndarray, scale: np.ndarray | None = None, batch_size: int = 16,
+                kvp=None) -> np.ndarray:
         """Decompose radiograph crops (N, H, W) as stored in the shards -> (N, C, H, W) g/cm2 (>= 0).
 
         Crops of another size are resized to :attr:`crop_shape` and the output back.
@@ -276,9 +310,11 @@ class HipModel:
             scale: (N, 2) or (2,): each crop's input scale from its whole radiograph
                 (:meth:`scale_of`); required when the model's ``input_scale`` is ``overview``.
             batch_size: Crops per forward pass.
+            kvp: (N,) or one number: each crop's tube voltage (kV, DICOM KVP); required when
+                :attr:`needs_kvp`, ignored otherwise.
 
         Raises:
-            BonedrrError: No scale for a model that needs one.
+            BonedrrError: No scale, or no (or a non-finite) kVp, for a model that needs it.
         """
         raise NotImplementedError
 
@@ -287,17 +323,25 @@ class HipModel:
         and the confidence."""
         raise NotImplementedError
 
-    def _crops_and_scale(self, xray_crops, scale) -> tuple[np.ndarray, np.ndarray | None]:
-        """:meth:`predict`'s inputs checked: crops (N, H, W) float32 and scale (N, 2) or None."""
+    def _inputs(self, xray_crops, scale, kvp) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """:meth:`predict`'s inputs checked: crops (N, H, W) float32, scale (N, 2) or None, and the
+        network condition (N, 1) or None."""
         x = np.asarray(xray_crops, np.float32)
         if x.ndim == 2:
             x = x[None]
+        condition = None
+        if self.needs_kvp:
+            values = np.asarray(kvp if kvp is not None else np.nan, np.float64).reshape(-1)
+            if not np.isfinite(values).all():
+                raise BonedrrError("this model is conditioned on the tube voltage: give each radiograph's kVp "
+                                   "(its DICOM KVP tag, or --kvp for a file without it)")
+            condition = kvp_condition(np.broadcast_to(values, (len(x),)))
         if self.input_scale != "overview":
-            return x, None
+            return x, None, condition
         if scale is None:
             raise BonedrrError("this model scales its input by the whole radiograph: give predict() the "
                                "scale of each crop's radiograph (DecompositionModel.scale_of)")
-        return x, np.array(np.broadcast_to(np.asarray(scale, np.float32).reshape(-1, 2), (len(x), 2)))
+        return x, np.array(np.broadcast_to(np.asarray(scale, np.float32).reshape(-1, 2), (len(x), 2))), condition
 
     def scale_of(self, overviews) -> np.ndarray | None:
         """The input scale (N, 2) of crops from whole radiographs with these overviews (N, h, w) (the
@@ -389,16 +433,18 @@ class PortableModel(HipModel):
     def has_locator(self) -> bool:
         return self.locator_weights is not None
 
-    def predict(self, xray_crops: np.ndarray, scale: np.ndarray | None = None, batch_size: int = 16) -> np.ndarray:
-        x, scale = self._crops_and_scale(xray_crops, scale)
+    def predict(self, xray_crops: np.ndarray, scale: np.ndarray | None = None, batch_size: int = 16,
+                kvp=None) -> np.ndarray:
+        x, scale, condition = self._inputs(xray_crops, scale, kvp)
         out = []
         for i in range(0, len(x), batch_size):
             t = x[i:i + batch_size, None]
             sc = scale[i:i + batch_size] if scale is not None else None
+            cond = condition[i:i + batch_size] if condition is not None else None
             size = t.shape[-2:]
             if tuple(size) != self.crop_shape:
                 t = resize_bilinear(t, self.crop_shape)
-            stage_out = [unet_forward(w, t, self.depth, sc) for w in self.stage_weights]
+            stage_out = [unet_forward(w, t, self.depth, sc, condition=cond) for w in self.stage_weights]
             y = np.maximum(np.stack([stage_out[s][:, j] for s, j in self._source.values()], 1), 0)
             if tuple(size) != self.crop_shape:
                 y = resize_bilinear(y, tuple(size))
