@@ -104,6 +104,8 @@ def test_valid_samplesheet_resolves_paths_relative_to_the_sheet(files):
      "line 2 (case 'a'), field 'side': 'middle' is not one of ['left', 'right', 'both']"),
     ("a\ta_ct.nii.gz\ta.dcm\tleft\tlow\n", HEADER,
      "line 2 (case 'a'), field 'dxa_abmd_left': 'low' is not of type 'number'"),
+    ("a\ta_ct.nii.gz\ta.png\t8\n", "case_id\tct\txray\txray_kvp\n",
+     "line 2 (case 'a'), field 'xray_kvp': 8.0 is less than or equal to the minimum of 20"),
     ("a\ta_ct.nii.gz\ta.dcm\tleft\t0.8\t1\n", "case_id\tct\txray\tside\tdxa_abmd_left\tweight_kg\n",
      "line 2 (case 'a'), field 'weight_kg': unknown column 'weight_kg'"),
     ("a\ta_ct.nii.gz\tleft\t0.8\n", "case_id\tct\tside\tdxa_abmd_left\n",

@@ -134,6 +134,11 @@ def test_demo_dicom_case_is_ingested_without_patient_identity(tmp_path, demo_cas
         assert value.encode() not in written, value
     assert record["xray"]["pixel_spacing_source"] == "ImagerPixelSpacing"
     assert record["geometry_prior"]["sdd_mm"] == truths[0]["geometry"]["sdd_mm"]
+    # the tube voltage from the header; a sheet value that disagrees does not override it
+    assert (record["xray"]["KVP"], record["xray"]["kvp_source"]) == (truths[0]["exposure"]["kvp"], "dicom")
+    again = ingest_case("demo_000", case / "ct", case / "xray.dcm", tmp_path / "again",
+                        clinical={**truths[0]["clinical"], "xray_kvp": 150.0})
+    assert again["xray"]["KVP"] == truths[0]["exposure"]["kvp"] and "xray_kvp" not in again["clinical"]
     ct = sitk.ReadImage(str(tmp_path / "out" / "ct.nii.gz"))
     assert ct.GetSize()[2] == len(list((case / "ct").glob("*.dcm")))
 
@@ -146,6 +151,11 @@ def test_demo_png_case_takes_spacing_from_config(tmp_path, demo_cases):
                          pixel_mm=settings.pixel_mm, sdd_mm=settings.sdd_mm)
     assert record["xray"]["pixel_spacing_source"] == "config"
     assert (record["xray"]["rows"], record["xray"]["cols"]) == (settings.rows, settings.cols)
+    assert "KVP" not in record["xray"]  # a PNG records no tube voltage; the sample sheet's xray_kvp gives it
+    assert truths[1]["clinical"]["xray_kvp"] == truths[1]["exposure"]["kvp"]
+    record = ingest_case("demo_001", case / "ct.nii.gz", case / "xray.png", tmp_path / "sheet",
+                         pixel_mm=settings.pixel_mm, sdd_mm=settings.sdd_mm, clinical=truths[1]["clinical"])
+    assert (record["xray"]["KVP"], record["xray"]["kvp_source"]) == (truths[1]["exposure"]["kvp"], "sample sheet")
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path, dx):

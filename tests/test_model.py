@@ -101,6 +101,36 @@ def test_the_whole_radiograph_scale_keeps_bone_density_and_follows_the_exposure(
     assert bool((moved[~inside] == 0).all())
 
 
+def test_tone_augmentation_changes_a_crop_as_its_whole_radiograph():
+    """A tone curve anchored on the whole radiograph (as a DX workstation's) cut to the crop is the crop's
+    augmentation; the input scale then follows from the overview changed alike. Anchored on the crop's
+    own range (the old way), the crop's bone would come out differently."""
+    from bonedrr.model.augment import RandomAugment, adjust_intensity, tone_anchor
+    from bonedrr.model.network import RobustNormalise, overview_scale
+
+    rng = np.random.default_rng(2)
+    whole = np.concatenate([rng.uniform(300, 900, (64, 200)), np.zeros((64, 56))], 1)  # body, then padding
+    whole[20:40, 30:45] += 1500  # a bone
+    whole = torch.tensor(whole, dtype=torch.float32)[None, None]
+    crop = whole[..., 12:44, 25:41]
+    g, c, gain, offset = 1.3, 1.2, 1.5, 0.1
+    lo, hi = np.quantile(whole[whole != 0].numpy(), [0.01, 0.99])
+    u = np.clip((whole.numpy() - lo) / (hi - lo), 0, 1.5) ** g
+    processed = ((0.5 + (u - 0.5) * c) * (hi - lo) + lo) * gain + offset * (hi - lo)
+    processed = torch.from_numpy(np.where(whole.numpy() != 0, processed, 0).astype(np.float32))
+    args = (torch.tensor([g]), torch.tensor([c]), torch.zeros(1), torch.tensor([gain]), torch.tensor([offset]))
+    anchored = adjust_intensity(crop, *args, anchor=tone_anchor(whole))
+    torch.testing.assert_close(anchored, processed[..., 12:44, 25:41], rtol=1e-4, atol=1e-2)
+    own = adjust_intensity(crop, *args)
+    assert float((own - anchored).abs().max()) > 100.0
+    # RandomAugment with the overview: the crop and the overview change alike (no geometry, no noise)
+    settings = AugmentSettings(rotate_deg=0, scale=0, shift=0, gamma=0.4, contrast=0.3, noise=0)
+    xray, _, overview = RandomAugment(settings, torch.Generator().manual_seed(0))(crop, crop.clone(), overview=whole)
+    norm = RobustNormalise()
+    torch.testing.assert_close(norm(xray, overview_scale(overview)),
+                               norm(overview[..., 12:44, 25:41], overview_scale(overview)), rtol=1e-4, atol=1e-4)
+
+
 def test_gradient_correlation_equals_the_registration_similarity(real_ct):
     ct = sitk.GetArrayFromImage(real_ct).astype(np.float64)
     pairs = [(ct[10], ct[12]), (ct[20], ct[40]), (ct[:, 30], ct[:, 31] * 2 + 5), (ct[30], ct[30] ** 2)]

@@ -395,12 +395,12 @@ def _stage_epoch(run: _Run, k: int, loader: DataLoader, channel_idx: list[int], 
     n = 0
     for batch in loader:
         xray, drr = batch["xray"], batch["drr"][:, channel_idx]
-        scale = overview_scale(batch["overview"]) if s.input_scale == "overview" else None
-        if scale is None:
-            xray, drr = augment(xray, drr)
+        scale = None
+        if s.input_scale == "overview":  # the tone curve changes the crop and its whole radiograph alike
+            xray, drr, overview = augment(xray, drr, overview=batch["overview"])
+            scale = overview_scale(overview).to(dev)
         else:
-            xray, drr, scale = augment(xray, drr, scale)
-            scale = scale.to(dev)
+            xray, drr = augment(xray, drr)
         xray, drr = xray.to(dev), drr.to(dev)
         condition = _condition(s, batch, dev)
         with _autocast(dev, s.amp):

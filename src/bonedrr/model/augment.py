@@ -7,9 +7,11 @@ the way TorchIO separates a random transform from the one it applies.
 Geometry: one affine per sample (rotation about the crop centre, isotropic scale, shift), applied
 with the same sampling grid to the radiograph and to every DRR channel and mask, so a pixel of the
 input stays paired with its target. Intensity (radiograph only, the targets are physical g/cm2):
-a gamma curve and a contrast change on the image's own robust range, Gaussian noise, and a new
-overall exposure scale and offset (what the model's input normalisation removes, so only the
-non-linear parts teach it anything, as intended), optionally unsharp masking of random strength and
+a gamma curve and a contrast change, Gaussian noise, and a new overall exposure scale and offset
+(what the model's input normalisation removes, so only the non-linear parts teach it anything, as
+intended). Given each crop's whole-radiograph overview, the tone curve acts on the whole radiograph's
+range and changes the overview alike (:func:`tone_anchor`), as a DX workstation's tone curve changes
+the whole image and so the input scale taken from it; without one, on the crop's own range; optionally unsharp masking of random strength and
 width (:func:`unsharp_mask`: the edge enhancement every DX processing applies in its own way, to which
 the validation's multi-pose sweep found the model's BMD sensitive), and optionally a lossy JPEG round
 trip at a random quality (:func:`jpeg_compress`: what an archive or a teleradiology link does to a radiograph; the
@@ -73,17 +75,23 @@ def affine(images: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") ->
 
 def adjust_intensity(x: torch.Tensor, gamma: torch.Tensor, contrast: torch.Tensor, noise: torch.Tensor,
                      gain: torch.Tensor, offset: torch.Tensor, generator: torch.Generator | None = None,
-                     scale: torch.Tensor | None = None):
-    """Radiograph (N, 1, H, W) with per-sample gamma, contrast, noise (fraction of the robust range),
+                     scale: torch.Tensor | None = None, anchor: torch.Tensor | None = None):
+    """Radiograph (N, 1, H, W) with per-sample gamma, contrast, noise (fraction of the tone range),
     gain and offset (exposure). Exact zeros (padding beyond the radiograph) stay zero.
+
+    The tone curve (gamma, contrast) acts on the range ``anchor`` (N, 2: the intensities it maps from 0
+    and 1), by default the image's own 1st and 99th percentiles. A DX workstation's tone curve acts on
+    the whole radiograph: give a crop and its radiograph's overview the overview's range
+    (:func:`tone_anchor`) and both change as the whole image would.
 
     With ``scale`` (N, 2: the whole radiograph's intensities that the network maps to 0 and 1, see
     :func:`bonedrr.model.network.overview_scale`), returns ``(image, scale)`` with the same exposure
-    change applied to the scale, as it would be to the whole radiograph."""
+    change applied to the scale, as it would be to the whole radiograph (the tone curve's change of it
+    is not: recompute the scale from an overview changed alike instead)."""
     from bonedrr.model.network import robust_range
 
     outside = x == 0  # padding beyond the radiograph stays exactly 0
-    lo, hi = (v.view(-1, 1, 1, 1) for v in robust_range(x))
+    lo, hi = (v.view(-1, 1, 1, 1) for v in (robust_range(x) if anchor is None else anchor.to(x.device).unbind(1)))
     span = (hi - lo).clamp_min(1e-6)
     u = ((x - lo) / span).clamp(0, 1.5)
     u = u ** gamma.view(-1, 1, 1, 1)
@@ -203,6 +211,14 @@ class AugmentSettings:
                                f"{list(self.unsharp_sigma_px)}")
 
 
+def tone_anchor(overview: torch.Tensor) -> torch.Tensor:
+    """(N, 2): the range of a whole radiograph's overview (N, 1, h, w) that a tone curve acts on (its 1st
+    and 99th percentiles, padding left out)."""
+    from bonedrr.model.network import robust_range
+
+    return torch.stack(robust_range(overview), 1)
+
+
 class RandomAugment:
     """Draws one geometric and one intensity transform per sample and applies them.
 
@@ -218,9 +234,14 @@ class RandomAugment:
     def _uniform(self, n: int, half_width: float) -> torch.Tensor:
         return (torch.rand(n, generator=self.g) * 2 - 1) * half_width
 
-    def __call__(self, xray: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | None = None):
-        """Augment a batch: xray (N, 1, H, W), targets (N, C, H, W) (DRRs and masks). With ``scale``
-        (N, 2, the input scale of :func:`bonedrr.model.network.overview_scale`), returns
+    def __call__(self, xray: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | None = None,
+                 overview: torch.Tensor | None = None):
+        """Augment a batch: xray (N, 1, H, W), targets (N, C, H, W) (DRRs and masks).
+
+        With ``overview`` (N, 1, h, w: each crop's whole radiograph), the tone curve and the exposure
+        change act on the crop and its overview alike, anchored on the overview's range, and the result
+        is ``(xray, targets, overview)`` (compute the input scale from that overview). With ``scale``
+        (N, 2, the input scale of :func:`bonedrr.model.network.overview_scale`), it is
         ``(xray, targets, scale)``, the scale moved by the same exposure change."""
         n, _, h, w = xray.shape
         s = self.s
@@ -235,6 +256,11 @@ class RandomAugment:
         noise = torch.rand(n, generator=self.g) * s.noise
         gain = torch.exp(self._uniform(n, math.log(2.0)))
         offset = self._uniform(n, 0.5)
+        if overview is not None:
+            anchor = tone_anchor(overview)
+            xray = adjust_intensity(xray, gamma, contrast, noise, gain, offset, self.g, anchor=anchor)
+            overview = adjust_intensity(overview, gamma, contrast, torch.zeros(n), gain, offset, anchor=anchor)
+            return self._jpeg(self._unsharp(xray)), targets, overview
         if scale is None:
             xray = adjust_intensity(xray, gamma, contrast, noise, gain, offset, self.g)
             return self._jpeg(self._unsharp(xray)), targets
