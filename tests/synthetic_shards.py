@@ -26,6 +26,7 @@ class SyntheticShards(Dataset):
         self.shape = shape
         self.channels = list(channels or CHANNELS)
         rng = np.random.default_rng(seed)
+        pelvis_density = np.random.default_rng([seed, 1]).uniform(0.6, 1.4, n)
         self.items = []
         h, w = shape
         rr, cc = np.mgrid[0:h, 0:w].astype(float)
@@ -38,6 +39,8 @@ class SyntheticShards(Dataset):
             femur = np.maximum(head, shaft)
             proximal = femur * (rr < hr + 0.5 * h)
             pelvis = _disc(rr, cc, hr - 0.1 * h, hc - 0.45 * w, 0.3 * h) * 0.7
+            if kvp_effect:  # no bone of known density in the image: the kVp cannot be read off the pelvis
+                pelvis = pelvis * pelvis_density[i]
             muscle = 2.0 + np.sin(rr / h * math.pi) * 1.5
             soft = 3.0 + 0.5 * cc / w
             drr = {"proximal_femur": proximal, "femur": femur, "hip": pelvis, "pelvis": pelvis,

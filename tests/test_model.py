@@ -171,7 +171,7 @@ def test_known_affine_moves_input_and_target_identically():
 
 
 def _state(model):
-    return {f"{i}.{k}": v for i, n in enumerate(model.stage_nets + [model.locator])
+    return {f"{i}.{k}": v for i, n in enumerate(model.stage_nets + [model.locator]) if n is not None
             for k, v in n.state_dict().items()}
 
 
@@ -238,6 +238,24 @@ def test_seeded_training_is_reproducible_and_resume_gives_the_same_weights(tmp_p
     d = train_model(None, tmp_path / "d", TrainSettings(**{**TINY.__dict__, "seed": 4, "locator_epochs": 0}),
                     dataset=data, progress=False)
     assert not torch.equal(d.stage_nets[0].head.weight, a.stage_nets[0].head.weight)
+
+
+def test_moving_average_weights_are_kept_and_resumed(tmp_path):
+    """With ema, the model keeps the average: not the last step's weights, the same after a kill and
+    a resume (the checkpoint holds it), and with ema 0 the last step's weights as before."""
+    data = SyntheticShards(8, (32, 16), seed=2)
+    settings = TrainSettings(**{**TINY.__dict__, "ema": 0.8})  # with the locator phase, which has no average
+    a = train_model(None, tmp_path / "a", settings, dataset=data, progress=False)
+    assert train_model(None, tmp_path / "b", settings, dataset=data, stop_after_epochs=3, progress=False) is None
+    b = train_model(None, tmp_path / "b", settings, dataset=data, progress=False)
+    sa, sb = _state(a), _state(b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    last = torch.load(tmp_path / "a" / CHECKPOINT_FILE, weights_only=True)["nets"][1]
+    assert float((last["head.weight"] - a.stage_nets[1].head.weight).abs().max()) > 1e-4
+    torch.testing.assert_close(torch.load(tmp_path / "a" / CHECKPOINT_FILE, weights_only=True)["averages"][1]["head.weight"],
+                               a.stage_nets[1].head.weight)
+    with pytest.raises(BonedrrError, match=r"train ema must be in \[0, 1\), not 1.0"):
+        TrainSettings.from_config({"ema": 1.0})
 
 
 def test_gan_term_trains_a_discriminator(tmp_path):
@@ -521,15 +539,16 @@ def test_kvp_conditioned_model_reads_density_the_image_alone_cannot(tmp_path):
     held = SyntheticShards(n=8, seed=12, kvp=kvps[40:], kvp_effect=4.0)
     errors = {}
     for condition in ("none", "kvp"):
-        settings = TrainSettings(stages=(Stage(("femur", "bone"), 12), Stage(("proximal_femur",), 12)), batch_size=4,
+        settings = TrainSettings(stages=(Stage(("femur", "bone"), 60), Stage(("proximal_femur",), 60)), batch_size=4,
                                  base_channels=8, depth=2, locator_epochs=0, seed=0, condition=condition,
-                                 input_scale="crop")
+                                 input_scale="crop", augment=AugmentSettings(rotate_deg=0, scale=0, shift=0,
+                                                                             gamma=0, contrast=0, noise=0))
         model = train_model(None, tmp_path / condition, settings, dataset=train, progress=False)
         xray = np.stack([it["xray"][0].numpy() for it in held.items])
         pred = model.bmd(model.predict(xray, kvp=[it["kvp"] for it in held.items]))
         truth = np.array([drr_bmd(it["drr"][0].numpy()) for it in held.items])  # channel 0: proximal_femur
         errors[condition] = float(np.mean(np.abs(pred - truth)))
-    assert errors["kvp"] < 0.7 * errors["none"], errors
+    assert errors["kvp"] < 0.7 * errors["none"], errors  # measured: 0.061 against 0.120 g/cm2
 
 
 @pytest.mark.slow

@@ -97,6 +97,8 @@ class TrainSettings:
         condition: ``none``, or ``kvp``: condition the U-Nets on each radiograph's tube voltage (the
             shards' ``kvp``, from DICOM KVP; every training sample must have it, and so must every
             radiograph the model reads).
+        ema: Decay of an exponential moving average of each stage's weights, updated every step; the
+            model keeps the averages (0: the last step's weights). 0.99 averages about the last 100 steps.
     """
 
     stages: tuple[Stage, ...] = (Stage(("pelvis", "femur", "bone", "muscle"), 30), Stage(("proximal_femur",), 30))
@@ -118,6 +120,7 @@ class TrainSettings:
     dxa_calibration: bool = False
     amp: bool = True
     condition: str = "none"
+    ema: float = 0.0
 
     @classmethod
     def from_config(cls, block: dict | None) -> "TrainSettings":
@@ -146,6 +149,8 @@ class TrainSettings:
             raise BonedrrError(f"train input_scale must be one of {', '.join(INPUT_SCALES)}, not {self.input_scale!r}")
         if self.condition not in CONDITIONS:
             raise BonedrrError(f"train network condition must be one of {', '.join(CONDITIONS)}, not {self.condition!r}")
+        if not 0.0 <= self.ema < 1.0:
+            raise BonedrrError(f"train ema must be in [0, 1), not {self.ema}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -329,6 +334,8 @@ class _Run:
         torch.manual_seed(settings.seed)
         sd = settings.to_dict()
         self.nets = [_unet(sd, len(s.channels)) for s in settings.stages]
+        # what the model keeps: the nets themselves, or their moving averages (settings.ema)
+        self.kept = [copy.deepcopy(n) for n in self.nets] if settings.ema > 0 else self.nets
         self.locator = _locator_net(sd) if settings.locator_epochs > 0 else None
         self.discs = [PatchDiscriminator(1 + len(s.channels)) for s in settings.stages] if settings.gan > 0 else None
         self.opt_state: dict = {}
@@ -337,6 +344,7 @@ class _Run:
     def checkpoint(self, phase: str, optimisers: dict) -> None:
         state = {"fingerprint": self.fingerprint, "done": self.done, "rows": self.rows,
                  "nets": [n.state_dict() for n in self.nets],
+                 "averages": [n.state_dict() for n in self.kept] if self.kept is not self.nets else None,
                  "locator": self.locator.state_dict() if self.locator is not None else None,
                  "discs": [d.state_dict() for d in self.discs] if self.discs else None,
                  "optimisers": {k: v.state_dict() for k, v in optimisers.items()}, "phase": phase}
@@ -357,6 +365,9 @@ class _Run:
             return False
         for n, sd in zip(self.nets, state["nets"]):
             n.load_state_dict(sd)
+        if self.kept is not self.nets:
+            for n, sd in zip(self.kept, state["averages"]):
+                n.load_state_dict(sd)
         if self.locator is not None and state["locator"] is not None:
             self.locator.load_state_dict(state["locator"])
         if self.discs and state["discs"]:
@@ -419,6 +430,10 @@ def _stage_epoch(run: _Run, k: int, loader: DataLoader, channel_idx: list[int], 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if run.kept is not run.nets:
+            with torch.no_grad():
+                for average, current in zip(run.kept[k].parameters(), net.parameters()):
+                    average.lerp_(current, 1.0 - s.ema)
         if disc is not None:
             with _autocast(dev, s.amp):
                 d_loss = 0.5 * (gan_loss(disc(xray, drr), True) + gan_loss(disc(xray, pred.detach()), False))
@@ -437,7 +452,7 @@ def _stage_validate(run: _Run, k: int, loader: DataLoader | None, channel_idx: l
     if loader is None:
         return {}
 
-    net = run.nets[k].eval()
+    net = run.kept[k].eval()  # what the model keeps
     l1s, gcs, bmd_err = [], [], []
     j = channels.index(BMD_CHANNEL) if BMD_CHANNEL in channels else None
     for batch in loader:
@@ -555,7 +570,8 @@ def train_model(shard_dir: str | Path, out_dir: str | Path, settings: TrainSetti
     run.threshold = float(getattr(train_set, "manifest", {}).get("settings", {}).get("threshold_g_cm2",
                                                                                         BMD_THRESHOLD_G_CM2))
     run.resume()
-    for m in run.nets + ([run.locator] if run.locator else []) + (run.discs or []):
+    kept = run.kept if run.kept is not run.nets else []
+    for m in run.nets + kept + ([run.locator] if run.locator else []) + (run.discs or []):
         m.to(dev)
     log.info("training on %d samples (folds %s, without %s), %s, channels %s", len(train_set),
              list(folds) if folds else "all", list(exclude_folds) if exclude_folds else "none", dev, ", ".join(channels))
@@ -594,6 +610,8 @@ def train_model(shard_dir: str | Path, out_dir: str | Path, settings: TrainSetti
             net = run.nets[k]
             if start == 0 and k > 0:
                 _initialise_from(net, run.nets[k - 1], settings.stages[k - 1].channels, settings.stages[k].channels)
+            if start == 0 and run.kept is not run.nets:  # the average starts at the stage's first weights
+                run.kept[k].load_state_dict(net.state_dict())
             params = net.parameters()
             channel_idx = [data_channels.index(c) for c in settings.stages[k].channels]
         opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -640,7 +658,7 @@ def train_model(shard_dir: str | Path, out_dir: str | Path, settings: TrainSetti
             "patients": sorted({str(r.get("patient_id")) for r in (getattr(train_set, "index", None) or [])}),
             "data_channels": data_channels, "device": str(dev),
             "threshold_g_cm2": run.threshold}
-    model = DecompositionModel([copy.deepcopy(n).cpu() for n in run.nets], [list(s.channels) for s in settings.stages],
+    model = DecompositionModel([copy.deepcopy(n).cpu() for n in run.kept], [list(s.channels) for s in settings.stages],
                                crop, copy.deepcopy(run.locator).cpu() if run.locator else None, None, info)
     if run.locator is not None:
         errs = locator_errors(model.locator, val_dataset if val_dataset is not None else train_set)
