@@ -98,7 +98,8 @@ class TrainSettings:
             shards' ``kvp``, from DICOM KVP; every training sample must have it, and so must every
             radiograph the model reads).
         ema: Decay of an exponential moving average of each stage's weights, updated every step; the
-            model keeps the averages (0: the last step's weights). 0.99 averages about the last 100 steps.
+            model keeps the averages (0: the last step's weights). 0.99 averages about the last 100 steps;
+            the decay ramps up as (1 + step) / (10 + step) over a stage's first steps.
     """
 
     stages: tuple[Stage, ...] = (Stage(("pelvis", "femur", "bone", "muscle"), 30), Stage(("proximal_femur",), 30))
@@ -404,7 +405,7 @@ def _stage_epoch(run: _Run, k: int, loader: DataLoader, channel_idx: list[int], 
     channels = list(s.stages[k].channels)
     j = channels.index(BMD_CHANNEL) if s.bmd > 0 and BMD_CHANNEL in channels else None
     n = 0
-    for batch in loader:
+    for i, batch in enumerate(loader):
         xray, drr = batch["xray"], batch["drr"][:, channel_idx]
         scale = None
         if s.input_scale == "overview":  # the tone curve changes the crop and its whole radiograph alike
@@ -431,9 +432,12 @@ def _stage_epoch(run: _Run, k: int, loader: DataLoader, channel_idx: list[int], 
         loss.backward()
         opt.step()
         if run.kept is not run.nets:
+            # the decay ramps up over the first steps, so a short run's average is not its initial weights
+            step = run.done.get(f"stage{k + 1}", 0) * len(loader) + i
+            decay = min(s.ema, (1 + step) / (10 + step))
             with torch.no_grad():
                 for average, current in zip(run.kept[k].parameters(), net.parameters()):
-                    average.lerp_(current, 1.0 - s.ema)
+                    average.lerp_(current, 1.0 - decay)
         if disc is not None:
             with _autocast(dev, s.amp):
                 d_loss = 0.5 * (gan_loss(disc(xray, drr), True) + gan_loss(disc(xray, pred.detach()), False))
