@@ -125,7 +125,8 @@ def _register(args) -> None:
     from bonedrr.register import RegistrationSettings, register_case
 
     settings = RegistrationSettings(min_gc=args.min_gc, seed=args.seed, init_shift_mm=args.init_shift_mm,
-                                    per_structure=args.per_structure, fine_method=args.fine_method)
+                                    per_structure=args.per_structure, fine_method=args.fine_method,
+                                    max_restart_spread_mm=args.max_restart_spread_mm)
     record = register_case(args.density, args.labels, args.xray, json.loads(Path(args.case).read_text()), args.out,
                            args.overlay, settings=settings, device=args.device, sod_prior_mm=args.sod_mm,
                            sdd_tolerance=args.sdd_tolerance)
@@ -409,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sdd-tolerance", type=float, default=0.1,
                    help="relative uncertainty of an SDD from the cohort's prior (reported as a depth uncertainty)")
     p.add_argument("--min-gc", type=float, default=0.35, help="lowest acceptable gradient correlation")
+    p.add_argument("--max-restart-spread-mm", type=float, default=1.0,
+                   help="largest acceptable mPD between the finest level's restarts (else QA flag unstable)")
     p.add_argument("--init-shift-mm", type=float, default=60.0, help="half-width of the initial shift search")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -81,7 +81,8 @@ class RegistrationSettings:
         seed: Random seed of the optimiser.
         restarts: CMA-ES runs of the finest level (different seeds, same start); the best is kept.
         max_restart_spread_mm: Largest acceptable mPD between the best restart and the others (else the
-            QA flag ``unstable``).
+            QA flag ``unstable``). Successful registrations (within 0.5 mm of the truth) spread up to
+            0.44 mm (99 of them, README): 1 mm flags an ambiguous optimum, not the optimiser's noise.
         per_structure: Register the pelvis and each femur as rigid bodies of their own after the
             whole-bone registration.
         structure_levels_mm, structure_generations, structure_sigma: The per-structure levels.
@@ -100,7 +101,7 @@ class RegistrationSettings:
     min_gc: float = 0.35
     seed: int = 0
     restarts: int = 3
-    max_restart_spread_mm: float = 0.4
+    max_restart_spread_mm: float = 1.0
     per_structure: bool = False
     structure_levels_mm: tuple[float, ...] = (2.8, 1.4)
     structure_generations: tuple[int, ...] = (30, 25)

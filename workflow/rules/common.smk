@@ -236,7 +236,7 @@ def labelled_cases(cohort):
 def register_args(wildcards):
     r, x = CONFIG["register"], CONFIG["cohorts"][wildcards.cohort]["xray"]
     args = [f"--min-gc {r['min_gc']}", f"--seed {r['seed']}", f"--device {CONFIG['device']}",
-            f"--fine-method {r['fine_method']}"]
+            f"--fine-method {r['fine_method']}", f"--max-restart-spread-mm {r['max_restart_spread_mm']}"]
     if r.get("per_structure"):
         args.append("--per-structure")
     if x.get("sod_mm"):
