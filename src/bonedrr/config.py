@@ -90,6 +90,7 @@ def validate_config(config: dict) -> dict:
     config.setdefault("proximal_femur_cut_mm", 80.0)
     config["drr"] = {"method": "siddon", "step_mm": None, **config.get("drr", {})}
     config["register"] = {"min_gc": 0.35, "seed": 0, "per_structure": False, "fine_method": "trilinear",
+                          "max_restart_spread_mm": 1.0,
                           **config.get("register", {})}
     config["bmd"] = {"threshold_g_cm2": 0.05, **config.get("bmd", {})}
     config["shards"] = {"crop_mm": [240.0, 120.0], "crop_px": [128, 64], "head_position": [0.3, 0.7], "folds": 5,
