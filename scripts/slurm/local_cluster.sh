@@ -23,7 +23,8 @@ die() { echo "local_cluster.sh: $*" >&2; exit 1; }
 
 write_conf() {
     local cpus mem
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS: a shell limiting
+                                                              # its BLAS threads would get a 1-CPU node
     mem=$(( $(free -m | awk '/^Mem:/ {print $2}') - 1024 ))
     mkdir -p "$CONF_DIR" "$STATE"/{spool/ctld,spool/d,log}
     cat > "$CONF_DIR/slurm.conf" <<CONF
