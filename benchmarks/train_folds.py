@@ -50,6 +50,10 @@ def main() -> None:
     parser.add_argument("--shards", required=True, help="a cohort's shard folder")
     parser.add_argument("--config", default=str(REPO / "config" / "config.yaml"), help="its train: block is used")
     parser.add_argument("--epochs", type=int, nargs="+", help="epochs per stage instead of the config's")
+    parser.add_argument("--folds", type=int, nargs="+", help="held-out folds to train (default: every fold)")
+    parser.add_argument("--set", default="{}", metavar="JSON",
+                        help='train settings over the config\'s (e.g. \'{"network": {"condition": "tone"}}\'; '
+                             'a dict value is merged into the config\'s)')
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--parallel", type=int, default=1, help="fold models trained at once")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per training process")
@@ -59,6 +63,7 @@ def main() -> None:
 
     sys.path.insert(0, str(REPO / "src"))
     from bonedrr.dataset import ShardDataset
+    from bonedrr.metrics import icc
     from bonedrr.train import load_model
     from bonedrr.validate import load_samples
 
@@ -68,7 +73,10 @@ def main() -> None:
         if len(args.epochs) != len(settings["stages"]):
             raise SystemExit(f"--epochs needs {len(settings['stages'])} numbers, one per stage")
         settings["stages"] = [{**s, "epochs": e} for s, e in zip(settings["stages"], args.epochs)]
-    folds = sorted({int(row["fold"]) for row in ShardDataset(shards).index})
+    for key, value in json.loads(args.set).items():
+        settings[key] = {**settings[key], **value} if isinstance(value, dict) and isinstance(settings.get(key), dict) \
+            else value
+    folds = args.folds or sorted({int(row["fold"]) for row in ShardDataset(shards).index})
     models = Path(args.models or tempfile.mkdtemp(prefix="train_folds_"))
     models.mkdir(parents=True, exist_ok=True)
 
@@ -99,8 +107,11 @@ def main() -> None:
                     "parallel": args.parallel},
         "shards": str(shards), "stages": settings["stages"], "batch_size": settings["batch_size"],
         "wall_seconds_all_folds": round(wall, 1), "folds": per_fold,
+        "train": {key: settings[key] for key in ("network", "augment", "input_scale", "ema") if key in settings},
         "held_out": {"hips": len(pred), "r_vs_drr_bmd": round(float(np.corrcoef(pred, true)[0, 1]), 3),
+                     "icc21_vs_drr_bmd": round(icc(np.column_stack([true, pred]))["icc_2_1"], 3),
                      "r_vs_qct_vbmd": round(float(np.corrcoef(pred, qct)[0, 1]), 3),
+                     "r_drr_bmd_vs_qct_vbmd": round(float(np.corrcoef(true, qct)[0, 1]), 3),
                      "mae_vs_drr_bmd_g_cm2": round(float(np.abs(pred - true).mean()), 3)},
     }
     out = Path(args.out or REPO / "benchmarks" / "results" / f"train_folds_{args.device}.json")
