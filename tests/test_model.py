@@ -526,8 +526,55 @@ def test_kvp_conditioning_needs_every_training_kvp(tmp_path):
     data = SyntheticShards(n=12, kvp=kvp)
     with pytest.raises(InputError, match=r"network condition kvp: 1 of 12 samples have no kVp .* syn_011_right"):
         train_model(None, tmp_path / "m", settings, dataset=data, progress=False)
-    with pytest.raises(BonedrrError, match="train network condition must be one of none, kvp, not 'mAs'"):
+    with pytest.raises(BonedrrError, match="train network condition must be one of none, kvp, tone, kvp.tone, not 'mAs'"):
         TrainSettings.from_config({"network": {"condition": "mAs"}})
+
+
+def test_tone_condition_numpy_is_torch_and_ignores_the_exposure():
+    """The tone statistics are the same in NumPy and torch (padding and an all-padding crop too), and a
+    change of exposure or window (an affine map of the whole radiograph's values) leaves them as they are:
+    they carry the tone curve's shape, not the file's scale."""
+    from bonedrr.model import network
+    from bonedrr.model.portable import TONE_OVERVIEW_QUANTILES, body_quantiles, overview_scale, tone_condition
+
+    rng = np.random.default_rng(5)
+    overviews = (rng.random((3, 128, 256)) ** 2 * 800 + 100).astype(np.float32)
+    overviews[:, :, :30] = 0  # letterbox
+    crops = (rng.random((3, 128, 64)) * 900 + 50).astype(np.float32)
+    crops[0, :20] = 0  # beyond the radiograph
+    crops[2] = 0
+    numpy_condition = tone_condition(crops, overview_scale(overviews), body_quantiles(overviews, TONE_OVERVIEW_QUANTILES))
+    torch_condition = network.tone_condition(torch.from_numpy(crops), network.overview_scale(torch.from_numpy(overviews)),
+                                             torch.from_numpy(overviews)).numpy()
+    assert numpy_condition.shape == (3, 16)
+    np.testing.assert_allclose(numpy_condition, torch_condition, atol=1e-4)
+    gain, offset = 0.37, 2000.0
+    exposed = tone_condition(np.where(crops != 0, gain * crops + offset, 0), overview_scale(np.where(overviews != 0, gain * overviews + offset, 0)),
+                             body_quantiles(np.where(overviews != 0, gain * overviews + offset, 0), TONE_OVERVIEW_QUANTILES))
+    np.testing.assert_allclose(exposed[:2], numpy_condition[:2], atol=1e-3)
+    gamma = tone_condition(crops, overview_scale(overviews ** 1.3), body_quantiles(overviews ** 1.3, TONE_OVERVIEW_QUANTILES))
+    assert np.abs(gamma[:, :11] - numpy_condition[:, :11]).max() > 0.05  # a tone curve does change them
+
+
+def test_tone_conditioned_model_trains_predicts_and_needs_its_statistics(tmp_path):
+    """A ``tone`` model's U-Nets get 16 conditions; the portable model computes them as training did (its
+    predictions are the torch model's), and a bare two-number scale is refused."""
+    from bonedrr.model.portable import load_portable
+
+    settings = TrainSettings(**{**TINY.__dict__, "condition": "tone", "locator_epochs": 0})
+    data = SyntheticShards(n=12)
+    model = train_model(None, tmp_path / "m", settings, dataset=data, progress=False)
+    assert model.stage_nets[0].conditions == 16
+    xray = np.stack([it["xray"][0].numpy() for it in data.items[:4]])
+    overview = np.stack([it["overview"][0].numpy() for it in data.items[:4]])
+    scale = model.scale_of(overview)
+    assert scale.shape == (4, 13)
+    portable = load_portable(tmp_path / "m" / "model.npz")
+    np.testing.assert_allclose(portable.predict(xray, portable.scale_of(overview)), model.predict(xray, scale), atol=1e-4)
+    with pytest.raises(BonedrrError, match="give predict.. the 13 statistics of each crop's radiograph"):
+        model.predict(xray, scale[:, :2])
+    with pytest.raises(BonedrrError, match="condition tone needs input_scale: overview"):
+        TrainSettings(condition="tone", input_scale="crop")
 
 
 @pytest.mark.slow

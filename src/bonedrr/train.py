@@ -45,8 +45,9 @@ from bonedrr.images import atomic_path
 from bonedrr.model import locator as loc
 from bonedrr.model.augment import AugmentSettings, RandomAugment
 from bonedrr.model.losses import bmd_loss, gan_loss, gc_loss, gradient_correlation, l1_loss
-from bonedrr.model.network import PatchDiscriminator, UNet, overview_scale
-from bonedrr.model.portable import CONDITIONS, PORTABLE_FILE, CropGeometry, HipModel, kvp_condition, write_portable
+from bonedrr.model.network import PatchDiscriminator, UNet, overview_scale, tone_condition
+from bonedrr.model.portable import (CONDITIONS, PORTABLE_FILE, CropGeometry, HipModel, condition_size, kvp_condition,
+                                    write_portable)
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,11 @@ class TrainSettings:
             models trained before).
         dxa_calibration: Fit a linear map from predicted DRR-BMD to DXA aBMD on the training samples.
         amp: bfloat16 autocast on a GPU.
-        condition: ``none``, or ``kvp``: condition the U-Nets on each radiograph's tube voltage (the
+        condition: ``none``; ``kvp``: condition the U-Nets on each radiograph's tube voltage (the
             shards' ``kvp``, from DICOM KVP; every training sample must have it, and so must every
-            radiograph the model reads).
+            radiograph the model reads); ``tone``: on quantiles of the whole radiograph and of the crop
+            (:func:`bonedrr.model.network.tone_condition`; needs ``input_scale: overview``); or
+            ``kvp+tone``.
         ema: Decay of an exponential moving average of each stage's weights, updated every step; the
             model keeps the averages (0: the last step's weights). 0.99 averages about the last 100 steps;
             the decay ramps up as (1 + step) / (10 + step) over a stage's first steps.
@@ -150,6 +153,9 @@ class TrainSettings:
             raise BonedrrError(f"train input_scale must be one of {', '.join(INPUT_SCALES)}, not {self.input_scale!r}")
         if self.condition not in CONDITIONS:
             raise BonedrrError(f"train network condition must be one of {', '.join(CONDITIONS)}, not {self.condition!r}")
+        if "tone" in self.condition and self.input_scale != "overview":
+            raise BonedrrError("train network condition tone needs input_scale: overview (its statistics are "
+                               "the whole radiograph's)")
         if not 0.0 <= self.ema < 1.0:
             raise BonedrrError(f"train ema must be in [0, 1), not {self.ema}")
 
@@ -255,7 +261,7 @@ class DecompositionModel(HipModel):
 
 
 def _unet(settings: dict, out_channels: int) -> UNet:
-    conditions = 0 if settings.get("condition", "none") == "none" else 1
+    conditions = condition_size(settings.get("condition", "none"))
     return UNet(1, out_channels, int(settings["base_channels"]), int(settings["depth"]), conditions=conditions)
 
 
@@ -389,11 +395,16 @@ def _autocast(device: torch.device, amp: bool):
     return torch.autocast("cpu", enabled=False)
 
 
-def _condition(settings: TrainSettings, batch: dict, device: torch.device) -> torch.Tensor | None:
-    """The U-Nets' condition (N, 1) of a batch, or None for an unconditioned model."""
-    if settings.condition == "none":
-        return None
-    return torch.from_numpy(kvp_condition(batch["kvp"].numpy())).to(device)
+def _condition(settings: TrainSettings, batch: dict, device: torch.device, xray: torch.Tensor,
+               scale: torch.Tensor | None, overview: torch.Tensor) -> torch.Tensor | None:
+    """The U-Nets' condition (N, conditions) of a batch (``xray``, ``scale`` and ``overview`` as the
+    network gets them: augmented), or None for an unconditioned model."""
+    parts = []
+    if "kvp" in settings.condition:
+        parts.append(torch.from_numpy(kvp_condition(batch["kvp"].numpy())))
+    if "tone" in settings.condition:
+        parts.append(tone_condition(xray.cpu(), scale.cpu(), overview.cpu()))
+    return torch.cat(parts, 1).to(device) if parts else None
 
 
 def _stage_epoch(run: _Run, k: int, loader: DataLoader, channel_idx: list[int], opt, disc_opt, gen) -> dict:
@@ -406,15 +417,16 @@ def _stage_epoch(run: _Run, k: int, loader: DataLoader, channel_idx: list[int], 
     j = channels.index(BMD_CHANNEL) if s.bmd > 0 and BMD_CHANNEL in channels else None
     n = 0
     for i, batch in enumerate(loader):
-        xray, drr = batch["xray"], batch["drr"][:, channel_idx]
+        xray, drr, overview = batch["xray"], batch["drr"][:, channel_idx], batch["overview"]
         scale = None
         if s.input_scale == "overview":  # the tone curve changes the crop and its whole radiograph alike
-            xray, drr, overview = augment(xray, drr, overview=batch["overview"])
-            scale = overview_scale(overview).to(dev)
+            xray, drr, overview = augment(xray, drr, overview=overview)
+            scale = overview_scale(overview)
         else:
             xray, drr = augment(xray, drr)
+        condition = _condition(s, batch, dev, xray, scale, overview)
         xray, drr = xray.to(dev), drr.to(dev)
-        condition = _condition(s, batch, dev)
+        scale = scale.to(dev) if scale is not None else None
         with _autocast(dev, s.amp):
             pred = net(xray, scale, condition)
         pred = pred.float()
@@ -461,8 +473,10 @@ def _stage_validate(run: _Run, k: int, loader: DataLoader | None, channel_idx: l
     j = channels.index(BMD_CHANNEL) if BMD_CHANNEL in channels else None
     for batch in loader:
         drr = batch["drr"][:, channel_idx].to(run.device)
-        scale = overview_scale(batch["overview"]).to(run.device) if run.s.input_scale == "overview" else None
-        pred = net(batch["xray"].to(run.device), scale, _condition(run.s, batch, run.device)).float().clamp_min(0)
+        scale = overview_scale(batch["overview"]) if run.s.input_scale == "overview" else None
+        condition = _condition(run.s, batch, run.device, batch["xray"], scale, batch["overview"])
+        scale = scale.to(run.device) if scale is not None else None
+        pred = net(batch["xray"].to(run.device), scale, condition).float().clamp_min(0)
         l1s.append(float(F.l1_loss(pred, drr, reduction="none").mean((1, 2, 3)).sum()))
         gcs.append(float(gradient_correlation(pred, drr).mean(1).sum()))
         if j is not None:
@@ -559,7 +573,7 @@ def train_model(shard_dir: str | Path, out_dir: str | Path, settings: TrainSetti
     if missing:
         raise InputError(f"the shards have no channel(s) {', '.join(missing)} (they have "
                          f"{', '.join(train_set.channels)})", shard_dir)
-    if settings.condition == "kvp":
+    if "kvp" in settings.condition:
         _require_kvp(train_set, shard_dir)
         if val_dataset is not None:
             _require_kvp(val_dataset, shard_dir)

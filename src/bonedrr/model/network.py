@@ -12,7 +12,10 @@ Optionally the network is conditioned on acquisition facts that a processed imag
 tube voltage: a harder beam gives bone less contrast, which a network of the image alone reads as less
 density). The first GroupNorm removes any overall scale and offset of the input, so a constant input
 plane would carry little; instead each decoder level (and the bottleneck) gets a FiLM layer (Perez et
-al. 2018): a per-channel scale and shift, linear in the conditions, starting as the identity.
+al. 2018): a per-channel scale and shift, linear in the conditions, starting as the identity. The
+same way the network can get what the image shows but its normalisation hides (:func:`tone_condition`):
+the shape of the whole radiograph's tone curve, of which the input scale keeps two points, and the
+crop's brightness against its radiograph, which the first GroupNorm divides out.
 
 Example:
     >>> import torch
@@ -27,7 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bonedrr.model.portable import AIR_FRACTION, OVERVIEW_PERCENTILES, film_widths
+from bonedrr.model.portable import (AIR_FRACTION, OVERVIEW_PERCENTILES, TONE_CROP_QUANTILES, TONE_OVERVIEW_QUANTILES,
+                                    film_widths)
 
 
 def robust_range(x: torch.Tensor, low: float = 0.01, high: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,17 +47,42 @@ def robust_range(x: torch.Tensor, low: float = 0.01, high: float = 0.99) -> tupl
     return q[0], q[1]
 
 
-def overview_scale(overview: torch.Tensor) -> torch.Tensor:
-    """(N, 2): the intensities of each whole-radiograph overview (N, ...) that the network's input
-    maps to 0 and 1 (:data:`OVERVIEW_PERCENTILES` of the pixels that are not air or padding,
-    :data:`AIR_FRACTION`)."""
+def _body_quantiles(overview: torch.Tensor, quantiles, fallback) -> torch.Tensor:
+    """(N, len(quantiles)) of each overview's pixels that are not air or padding (:data:`AIR_FRACTION`);
+    the ``fallback`` quantiles of all its pixels where none is left."""
     flat = overview.flatten(1).float()
     bottom = flat.min(1, keepdim=True).values
     top = torch.quantile(flat, 0.995, dim=1, keepdim=True)
     body = flat.masked_fill(flat <= bottom + AIR_FRACTION * (top - bottom), float("nan"))
-    q = torch.nanquantile(body, torch.tensor([p / 100.0 for p in OVERVIEW_PERCENTILES], dtype=flat.dtype), dim=1)
-    q = torch.where(torch.isnan(q), torch.quantile(flat, torch.tensor([0.0, 1.0], dtype=flat.dtype), dim=1), q)
+    q = torch.nanquantile(body, torch.tensor(quantiles, dtype=flat.dtype, device=flat.device), dim=1)
+    q = torch.where(torch.isnan(q), torch.quantile(flat, torch.tensor(fallback, dtype=flat.dtype, device=flat.device),
+                                                   dim=1), q)
     return q.T.contiguous()
+
+
+def overview_scale(overview: torch.Tensor) -> torch.Tensor:
+    """(N, 2): the intensities of each whole-radiograph overview (N, ...) that the network's input
+    maps to 0 and 1 (:data:`OVERVIEW_PERCENTILES` of the pixels that are not air or padding,
+    :data:`AIR_FRACTION`)."""
+    return _body_quantiles(overview, [p / 100.0 for p in OVERVIEW_PERCENTILES], [0.0, 1.0])
+
+
+def body_quantiles(overview: torch.Tensor, quantiles) -> torch.Tensor:
+    """(N, len(quantiles)) of the body in each overview (N, ...); the twin of
+    :func:`bonedrr.model.portable.body_quantiles`."""
+    return _body_quantiles(overview, list(quantiles), list(quantiles))
+
+
+def tone_condition(crops: torch.Tensor, scale: torch.Tensor, overview: torch.Tensor) -> torch.Tensor:
+    """(N, 16): the ``tone`` condition of crops (N, ...) with their input scale (N, 2) and their
+    radiographs' overviews (N, ...); the twin of :func:`bonedrr.model.portable.tone_condition`."""
+    flat = crops.flatten(1).float()
+    flat = flat.masked_fill(flat == 0, float("nan"))
+    crop_q = torch.nanquantile(flat, torch.tensor(TONE_CROP_QUANTILES, dtype=flat.dtype, device=flat.device), dim=1)
+    crop_q = torch.nan_to_num(crop_q.T, nan=0.0)
+    lo = scale[:, :1].float()
+    span = (scale[:, 1:2].float() - lo).clamp_min(1e-6)
+    return (torch.cat([body_quantiles(overview, TONE_OVERVIEW_QUANTILES), crop_q], 1) - lo) / span
 
 
 class RobustNormalise(nn.Module):
@@ -99,7 +128,8 @@ class UNet(nn.Module):
         depth: Number of down-sampling steps.
         normalise: Normalise the input with :class:`RobustNormalise` first (the radiograph as stored).
         conditions: Number of scalar conditions per image (0: none; 1: the tube voltage,
-            :func:`bonedrr.model.portable.kvp_condition`), each entering through FiLM layers.
+            :func:`bonedrr.model.portable.kvp_condition`; 16: :func:`tone_condition`; 17: both), each
+            entering through FiLM layers.
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 16, depth: int = 3,

@@ -41,9 +41,17 @@ OVERVIEW_PERCENTILES = (1.0, 50.0)
 #: minimum are air or padding and left out: a radiograph's air is exactly 0 in one file and 1-3 in a
 #: JPEG of it, and the overview's letterbox is 0; counting them would move the scale.
 AIR_FRACTION = 0.02
-#: The network's conditions (train ``network.condition``): ``none``, or ``kvp``, the radiograph's tube
-#: voltage (DICOM KVP), which sets the bone's contrast and which a processed image does not show.
-CONDITIONS = ("none", "kvp")
+#: The network's conditions (train ``network.condition``): ``none``; ``kvp``, the radiograph's tube
+#: voltage (DICOM KVP), which sets the bone's contrast and which a processed image does not show;
+#: ``tone``, quantiles of the whole radiograph and of the crop (:func:`tone_condition`); or both.
+CONDITIONS = ("none", "kvp", "tone", "kvp+tone")
+#: Quantiles of the body in the whole radiograph's overview that a ``tone``-conditioned network gets, in
+#: its input's units: the shape of the radiograph's tone curve, which the input scale's two points
+#: (:data:`OVERVIEW_PERCENTILES`) leave open.
+TONE_OVERVIEW_QUANTILES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+#: Quantiles of the crop (padding left out), in the same units: how bright the hip is against its whole
+#: radiograph, which the network's first GroupNorm divides out of the image itself.
+TONE_CROP_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 #: kVp enters the network as (kVp - KVP_CENTRE) / KVP_SPAN (hip AP radiographs: about 65-95 kVp).
 KVP_CENTRE, KVP_SPAN = 80.0, 10.0
 _GROUP_NORM_EPS = 1e-5  # torch.nn.GroupNorm's default
@@ -77,6 +85,12 @@ class CropGeometry:
 # Input scale and heatmap peak (NumPy twins of bonedrr.model.network and bonedrr.model.locator)
 
 
+def _body_pixels(image: np.ndarray) -> np.ndarray:
+    """The pixels of a flat overview that are not air or padding (:data:`AIR_FRACTION`)."""
+    bottom, top = image.min(), np.quantile(image, 0.995)
+    return image[image > bottom + AIR_FRACTION * (top - bottom)]
+
+
 def overview_scale(overviews: np.ndarray) -> np.ndarray:
     """(N, 2): the intensities of each whole-radiograph overview (N, ...) that the network's input maps
     to 0 and 1 (:data:`OVERVIEW_PERCENTILES` of the pixels that are not air or padding,
@@ -84,13 +98,44 @@ def overview_scale(overviews: np.ndarray) -> np.ndarray:
     flat = np.asarray(overviews, np.float32).reshape(len(overviews), -1)
     out = np.empty((len(flat), 2), np.float32)
     for i, image in enumerate(flat):
-        bottom, top = image.min(), np.quantile(image, 0.995)
-        body = image[image > bottom + AIR_FRACTION * (top - bottom)]
+        body = _body_pixels(image)
         if body.size:
             out[i] = np.quantile(body, [p / 100.0 for p in OVERVIEW_PERCENTILES])
         else:
             out[i] = image.min(), image.max()
     return out
+
+
+def body_quantiles(overviews: np.ndarray, quantiles) -> np.ndarray:
+    """(N, len(quantiles)) of the pixels of each overview (N, ...) that are not air or padding
+    (:data:`AIR_FRACTION`); of all its pixels when none is left. The torch twin is
+    :func:`bonedrr.model.network.body_quantiles`."""
+    flat = np.asarray(overviews, np.float32).reshape(len(overviews), -1)
+    out = np.empty((len(flat), len(quantiles)), np.float32)
+    for i, image in enumerate(flat):
+        body = _body_pixels(image)
+        out[i] = np.quantile(body if body.size else image, quantiles)
+    return out
+
+
+def condition_size(condition: str) -> int:
+    """Number of scalars of a network condition (:data:`CONDITIONS`)."""
+    return int("kvp" in condition) + ("tone" in condition) * (len(TONE_OVERVIEW_QUANTILES) + len(TONE_CROP_QUANTILES))
+
+
+def tone_condition(crops: np.ndarray, scale: np.ndarray, overview_quantiles: np.ndarray) -> np.ndarray:
+    """(N, 16) ``tone`` condition of crops (N, ...) with their input scale (N, 2) and their radiographs'
+    :data:`TONE_OVERVIEW_QUANTILES` (N, 11): those and the crops' :data:`TONE_CROP_QUANTILES`, in the
+    network input's units. The torch twin is :func:`bonedrr.model.network.tone_condition`."""
+    flat = np.asarray(crops, np.float32).reshape(len(crops), -1)
+    crop_q = np.zeros((len(flat), len(TONE_CROP_QUANTILES)), np.float32)
+    for i, image in enumerate(flat):
+        kept = image[image != 0]
+        if kept.size:
+            crop_q[i] = np.quantile(kept, TONE_CROP_QUANTILES)
+    lo = np.asarray(scale, np.float32)[:, :1]
+    span = np.maximum(np.asarray(scale, np.float32)[:, 1:2] - lo, 1e-6)
+    return ((np.concatenate([np.asarray(overview_quantiles, np.float32), crop_q], 1) - lo) / span).astype(np.float32)
 
 
 def robust_range(x: np.ndarray, low: float = 0.01, high: float = 0.99) -> tuple[np.ndarray, np.ndarray]:
@@ -297,7 +342,7 @@ class HipModel:
     @property
     def needs_kvp(self) -> bool:
         """Whether :meth:`predict` needs each radiograph's tube voltage (the model is conditioned on it)."""
-        return self.condition == "kvp"
+        return "kvp" in self.condition
 
     def predict(self, xray_crops: np.ndarray, scale: np.ndarray | None = None, batch_size: int = 16,
                 kvp=None) -> np.ndarray:
@@ -307,8 +352,9 @@ class HipModel:
 
         Args:
             xray_crops: (N, H, W) or (H, W).
-            scale: (N, 2) or (2,): each crop's input scale from its whole radiograph
-                (:meth:`scale_of`); required when the model's ``input_scale`` is ``overview``.
+            scale: (N, k) or (k,): each crop's input scale from its whole radiograph (:meth:`scale_of`;
+                k = 2, or 13 for a ``tone``-conditioned model); required when the model's
+                ``input_scale`` is ``overview``.
             batch_size: Crops per forward pass.
             kvp: (N,) or one number: each crop's tube voltage (kV, DICOM KVP); required when
                 :attr:`needs_kvp`, ignored otherwise.
@@ -325,30 +371,40 @@ class HipModel:
 
     def _inputs(self, xray_crops, scale, kvp) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """:meth:`predict`'s inputs checked: crops (N, H, W) float32, scale (N, 2) or None, and the
-        network condition (N, 1) or None."""
+        network condition (N, conditions) or None."""
         x = np.asarray(xray_crops, np.float32)
         if x.ndim == 2:
             x = x[None]
-        condition = None
+        parts = []
         if self.needs_kvp:
             values = np.asarray(kvp if kvp is not None else np.nan, np.float64).reshape(-1)
             if not np.isfinite(values).all():
                 raise BonedrrError("this model is conditioned on the tube voltage: give each radiograph's kVp "
                                    "(its DICOM KVP tag, or --kvp for a file without it)")
-            condition = kvp_condition(np.broadcast_to(values, (len(x),)))
+            parts.append(kvp_condition(np.broadcast_to(values, (len(x),))))
         if self.input_scale != "overview":
-            return x, None, condition
-        if scale is None:
-            raise BonedrrError("this model scales its input by the whole radiograph: give predict() the "
-                               "scale of each crop's radiograph (DecompositionModel.scale_of)")
-        return x, np.array(np.broadcast_to(np.asarray(scale, np.float32).reshape(-1, 2), (len(x), 2))), condition
+            return x, None, (np.concatenate(parts, 1) if parts else None)
+        width = 2 + len(TONE_OVERVIEW_QUANTILES) * ("tone" in self.condition)
+        if scale is None or np.shape(scale)[-1] != width:
+            raise BonedrrError(f"this model scales its input by the whole radiograph: give predict() the {width} "
+                               "statistics of each crop's radiograph (DecompositionModel.scale_of)")
+        scale = np.array(np.broadcast_to(np.asarray(scale, np.float32).reshape(-1, width), (len(x), width)))
+        if "tone" in self.condition:
+            parts.append(tone_condition(x, scale[:, :2], scale[:, 2:]))
+        return x, scale[:, :2], (np.concatenate(parts, 1) if parts else None)
 
     def scale_of(self, overviews) -> np.ndarray | None:
         """The input scale (N, 2) of crops from whole radiographs with these overviews (N, h, w) (the
-        shards' ``overview``, or :meth:`overview_of`); None for a model that scales each crop by itself."""
+        shards' ``overview``, or :meth:`overview_of`), followed for a ``tone``-conditioned model by the
+        overviews' :data:`TONE_OVERVIEW_QUANTILES` (N, 2 + 11); None for a model that scales each crop
+        by itself."""
         if self.input_scale == "crop":
             return None
-        return overview_scale(np.asarray(overviews, np.float32))
+        overviews = np.asarray(overviews, np.float32)
+        scale = overview_scale(overviews)
+        if "tone" in self.condition:
+            return np.concatenate([scale, body_quantiles(overviews, TONE_OVERVIEW_QUANTILES)], 1)
+        return scale
 
     def overview_of(self, radiograph: np.ndarray, pixel_mm=(1.0, 1.0)) -> np.ndarray:
         """A whole radiograph's overview (128 x 256), as the shards store it (right hip's orientation)."""
