@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="fold models trained at once")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per training process")
     parser.add_argument("--models", help="folder for the fold models (default: a temporary one)")
+    parser.add_argument("--reuse", action="store_true", help="evaluate a fold model already in --models "
+                        "instead of training it again (its seconds are then not measured)")
     parser.add_argument("--out", help="results JSON (default: benchmarks/results/train_folds_<device>.json)")
     args = parser.parse_args()
 
@@ -82,20 +84,21 @@ def main() -> None:
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(args.parallel) as pool:
-        seconds = list(pool.map(lambda k: train_one(shards, models / f"fold{k}", settings, k, args.device,
-                                                     args.threads), folds))
+        seconds = list(pool.map(lambda k: None if args.reuse and (models / f"fold{k}" / "model.pt").is_file()
+                                else train_one(shards, models / f"fold{k}", settings, k, args.device, args.threads),
+                                folds))
     wall = time.perf_counter() - t0
 
     pred, true, qct, per_fold = [], [], [], {}
     for k, sec in zip(folds, seconds):
         model = load_model(models / f"fold{k}")
         held = load_samples(ShardDataset(shards, folds=[k]))
-        p = model.bmd(model.predict(held["xray"], model.scale_of(held["overview"])))
+        p = model.bmd(model.predict(held["xray"], model.scale_of(held["overview"]), kvp=held["kvp"]))
         seen = load_samples(ShardDataset(shards, exclude_folds=[k]))
-        p_seen = model.bmd(model.predict(seen["xray"], model.scale_of(seen["overview"])))
+        p_seen = model.bmd(model.predict(seen["xray"], model.scale_of(seen["overview"]), kvp=seen["kvp"]))
         steps = sum(s["epochs"] for s in settings["stages"]) * int(np.ceil(len(seen["xray"]) / settings["batch_size"]))
         # seconds: the whole process (start-up, the hip locator's epochs, both stages, saving)
-        per_fold[str(k)] = {"seconds": round(sec, 1), "stage_optimiser_steps": steps, "held_out_hips": len(p),
+        per_fold[str(k)] = {"seconds": None if sec is None else round(sec, 1), "stage_optimiser_steps": steps, "held_out_hips": len(p),
                             "training_r_vs_drr_bmd": round(float(np.corrcoef(p_seen, seen["drr_bmd"])[0, 1]), 3)}
         pred += list(p)
         true += list(held["drr_bmd"])
