@@ -163,3 +163,40 @@ def test_extra_views_differ_in_pose_carry_no_phi_and_leave_the_case_unchanged(de
         raw = (case / "views" / v["file"]).read_bytes()
         assert str(main.PatientName).encode() not in raw and str(main.PatientID).encode() not in raw
         assert ds.pixel_array.std() > 1000  # an image, not a blank
+
+
+def test_extra_views_repeat_the_cases_protocol_unless_random(demo_cases, demo_case_with_views, tmp_path):
+    import dataclasses
+
+    import pydicom
+
+    from bonedrr.demo.cohort import DemoSettings, make_case
+    from bonedrr.errors import BonedrrError
+
+    truth = json.loads((demo_case_with_views / "truth.json").read_text())
+    views = json.loads((demo_case_with_views / "views" / "views.json").read_text())
+    assert views["protocol"] == "same"
+    protocol = ("kvp", "al_mm", "scatter_sigma_mm", "blur_px", "window_low_pct", "window_high_pct", "gamma",
+                "unsharp_amount", "unsharp_sigma_mm")
+    for v in views["views"]:
+        assert {k: v["exposure"][k] for k in protocol} == {k: truth["exposure"][k] for k in protocol}
+        # A new acquisition: the dose within +-26 %, the scatter within +-10 %, neither the case's own.
+        dose = v["exposure"]["photons_per_pixel"] / truth["exposure"]["photons_per_pixel"]
+        assert 10 ** -0.1 <= dose <= 10 ** 0.1 and dose != 1
+        scatter = v["exposure"]["scatter_to_primary"] / truth["exposure"]["scatter_to_primary"]
+        assert 0.9 <= scatter <= 1.1 and scatter != 1
+        assert float(pydicom.dcmread(demo_case_with_views / "views" / v["file"]).KVP) == truth["exposure"]["kvp"]
+
+    # random: every view draws its own exposure and processing, as another site's radiograph would.
+    _, settings, _ = demo_cases
+    case = tmp_path / "demo_000"
+    make_case(case, "demo_000", 0, dataclasses.replace(settings, extra_views=2, views_protocol="random"))
+    random_views = json.loads((case / "views" / "views.json").read_text())
+    assert random_views["protocol"] == "random"
+    for v in random_views["views"]:
+        assert v["exposure"]["gamma"] != truth["exposure"]["gamma"]
+        assert v["exposure"]["unsharp_amount"] != truth["exposure"]["unsharp_amount"]
+    # The poses do not depend on the protocol.
+    assert [v["geometry"] for v in random_views["views"]] == [v["geometry"] for v in views["views"]]
+    with pytest.raises(BonedrrError, match="demo views_protocol must be one of same, random, not 'site'"):
+        DemoSettings(views_protocol="site")

@@ -30,7 +30,8 @@ def _demo_cohort(args) -> None:
     settings = DemoSettings(seed=args.seed, rows=args.rows, cols=args.cols, pixel_mm=tuple(args.pixel_mm),
                             sdd_mm=args.sdd_mm, nifti_png_every=args.nifti_png_every,
                             abmd_range=tuple(args.abmd_range), proximal_femur_cut_mm=args.cut_mm,
-                            template=args.template, extra_views=args.extra_views)
+                            template=args.template, extra_views=args.extra_views,
+                            views_protocol=args.views_protocol)
     indices = args.cases if args.cases is not None else list(range(args.n))
     out = Path(args.out)
     if not args.samplesheet_only:
@@ -337,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", help="template folder (ct.nii.gz + TotalSegmentator labels.nii.gz)")
     p.add_argument("--extra-views", type=int, default=0,
                    help="extra radiographs of each patient at other poses, in views/ (multi-pose repeatability)")
+    p.add_argument("--views-protocol", choices=["same", "random"], default="same",
+                   help="the extra views repeat the case's kVp, filtration and processing (same; another dose, "
+                        "scatter and noise) or draw their own (random)")
     p.set_defaults(func=_demo_cohort)
 
     p = sub.add_parser("ingest", help="check and convert one case's CT and radiograph")

@@ -115,7 +115,8 @@ def validate_config(config: dict) -> dict:
             raise ConfigError(f"config error: cohort {name!r}: field 'calibration': method "
                               f"{calibration['method']!r} needs {needs!r}")
         if "demo" in cohort:
-            defaults = {k: DEMO[k] for k in ("rows", "cols", "nifti_png_every", "template", "extra_views")}
+            defaults = {k: DEMO[k] for k in ("rows", "cols", "nifti_png_every", "template", "extra_views",
+                                              "views_protocol")}
             cohort["demo"] = {**defaults, "abmd_range": list(DEMO["abmd_range"]), **cohort["demo"]}
             cohort.setdefault("segmentation", copy.deepcopy(DEMO_SEGMENTATION))
         if "segmentation" in cohort:

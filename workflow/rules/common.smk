@@ -167,7 +167,8 @@ def demo_args(wildcards):
         f"--n {d['n_patients']} --seed {d['seed']} --rows {d['rows']} --cols {d['cols']} "
         f"--pixel-mm {x['pixel_mm'][0]} {x['pixel_mm'][1]} --sdd-mm {x['sdd_mm']} "
         f"--nifti-png-every {d['nifti_png_every']} --abmd-range {d['abmd_range'][0]} {d['abmd_range'][1]} "
-        f"--cut-mm {CONFIG['proximal_femur_cut_mm']} --extra-views {d['extra_views']}"
+        f"--cut-mm {CONFIG['proximal_femur_cut_mm']} --extra-views {d['extra_views']} "
+        f"--views-protocol {d['views_protocol']}"
         f"{template}"
     )
 

@@ -9,9 +9,11 @@ Each case folder holds
 * ``truth.json``: true pose and geometry, QCT vBMD and DXA aBMD of each proximal femur, and every
   random draw; its ``clinical`` block is what a clinic's sample sheet would hold;
 * ``preview.png``: the CT (coronal) beside its radiograph;
-* ``views/`` (only with ``extra_views`` > 0): more radiographs of the same patient at other poses and
-  exposures (``view1.dcm``, ...; same CT, same simulator), and ``views.json`` with each view's true
-  geometry and exposure. They are for the multi-pose repeatability sweep of the validation stage; the
+* ``views/`` (only with ``extra_views`` > 0): more radiographs of the same patient at other poses
+  (``view1.dcm``, ...; same CT, same simulator), and ``views.json`` with each view's true geometry and
+  exposure. By default (``views_protocol: same``) they are repeat radiographs on the case's device and
+  exam protocol: its kVp, filtration and processing, another dose, scatter and noise; with ``random``
+  each view draws all of these anew, as another hospital's radiograph would. They are for the multi-pose repeatability sweep of the validation stage; the
   pipeline's training never sees them. Their DICOM headers carry no patient data.
 
 DICOM files carry a made-up patient name, id, birth date and institution, so that de-identification
@@ -64,6 +66,11 @@ class DemoSettings:
         template: Folder with the template CT and labels (None: the vendored one).
         extra_views: Extra radiographs of each patient at other poses (``views/``; 0: none). They are
             drawn from their own random stream, so the case's other files and truth do not change.
+        views_protocol: ``same``: the extra views repeat the case's exposure protocol
+            (:meth:`XrayExposure.repeat`: same kVp, filtration and processing; another dose, scatter
+            and noise), as repeat radiographs of a patient on one device are taken; ``random``: each
+            view draws its own exposure and processing (:meth:`XrayExposure.random`), as if from
+            another site.
     """
 
     seed: int = DEFAULTS["seed"]
@@ -76,7 +83,18 @@ class DemoSettings:
     proximal_femur_cut_mm: float = 80.0
     template: str | None = DEFAULTS["template"]
     extra_views: int = 0
+    views_protocol: str = "same"
 
+    def __post_init__(self):
+        if self.views_protocol not in VIEWS_PROTOCOLS:
+            from bonedrr.errors import BonedrrError
+
+            raise BonedrrError(f"demo views_protocol must be one of {', '.join(VIEWS_PROTOCOLS)}, "
+                               f"not {self.views_protocol!r}")
+
+
+#: How the extra views' exposures relate to the case's (DemoSettings.views_protocol).
+VIEWS_PROTOCOLS = ("same", "random")
 
 _TEMPLATES: dict = {}
 
@@ -165,7 +183,7 @@ def make_case(out_dir: str | Path, case: str, index: int, settings: DemoSettings
         write_json(tmp / "truth.json", truth)
         _preview(tmp / "preview.png", hu, patient, image, case)
         if settings.extra_views > 0:
-            _write_views(tmp / "views", patient, centre, settings, index, case)
+            _write_views(tmp / "views", patient, centre, exposure, settings, index, case)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -180,11 +198,12 @@ def make_case(out_dir: str | Path, case: str, index: int, settings: DemoSettings
 VIEW_ROTATION_DEG, VIEW_SHIFT_MM = 5.0, 10.0
 
 
-def _write_views(folder: Path, patient: vp.Materials, centre: list[float], settings: DemoSettings, index: int,
-                 case: str) -> None:
-    """Extra radiographs of one patient (see the module docstring): each with its own pose, source
-    distances and exposure, from the random stream ``(seed, index, 1, k)``; 16-bit DICOM DX with spacing
-    and distance tags and no patient data."""
+def _write_views(folder: Path, patient: vp.Materials, centre: list[float], exposure: XrayExposure,
+                 settings: DemoSettings, index: int, case: str) -> None:
+    """Extra radiographs of one patient (see the module docstring): each with its own pose and source
+    distances, and the case's ``exposure`` repeated or a new one (``settings.views_protocol``), from the
+    random stream ``(seed, index, 1, k)``; 16-bit DICOM DX with spacing and distance tags and no patient
+    data."""
     folder.mkdir()
     views = []
     for k in range(1, settings.extra_views + 1):
@@ -195,16 +214,17 @@ def _write_views(folder: Path, patient: vp.Materials, centre: list[float], setti
         shift = [float(v) for v in rng.uniform(-VIEW_SHIFT_MM, VIEW_SHIFT_MM, 3)]
         geometry = Geometry.centered(sdd, settings.rows, settings.cols, settings.pixel_mm)
         geometry = geometry.with_pose(ap_pose(centre, sod, rotation, shift))
-        exposure = XrayExposure.random(rng)
+        view_exposure = exposure.repeat(rng) if settings.views_protocol == "same" else XrayExposure.random(rng)
         image = simulate_radiograph(project(patient.densities(), patient.grid, geometry), geometry.pixel_mm,
-                                    exposure, rng)
+                                    view_exposure, rng)
         name = f"view{k}.dcm"
         write_radiograph_dicom(folder / name, np.round(image * 65535).astype(np.uint16), geometry.pixel_mm, sdd,
                                sod, {"PatientIdentityRemoved": "YES", "StudyDate": ""},
-                               key=f"{settings.seed}/{case}/view{k}", bits_stored=16, kvp=exposure.kvp)
+                               key=f"{settings.seed}/{case}/view{k}", bits_stored=16, kvp=view_exposure.kvp)
         views.append({"file": name, "geometry": geometry.to_dict(), "source_to_centre_mm": sod,
-                      "pose_rotvec_deg": rotation, "pose_shift_mm": shift, "exposure": asdict(exposure)})
-    write_json(folder / "views.json", {"case_id": case, "view_centre_world_mm": centre, "views": views})
+                      "pose_rotvec_deg": rotation, "pose_shift_mm": shift, "exposure": asdict(view_exposure)})
+    write_json(folder / "views.json", {"case_id": case, "view_centre_world_mm": centre,
+                                       "protocol": settings.views_protocol, "views": views})
 
 
 def _mkdir(p: Path) -> Path:

@@ -25,7 +25,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -97,6 +97,22 @@ class XrayExposure:
             window_high_pct=float(rng.uniform(99.0, 99.9)), gamma=float(rng.uniform(0.75, 1.3)),
             unsharp_amount=float(rng.uniform(0.0, 0.8)), unsharp_sigma_mm=float(rng.uniform(8, 20)),
         )
+
+    def repeat(self, rng: np.random.Generator) -> "XrayExposure":
+        """Another radiograph of the same patient on the same device and exam protocol: the tube voltage,
+        filtration, detector and the workstation's processing stay; the dose (the automatic exposure
+        control's, within about +-25 %) and the scatter (the patient's position, +-10 %) change.
+
+        Example:
+            >>> first = XrayExposure.random(np.random.default_rng(0))
+            >>> again = first.repeat(np.random.default_rng(1))
+            >>> (again.kvp, again.gamma, again.unsharp_amount) == (first.kvp, first.gamma, first.unsharp_amount)
+            True
+            >>> again.photons_per_pixel != first.photons_per_pixel
+            True
+        """
+        return replace(self, photons_per_pixel=self.photons_per_pixel * float(10 ** rng.uniform(-0.1, 0.1)),
+                       scatter_to_primary=self.scatter_to_primary * float(rng.uniform(0.9, 1.1)))
 
 
 def primary_transmission(areal: dict[str, np.ndarray], kvp: float, al_mm: float) -> np.ndarray:
