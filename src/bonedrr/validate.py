@@ -291,21 +291,27 @@ def _radiographs_of(demo_case: Path) -> list[Path]:
     return main + views
 
 
-def _true_heads(demo_case: Path) -> list[dict]:
-    """Each radiograph's true femoral-head centres (row, col) per side, in :func:`_radiographs_of` order."""
+def _geometries_of(demo_case: Path) -> list[dict]:
+    """Each radiograph's true geometry (``Geometry.to_dict``), in :func:`_radiographs_of` order."""
+    geometries = [json.loads((demo_case / "truth.json").read_text())["geometry"]]
+    views = demo_case / "views" / "views.json"
+    if views.is_file():
+        geometries += [v["geometry"] for v in json.loads(views.read_text())["views"]]
+    return geometries
+
+
+def true_heads_at(labels_path: Path, geometries: list[dict]) -> list[dict]:
+    """The true femoral-head centres (row, col) per side (None where a side has no head) of a case's
+    labels, projected with each geometry (``Geometry.to_dict``)."""
     import SimpleITK as sitk
 
     from bonedrr.geometry import Geometry
     from bonedrr.images import index_to_world
     from bonedrr.labels import SIDES, femoral_head_centre
 
-    labels = sitk.ReadImage(str(demo_case / "labels.nii.gz"))
+    labels = sitk.ReadImage(str(labels_path))
     array = sitk.GetArrayFromImage(labels)
     centres = {s: femoral_head_centre(array, s, index_to_world(labels)) for s in SIDES}
-    geometries = [json.loads((demo_case / "truth.json").read_text())["geometry"]]
-    views = demo_case / "views" / "views.json"
-    if views.is_file():
-        geometries += [v["geometry"] for v in json.loads(views.read_text())["views"]]
     out = []
     for g in geometries:
         geometry = Geometry.from_dict(g)
@@ -314,30 +320,29 @@ def _true_heads(demo_case: Path) -> list[dict]:
     return out
 
 
-def true_drr_bmd_by_pose(case_dir: Path, demo_case: Path, threshold: float, cut_mm: float = 80.0) -> list[dict]:
-    """The true DRR-BMD of each hip on each radiograph of a demo patient (:func:`_radiographs_of`
-    order): the case's proximal-femur DRRs (its density and labels, as the pipeline's) rendered at each
-    radiograph's true pose. How much the truth itself changes with the pose: a model that followed it
-    exactly would repeat this much, so it is the floor of the predicted BMD's RMS-CV.
+def _true_heads(demo_case: Path) -> list[dict]:
+    """Each radiograph's true femoral-head centres (row, col) per side, in :func:`_radiographs_of` order."""
+    return true_heads_at(demo_case / "labels.nii.gz", _geometries_of(demo_case))
+
+
+def true_drr_bmd_at(case_dir: Path, geometries: list[dict], threshold: float, cut_mm: float = 80.0) -> list[dict]:
+    """The true DRR-BMD of each hip at each geometry (``Geometry.to_dict``): the case's proximal-femur
+    DRRs (its density and labels, as the pipeline's) rendered there.
 
     Args:
         case_dir: The pipeline's case folder (``results/<cohort>/<case>``: ``density.nii.gz``,
             ``labels.nii.gz``).
-        demo_case: The demo patient's folder (``truth.json``, ``views/views.json``).
+        geometries: The radiographs' true geometries.
         threshold: DRR-BMD's projected-bone threshold, g/cm2.
         cut_mm: The proximal femur's cut below the lesser trochanter, as the DRRs'.
 
     Returns:
-        One ``{side: DRR-BMD}`` per radiograph.
+        One ``{side: DRR-BMD}`` per geometry.
     """
     from bonedrr.bmd import drr_bmd
     from bonedrr.drr import DEFAULT_CHANNELS, render_case
     from bonedrr.geometry import Geometry
 
-    geometries = [json.loads((demo_case / "truth.json").read_text())["geometry"]]
-    views = demo_case / "views" / "views.json"
-    if views.is_file():
-        geometries += [v["geometry"] for v in json.loads(views.read_text())["views"]]
     channels = {f"proximal_femur_{s}": DEFAULT_CHANNELS[f"proximal_femur_{s}"] for s in ("right", "left")}
     out = []
     for g in geometries:
@@ -346,6 +351,14 @@ def true_drr_bmd_by_pose(case_dir: Path, demo_case: Path, threshold: float, cut_
         out.append({s: drr_bmd(drr["drr"][drr["channels"].index(f"proximal_femur_{s}")], threshold)
                     for s in ("right", "left")})
     return out
+
+
+def true_drr_bmd_by_pose(case_dir: Path, demo_case: Path, threshold: float, cut_mm: float = 80.0) -> list[dict]:
+    """The true DRR-BMD of each hip on each radiograph of a demo patient (:func:`_radiographs_of`
+    order; :func:`true_drr_bmd_at` its ``truth.json`` and ``views/views.json`` geometries). How much the
+    truth itself changes with the pose: a model that followed it exactly would repeat this much, so it is
+    the floor of the predicted BMD's RMS-CV."""
+    return true_drr_bmd_at(case_dir, _geometries_of(demo_case), threshold, cut_mm)
 
 
 def _kvp_of(radiograph, case: Path | None, k: int) -> float:

@@ -198,31 +198,52 @@ def make_case(out_dir: str | Path, case: str, index: int, settings: DemoSettings
 VIEW_ROTATION_DEG, VIEW_SHIFT_MM = 5.0, 10.0
 
 
+def simulate_view(patient: vp.Materials, centre: list[float], exposure: XrayExposure, settings: DemoSettings,
+                  index: int, k: int) -> dict:
+    """Extra radiograph ``k`` (1, 2, ...) of patient ``index``, drawn from the random stream ``(seed,
+    index, 1, k)`` as the case's ``views/view<k>.dcm`` is (the same image): its own pose and source
+    distances, and the case's ``exposure`` repeated or a new one (``settings.views_protocol``).
+
+    Args:
+        patient: The virtual patient (:func:`draw_patient`).
+        centre: The case's view centre (world mm, ``truth.json``'s ``view_centre_world_mm``).
+        exposure: The case's own radiograph's exposure (``truth.json``'s ``exposure``).
+        settings: The cohort's settings (seed, detector, ``views_protocol``).
+        index, k: The patient's index and the view's number.
+
+    Returns:
+        ``{"image"}`` (0..1, bone bright), and ``geometry``, ``source_to_centre_mm``,
+        ``pose_rotvec_deg``, ``pose_shift_mm``, ``exposure`` as ``views.json`` records them.
+    """
+    rng = np.random.default_rng([settings.seed, index, 1, k])
+    sdd = float(round(settings.sdd_mm + rng.uniform(-50, 50)))
+    sod = sdd - float(rng.uniform(180, 230))
+    rotation = [float(v) for v in rng.uniform(-VIEW_ROTATION_DEG, VIEW_ROTATION_DEG, 3)]
+    shift = [float(v) for v in rng.uniform(-VIEW_SHIFT_MM, VIEW_SHIFT_MM, 3)]
+    geometry = Geometry.centered(sdd, settings.rows, settings.cols, settings.pixel_mm)
+    geometry = geometry.with_pose(ap_pose(centre, sod, rotation, shift))
+    view_exposure = exposure.repeat(rng) if settings.views_protocol == "same" else XrayExposure.random(rng)
+    image = simulate_radiograph(project(patient.densities(), patient.grid, geometry), geometry.pixel_mm,
+                                view_exposure, rng)
+    return {"image": image, "geometry": geometry.to_dict(), "source_to_centre_mm": sod,
+            "pose_rotvec_deg": rotation, "pose_shift_mm": shift, "exposure": asdict(view_exposure)}
+
+
 def _write_views(folder: Path, patient: vp.Materials, centre: list[float], exposure: XrayExposure,
                  settings: DemoSettings, index: int, case: str) -> None:
-    """Extra radiographs of one patient (see the module docstring): each with its own pose and source
-    distances, and the case's ``exposure`` repeated or a new one (``settings.views_protocol``), from the
-    random stream ``(seed, index, 1, k)``; 16-bit DICOM DX with spacing and distance tags and no patient
-    data."""
+    """The case's extra radiographs (:func:`simulate_view`) as 16-bit DICOM DX with spacing and
+    distance tags and no patient data, and their ``views.json``."""
     folder.mkdir()
     views = []
     for k in range(1, settings.extra_views + 1):
-        rng = np.random.default_rng([settings.seed, index, 1, k])
-        sdd = float(round(settings.sdd_mm + rng.uniform(-50, 50)))
-        sod = sdd - float(rng.uniform(180, 230))
-        rotation = [float(v) for v in rng.uniform(-VIEW_ROTATION_DEG, VIEW_ROTATION_DEG, 3)]
-        shift = [float(v) for v in rng.uniform(-VIEW_SHIFT_MM, VIEW_SHIFT_MM, 3)]
-        geometry = Geometry.centered(sdd, settings.rows, settings.cols, settings.pixel_mm)
-        geometry = geometry.with_pose(ap_pose(centre, sod, rotation, shift))
-        view_exposure = exposure.repeat(rng) if settings.views_protocol == "same" else XrayExposure.random(rng)
-        image = simulate_radiograph(project(patient.densities(), patient.grid, geometry), geometry.pixel_mm,
-                                    view_exposure, rng)
+        view = simulate_view(patient, centre, exposure, settings, index, k)
+        image = view.pop("image")
         name = f"view{k}.dcm"
-        write_radiograph_dicom(folder / name, np.round(image * 65535).astype(np.uint16), geometry.pixel_mm, sdd,
-                               sod, {"PatientIdentityRemoved": "YES", "StudyDate": ""},
-                               key=f"{settings.seed}/{case}/view{k}", bits_stored=16, kvp=view_exposure.kvp)
-        views.append({"file": name, "geometry": geometry.to_dict(), "source_to_centre_mm": sod,
-                      "pose_rotvec_deg": rotation, "pose_shift_mm": shift, "exposure": asdict(view_exposure)})
+        write_radiograph_dicom(folder / name, np.round(image * 65535).astype(np.uint16), settings.pixel_mm,
+                               view["geometry"]["sdd_mm"], view["source_to_centre_mm"],
+                               {"PatientIdentityRemoved": "YES", "StudyDate": ""},
+                               key=f"{settings.seed}/{case}/view{k}", bits_stored=16, kvp=view["exposure"]["kvp"])
+        views.append({"file": name, **view})
     write_json(folder / "views.json", {"case_id": case, "view_centre_world_mm": centre,
                                        "protocol": settings.views_protocol, "views": views})
 
