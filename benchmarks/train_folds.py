@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--parallel", type=int, default=1, help="fold models trained at once")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per training process")
+    parser.add_argument("--eval-shards", help="read the held-out folds from this shard folder instead (packed with "
+                        "the same folds and seed, e.g. a cohort's radiographs without its training views)")
     parser.add_argument("--models", help="folder for the fold models (default: a temporary one)")
     parser.add_argument("--reuse", action="store_true", help="evaluate a fold model already in --models "
                         "instead of training it again (its seconds are then not measured)")
@@ -92,7 +94,7 @@ def main() -> None:
     pred, true, qct, per_fold = [], [], [], {}
     for k, sec in zip(folds, seconds):
         model = load_model(models / f"fold{k}")
-        held = load_samples(ShardDataset(shards, folds=[k]))
+        held = load_samples(ShardDataset(Path(args.eval_shards) if args.eval_shards else shards, folds=[k]))
         p = model.bmd(model.predict(held["xray"], model.scale_of(held["overview"]), kvp=held["kvp"]))
         seen = load_samples(ShardDataset(shards, exclude_folds=[k]))
         p_seen = model.bmd(model.predict(seen["xray"], model.scale_of(seen["overview"]), kvp=seen["kvp"]))
@@ -108,7 +110,7 @@ def main() -> None:
         "machine": {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
                     "cpus": os.cpu_count(), "torch": torch.__version__, "threads_per_process": args.threads,
                     "parallel": args.parallel},
-        "shards": str(shards), "stages": settings["stages"], "batch_size": settings["batch_size"],
+        "shards": str(shards), "eval_shards": args.eval_shards, "stages": settings["stages"], "batch_size": settings["batch_size"],
         "wall_seconds_all_folds": round(wall, 1), "folds": per_fold,
         "train": {key: settings[key] for key in ("network", "augment", "input_scale", "ema") if key in settings},
         "held_out": {"hips": len(pred), "r_vs_drr_bmd": round(float(np.corrcoef(pred, true)[0, 1]), 3),

@@ -6,7 +6,14 @@
 # model from the upstream errors: what a model learns here is a ceiling for the workflow's own shards.
 # About 20 patients a minute on 2 cores; 200 patients are 400 hips and about 0.5 GB.
 #
-#   benchmarks/truth_pose_cohort.sh OUT N [JOBS]
+#   benchmarks/truth_pose_cohort.sh OUT N [JOBS] [VIEWS]
+#
+# With VIEWS > 0, each patient also gets VIEWS training views (benchmarks/truth_pose_views.py: other
+# poses, kVp and processing), each a case of its own (<case>_v<k>, the patient's id, the patient's
+# density and labels, the view's true pose) packed with the others into OUT/shards_views (the same
+# folds: a patient's views sit in its fold). Train on OUT/shards_views, evaluate on OUT/shards:
+#
+#   python benchmarks/train_folds.py --shards OUT/shards_views --eval-shards OUT/shards --folds 0 ...
 #
 # writes OUT/demo_input (the demo's case folders, made with config/config.yaml's demo settings and seed,
 # without the DICOM CT series once used), OUT/cases/<case> (what the workflow's per-case stages write)
@@ -17,7 +24,7 @@
 #       --set '{"network": {"condition": "tone"}}' --out /tmp/tone.json
 set -euo pipefail
 [ $# -ge 2 ] || { echo "usage: $0 OUT N [JOBS]" >&2; exit 2; }
-out=$(realpath -m "$1"); n=$2; jobs=${3:-2}
+out=$(realpath -m "$1"); n=$2; jobs=${3:-2}; views=${4:-0}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cli="${PYTHON:-$repo/.venv/bin/python} -m bonedrr"
 mkdir -p "$out/logs" "$out/cases"
@@ -52,9 +59,41 @@ json.dump({"geometry": truth["geometry"], "converged": True, "qa_flags": [], "si
   rm -rf "$case_dir" "$dir/ct"; mv "$case_dir.tmp" "$case_dir"
   echo "$id"
 }
-export -f one_case; export out n cli repo
+view_case() {  # one training view: ingest, the patient's density and labels, the view's true pose, drr, bmd
+  local vc=$1 id=${1%_v*} case_dir
+  case_dir=$out/view_cases/$vc
+  [ -f "$case_dir/bmd.json" ] && return 0
+  rm -rf "$case_dir.tmp"; mkdir -p "$case_dir.tmp"
+  $cli ingest --case-id "$vc" --patient-id "$id" --cohort demo --out "$case_dir.tmp" --pixel-mm 1.4 1.4 --sdd-mm 1100 \
+    --clinical-from "$out/demo_input/$id/truth.json" --ct "$out/cases/$id/ct.nii.gz" --xray "$out/views/$vc/xray.dcm" \
+    2> "$out/logs/$vc.ingest.log"
+  cp "$out/cases/$id/labels.nii.gz" "$out/cases/$id/density.nii.gz" "$out/cases/$id/calibration.json" "$case_dir.tmp/"
+  "${PYTHON:-$repo/.venv/bin/python}" -c 'import json, sys
+view = json.load(open(sys.argv[1]))
+json.dump({"geometry": view["geometry"], "converged": True, "qa_flags": [], "similarity_value": 1.0}, open(sys.argv[2], "w"))' \
+    "$out/views/$vc/view.json" "$case_dir.tmp/pose.json"
+  $cli drr --density "$case_dir.tmp/density.nii.gz" --labels "$case_dir.tmp/labels.nii.gz" --geometry "$case_dir.tmp/pose.json" \
+    --xray "$case_dir.tmp/xray.nii.gz" --out "$case_dir.tmp/drr.h5" --method siddon --device cpu --cut-mm 80 \
+    2> "$out/logs/$vc.drr.log"
+  $cli bmd --density "$case_dir.tmp/density.nii.gz" --labels "$case_dir.tmp/labels.nii.gz" --drr "$case_dir.tmp/drr.h5" \
+    --case "$case_dir.tmp/case.json" --calibration "$case_dir.tmp/calibration.json" --out "$case_dir.tmp/bmd.json" \
+    --threshold 0.05 --cut-mm 80 2> "$out/logs/$vc.bmd.log"
+  rm -f "$case_dir.tmp/ct.nii.gz"; rm -rf "$case_dir"; mv "$case_dir.tmp" "$case_dir"
+  echo "$vc"
+}
+export -f one_case view_case; export out n cli repo
 seq 0 $((n - 1)) | OMP_NUM_THREADS=1 xargs -P "$jobs" -I{} bash -c 'one_case {}' | \
   "${PYTHON:-$repo/.venv/bin/python}" -c 'import sys, tqdm
 for _ in tqdm.tqdm(sys.stdin, total=int(sys.argv[1]), unit="case", desc="truth-pose cases"): pass' "$n"
 $cli pack --cases "$out"/cases/demo_* --out "$out/shards" --cohort demo --crop-mm 240 120 --crop-px 128 64 \
   --head-position 0.3 0.7 --folds 5 --seed 0 --shard-size-mb 1000 --compression lzf --threshold 0.05
+[ "$views" -gt 0 ] || exit 0
+ids=$(seq 0 $((n - 1)) | xargs -I{} printf "demo_%03d\n" {})
+echo "$ids" | OMP_NUM_THREADS=1 xargs -P "$jobs" -n 20 "${PYTHON:-$repo/.venv/bin/python}" "$repo/benchmarks/truth_pose_views.py" "$out" "$views" \
+  2> "$out/logs/views.log"
+mkdir -p "$out/view_cases"
+for id in $ids; do for k in $(seq 1 "$views"); do echo "${id}_v$k"; done; done | OMP_NUM_THREADS=1 xargs -P "$jobs" -I{} bash -c 'view_case {}' | \
+  "${PYTHON:-$repo/.venv/bin/python}" -c 'import sys, tqdm
+for _ in tqdm.tqdm(sys.stdin, total=int(sys.argv[1]), unit="view", desc="training views"): pass' "$((n * views))"
+$cli pack --cases "$out"/cases/demo_* "$out"/view_cases/demo_* --out "$out/shards_views" --cohort demo --crop-mm 240 120 \
+  --crop-px 128 64 --head-position 0.3 0.7 --folds 5 --seed 0 --shard-size-mb 1000 --compression lzf --threshold 0.05
