@@ -29,7 +29,6 @@ Writes benchmarks/results/pose_repeatability.json.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import time
 from dataclasses import replace
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from bonedrr import validate as v
+from bonedrr.dataset import read_index
 from bonedrr.demo.cohort import VIEWS_PROTOCOLS, DemoSettings, draw_patient, simulate_view
 from bonedrr.demo.naming import DEFAULTS
 from bonedrr.demo.xray_physics import XrayExposure
@@ -109,12 +109,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "pose_repeatability.json")
     args = ap.parse_args()
 
-    with open(args.shards / "index.csv") as f:
-        folds: dict[int, list[str]] = {}
-        for r in csv.DictReader(f):
-            cases = folds.setdefault(int(r["fold"]), [])
-            if r["case_id"] not in cases:
-                cases.append(r["case_id"])
+    folds: dict[int, set[str]] = {}
+    for row in read_index(args.shards):
+        folds.setdefault(int(row["fold"]), set()).add(row["case_id"])
     pack = v._pack_settings(args.shards)
     t0 = time.time()
     result = {"command": "python benchmarks/pose_repeatability.py " + " ".join(

@@ -29,6 +29,19 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cli="${PYTHON:-$repo/.venv/bin/python} -m bonedrr"
 mkdir -p "$out/logs" "$out/cases"
 
+true_pose_drr_bmd() {  # DIR GEOMETRY_JSON ID: the true pose (GEOMETRY_JSON's "geometry") as a registration
+  # record that passed its QA, then the DRRs and the BMD at it, in the case folder DIR
+  local d=$1 id=$3
+  "${PYTHON:-$repo/.venv/bin/python}" -c 'import json, sys
+truth = json.load(open(sys.argv[1]))
+json.dump({"geometry": truth["geometry"], "converged": True, "qa_flags": [], "similarity_value": 1.0}, open(sys.argv[2], "w"))' \
+    "$2" "$d/pose.json"
+  $cli drr --density "$d/density.nii.gz" --labels "$d/labels.nii.gz" --geometry "$d/pose.json" \
+    --xray "$d/xray.nii.gz" --out "$d/drr.h5" --method siddon --device cpu --cut-mm 80 2> "$out/logs/$id.drr.log"
+  $cli bmd --density "$d/density.nii.gz" --labels "$d/labels.nii.gz" --drr "$d/drr.h5" --case "$d/case.json" \
+    --calibration "$d/calibration.json" --out "$d/bmd.json" --threshold 0.05 --cut-mm 80 2> "$out/logs/$id.bmd.log"
+}
+
 one_case() {
   local i=$1 id dir case_dir ct xray
   id=$(printf "demo_%03d" "$i"); dir=$out/demo_input/$id; case_dir=$out/cases/$id
@@ -45,17 +58,7 @@ one_case() {
   cp "$dir/labels.nii.gz" "$case_dir.tmp/labels.nii.gz"  # the true labels, on the CT's grid
   $cli calibrate --ct "$case_dir.tmp/ct.nii.gz" --labels "$case_dir.tmp/labels.nii.gz" --case "$case_dir.tmp/case.json" \
     --out "$case_dir.tmp" --method phantom --cut-mm 80 --rods 0 100 200 400 800 --resin 0 2> "$out/logs/$id.calibrate.log"
-  # the true pose, as a registration record that passed its QA
-  "${PYTHON:-$repo/.venv/bin/python}" -c 'import json, sys
-truth = json.load(open(sys.argv[1]))
-json.dump({"geometry": truth["geometry"], "converged": True, "qa_flags": [], "similarity_value": 1.0}, open(sys.argv[2], "w"))' \
-    "$dir/truth.json" "$case_dir.tmp/pose.json"
-  $cli drr --density "$case_dir.tmp/density.nii.gz" --labels "$case_dir.tmp/labels.nii.gz" --geometry "$case_dir.tmp/pose.json" \
-    --xray "$case_dir.tmp/xray.nii.gz" --out "$case_dir.tmp/drr.h5" --method siddon --device cpu --cut-mm 80 \
-    2> "$out/logs/$id.drr.log"
-  $cli bmd --density "$case_dir.tmp/density.nii.gz" --labels "$case_dir.tmp/labels.nii.gz" --drr "$case_dir.tmp/drr.h5" \
-    --case "$case_dir.tmp/case.json" --calibration "$case_dir.tmp/calibration.json" --out "$case_dir.tmp/bmd.json" \
-    --threshold 0.05 --cut-mm 80 2> "$out/logs/$id.bmd.log"
+  true_pose_drr_bmd "$case_dir.tmp" "$dir/truth.json" "$id"
   rm -rf "$case_dir" "$dir/ct"; mv "$case_dir.tmp" "$case_dir"
   echo "$id"
 }
@@ -68,20 +71,11 @@ view_case() {  # one training view: ingest, the patient's density and labels, th
     --clinical-from "$out/demo_input/$id/truth.json" --ct "$out/cases/$id/ct.nii.gz" --xray "$out/views/$vc/xray.dcm" \
     2> "$out/logs/$vc.ingest.log"
   cp "$out/cases/$id/labels.nii.gz" "$out/cases/$id/density.nii.gz" "$out/cases/$id/calibration.json" "$case_dir.tmp/"
-  "${PYTHON:-$repo/.venv/bin/python}" -c 'import json, sys
-view = json.load(open(sys.argv[1]))
-json.dump({"geometry": view["geometry"], "converged": True, "qa_flags": [], "similarity_value": 1.0}, open(sys.argv[2], "w"))' \
-    "$out/views/$vc/view.json" "$case_dir.tmp/pose.json"
-  $cli drr --density "$case_dir.tmp/density.nii.gz" --labels "$case_dir.tmp/labels.nii.gz" --geometry "$case_dir.tmp/pose.json" \
-    --xray "$case_dir.tmp/xray.nii.gz" --out "$case_dir.tmp/drr.h5" --method siddon --device cpu --cut-mm 80 \
-    2> "$out/logs/$vc.drr.log"
-  $cli bmd --density "$case_dir.tmp/density.nii.gz" --labels "$case_dir.tmp/labels.nii.gz" --drr "$case_dir.tmp/drr.h5" \
-    --case "$case_dir.tmp/case.json" --calibration "$case_dir.tmp/calibration.json" --out "$case_dir.tmp/bmd.json" \
-    --threshold 0.05 --cut-mm 80 2> "$out/logs/$vc.bmd.log"
+  true_pose_drr_bmd "$case_dir.tmp" "$out/views/$vc/view.json" "$vc"
   rm -f "$case_dir.tmp/ct.nii.gz"; rm -rf "$case_dir"; mv "$case_dir.tmp" "$case_dir"
   echo "$vc"
 }
-export -f one_case view_case; export out n cli repo
+export -f true_pose_drr_bmd one_case view_case; export out n cli repo
 seq 0 $((n - 1)) | OMP_NUM_THREADS=1 xargs -P "$jobs" -I{} bash -c 'one_case {}' | \
   "${PYTHON:-$repo/.venv/bin/python}" -c 'import sys, tqdm
 for _ in tqdm.tqdm(sys.stdin, total=int(sys.argv[1]), unit="case", desc="truth-pose cases"): pass' "$n"

@@ -170,7 +170,8 @@ def test_extra_views_repeat_the_cases_protocol_unless_random(demo_cases, demo_ca
 
     import pydicom
 
-    from bonedrr.demo.cohort import DemoSettings, make_case
+    from bonedrr.demo.cohort import DemoSettings, draw_patient, make_case, simulate_view
+    from bonedrr.demo.xray_physics import XrayExposure
     from bonedrr.errors import BonedrrError
 
     truth = json.loads((demo_case_with_views / "truth.json").read_text())
@@ -187,8 +188,16 @@ def test_extra_views_repeat_the_cases_protocol_unless_random(demo_cases, demo_ca
         assert 0.9 <= scatter <= 1.1 and scatter != 1
         assert float(pydicom.dcmread(demo_case_with_views / "views" / v["file"]).KVP) == truth["exposure"]["kvp"]
 
-    # random: every view draws its own exposure and processing, as another site's radiograph would.
+    # simulate_view, what the benchmarks make views with, is the image the case folder holds.
     _, settings, _ = demo_cases
+    patient, _, _ = draw_patient(0, settings)
+    view = simulate_view(patient, truth["view_centre_world_mm"], XrayExposure(**truth["exposure"]),
+                         dataclasses.replace(settings, extra_views=2), 0, 2)
+    stored = pydicom.dcmread(demo_case_with_views / "views" / "view2.dcm").pixel_array
+    np.testing.assert_array_equal(np.round(view["image"] * 65535).astype(np.uint16), stored)
+    assert view["geometry"] == views["views"][1]["geometry"]
+
+    # random: every view draws its own exposure and processing, as another site's radiograph would.
     case = tmp_path / "demo_000"
     make_case(case, "demo_000", 0, dataclasses.replace(settings, extra_views=2, views_protocol="random"))
     random_views = json.loads((case / "views" / "views.json").read_text())
