@@ -209,3 +209,36 @@ def test_extra_views_repeat_the_cases_protocol_unless_random(demo_cases, demo_ca
     assert [v["geometry"] for v in random_views["views"]] == [v["geometry"] for v in views["views"]]
     with pytest.raises(BonedrrError, match="demo views_protocol must be one of same, random, not 'site'"):
         DemoSettings(views_protocol="site")
+
+
+def test_a_cohort_of_few_sites_shares_their_protocols_and_keeps_its_patients_and_poses(demo_cases, tmp_path):
+    import dataclasses
+
+    import pydicom
+
+    from bonedrr.demo.cohort import DemoSettings, make_case, site_exposure
+    from bonedrr.errors import BonedrrError
+
+    _, settings, own = demo_cases
+    assert [t["site"] for t in own] == [None, None]  # sites: 0, every case its own protocol
+    one_site = dataclasses.replace(settings, sites=1)
+    truths = [make_case(tmp_path / f"demo_00{i}", f"demo_00{i}", i, one_site) for i in range(2)]
+    protocol = ("kvp", "al_mm", "scatter_sigma_mm", "blur_px", "window_low_pct", "window_high_pct", "gamma",
+                "unsharp_amount", "unsharp_sigma_mm")
+    site = site_exposure(one_site, 0)
+    for truth, before in zip(truths, own):
+        assert truth["site"] == 0
+        assert {k: truth["exposure"][k] for k in protocol} == {k: getattr(site, k) for k in protocol}
+        assert truth["exposure"]["gamma"] != before["exposure"]["gamma"]
+        # The patient, the pose and the DXA draw are the case's whatever the sites are.
+        for key in ("patient", "geometry", "qct_vbmd_mg_cm3", "dxa_total_hip_abmd_g_cm2"):
+            assert truth[key] == before[key], key
+    # Each case its own dose and scatter, within the repeat's ranges of the protocol's.
+    doses = [t["exposure"]["photons_per_pixel"] / site.photons_per_pixel for t in truths]
+    assert doses[0] != doses[1] and all(10 ** -0.1 <= d <= 10 ** 0.1 for d in doses)
+    assert float(pydicom.dcmread(tmp_path / "demo_000" / "xray.dcm").KVP) == site.kvp
+    assert truths[1]["clinical"]["xray_kvp"] == site.kvp  # the PNG case's sample sheet knows the protocol's kVp
+    # Two sites: cases alternate between them.
+    assert site_exposure(dataclasses.replace(settings, sites=2), 1).gamma != site.gamma
+    with pytest.raises(BonedrrError, match="demo sites must be 0 .every case its own protocol. or more, not -1"):
+        DemoSettings(sites=-1)

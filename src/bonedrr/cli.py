@@ -31,7 +31,7 @@ def _demo_cohort(args) -> None:
                             sdd_mm=args.sdd_mm, nifti_png_every=args.nifti_png_every,
                             abmd_range=tuple(args.abmd_range), proximal_femur_cut_mm=args.cut_mm,
                             template=args.template, extra_views=args.extra_views,
-                            views_protocol=args.views_protocol)
+                            views_protocol=args.views_protocol, sites=args.sites)
     indices = args.cases if args.cases is not None else list(range(args.n))
     out = Path(args.out)
     if not args.samplesheet_only:
@@ -341,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views-protocol", choices=["same", "random"], default="same",
                    help="the extra views repeat the case's kVp, filtration and processing (same; another dose, "
                         "scatter and noise) or draw their own (random)")
+    p.add_argument("--sites", type=int, default=DEMO["sites"],
+                   help="acquisition protocols (devices and their processing) the radiographs come from: 0, every "
+                        "case its own; N, case i on protocol i mod N (1: a single hospital)")
     p.set_defaults(func=_demo_cohort)
 
     p = sub.add_parser("ingest", help="check and convert one case's CT and radiograph")

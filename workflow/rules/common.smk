@@ -168,7 +168,7 @@ def demo_args(wildcards):
         f"--pixel-mm {x['pixel_mm'][0]} {x['pixel_mm'][1]} --sdd-mm {x['sdd_mm']} "
         f"--nifti-png-every {d['nifti_png_every']} --abmd-range {d['abmd_range'][0]} {d['abmd_range'][1]} "
         f"--cut-mm {CONFIG['proximal_femur_cut_mm']} --extra-views {d['extra_views']} "
-        f"--views-protocol {d['views_protocol']}"
+        f"--views-protocol {d['views_protocol']} --sites {d['sites']}"
         f"{template}"
     )
 

@@ -71,6 +71,12 @@ class DemoSettings:
             and noise), as repeat radiographs of a patient on one device are taken; ``random``: each
             view draws its own exposure and processing (:meth:`XrayExposure.random`), as if from
             another site.
+        sites: How many acquisition protocols (devices with their exam protocol and workstation
+            processing) the cohort's radiographs come from. 0: every case draws its own, as if each
+            patient came from another site (the hardest setting, the default); N >= 1: N protocols
+            (:func:`site_exposure`), case ``i`` on protocol ``i mod N``, each case another dose,
+            scatter and noise (:meth:`XrayExposure.repeat`). 1 is a single hospital's cohort, as
+            the paper's was. The cases' poses, anatomy and other draws are the same for every value.
     """
 
     seed: int = DEFAULTS["seed"]
@@ -84,13 +90,16 @@ class DemoSettings:
     template: str | None = DEFAULTS["template"]
     extra_views: int = 0
     views_protocol: str = "same"
+    sites: int = 0
 
     def __post_init__(self):
-        if self.views_protocol not in VIEWS_PROTOCOLS:
-            from bonedrr.errors import BonedrrError
+        from bonedrr.errors import BonedrrError
 
+        if self.views_protocol not in VIEWS_PROTOCOLS:
             raise BonedrrError(f"demo views_protocol must be one of {', '.join(VIEWS_PROTOCOLS)}, "
                                f"not {self.views_protocol!r}")
+        if self.sites < 0:
+            raise BonedrrError(f"demo sites must be 0 (every case its own protocol) or more, not {self.sites}")
 
 
 #: How the extra views' exposures relate to the case's (DemoSettings.views_protocol).
@@ -119,6 +128,40 @@ def draw_patient(index: int, settings: DemoSettings) -> tuple[vp.Materials, vp.P
     return vp.make_patient(template, params), params, rng
 
 
+def site_exposure(settings: DemoSettings, site: int) -> XrayExposure:
+    """Acquisition protocol ``site`` (0, 1, ...) of a cohort with ``settings.sites`` >= 1: a kVp,
+    filtration, detector and processing drawn as a case's own are (:meth:`XrayExposure.random`), from the
+    stream ``(seed, site, 2)``, so a cohort's protocols do not depend on its number of patients.
+
+    Example:
+        >>> a = site_exposure(DemoSettings(sites=2), 0)
+        >>> a == site_exposure(DemoSettings(sites=3), 0), a == site_exposure(DemoSettings(sites=2), 1)
+        (True, False)
+    """
+    return XrayExposure.random(np.random.default_rng([settings.seed, site, 2]))
+
+
+def case_radiograph(settings: DemoSettings, index: int, areal: dict[str, np.ndarray], pixel_mm,
+                    rng: np.random.Generator) -> tuple[np.ndarray, XrayExposure, int | None]:
+    """Case ``index``'s radiograph from its areal densities: the image, its exposure and its protocol's
+    number (None: its own).
+
+    With ``settings.sites`` 0 the exposure and the noise are drawn from the case's stream ``rng``.
+    Otherwise the site's protocol is repeated (another dose and scatter) and the noise drawn from the
+    stream ``(seed, index, 3)``; the case's own radiograph is still simulated and dropped, because its
+    Poisson noise takes a varying number of draws from ``rng``, and the case's later draws (DXA, the
+    CT's noise) must not depend on ``sites``.
+    """
+    own = XrayExposure.random(rng)
+    image = simulate_radiograph(areal, pixel_mm, own, rng)
+    if settings.sites == 0:
+        return image, own, None
+    site = index % settings.sites
+    site_rng = np.random.default_rng([settings.seed, index, 3])
+    exposure = site_exposure(settings, site).repeat(site_rng)
+    return simulate_radiograph(areal, pixel_mm, exposure, site_rng), exposure, site
+
+
 def make_case(out_dir: str | Path, case: str, index: int, settings: DemoSettings) -> dict:
     """Make one virtual patient and write its folder. Returns its truth (as in truth.json)."""
     out_dir = Path(out_dir)
@@ -133,9 +176,8 @@ def make_case(out_dir: str | Path, case: str, index: int, settings: DemoSettings
     centre = _view_centre(patient, geometry, sod)
     pose = ap_pose(centre, sod, params.pose_rotvec_deg, params.pose_shift_mm)
     geometry = geometry.with_pose(pose)
-    exposure = XrayExposure.random(rng)
     areal = project(patient.densities(), patient.grid, geometry)
-    image = simulate_radiograph(areal, geometry.pixel_mm, exposure, rng)
+    image, exposure, site = case_radiograph(settings, index, areal, geometry.pixel_mm, rng)
 
     truth = {
         "case_id": case, "generator": f"bonedrr {__version__} demo-cohort", "seed": settings.seed,
@@ -151,7 +193,7 @@ def make_case(out_dir: str | Path, case: str, index: int, settings: DemoSettings
             "phantom_rods_mg_cm3": list(vp.PHANTOM_RODS_MG_CM3),
             "note": "scanner HU = hu_intercept + hu_slope * (soft-tissue HU + ha_hu_per_mg_cm3_ideal * mg/cm3 HA)",
         },
-        "patient": params.to_dict(), "exposure": asdict(exposure), "files": files,
+        "patient": params.to_dict(), "exposure": asdict(exposure), "site": site, "files": files,
     }
     dxa = {s: v * (1 + rng.normal(0, DXA_PRECISION_CV)) for s, v in truth["dxa_abmd_noiseless_g_cm2"].items()}
     truth["dxa_total_hip_abmd_g_cm2"] = dxa

@@ -10,6 +10,7 @@ DEFAULTS = {
     "nifti_png_every": 5, "abmd_range": (0.45, 1.15), "template": None,
     "extra_views": 3,  # the workflow's demo default (DemoSettings' own default is 0: no views)
     "views_protocol": "same",
+    "sites": 0,  # every case its own exposure protocol (DemoSettings.sites)
     "phantom_rods_mg_cm3": (0.0, 100.0, 200.0, 400.0, 800.0),  # hydroxyapatite rods in water-like resin
 }
 
