@@ -13,7 +13,8 @@
 # poses, DRRs and BMD targets are the same for every SITES; only the radiographs differ.
 #
 # With VIEWS > 0, each patient also gets VIEWS training views (benchmarks/truth_pose_views.py: other
-# poses, kVp and processing), each a case of its own (<case>_v<k>, the patient's id, the patient's
+# poses, kVp and processing; with VIEWS_PROTOCOL=same in the environment, other poses at the case's own
+# protocol), each a case of its own (<case>_v<k>, the patient's id, the patient's
 # density and labels, the view's true pose) packed with the others into OUT/shards_views (the same
 # folds: a patient's views sit in its fold). Train on OUT/shards_views, evaluate on OUT/shards:
 #

@@ -2,7 +2,8 @@
 
 For each given case of OUT/demo_input, views 1..V as :func:`bonedrr.demo.cohort.simulate_view` makes
 them with ``views_protocol: random`` (other poses, and other kVp and processing: the anatomy held, the
-radiograph varied), from the random streams of the demo's own views. A held-out patient's views are
+radiograph varied) or, with the environment's ``VIEWS_PROTOCOL=same``, ``same`` (other poses at the
+case's own protocol: a single-site cohort's repeat radiographs), from the random streams of the demo's own views. A held-out patient's views are
 the ones ``benchmarks/pose_repeatability.py`` makes too, but they sit in the patient's own fold, which
 the fold's model never trains on. Writes OUT/views/<case>_v<k>/xray.dcm
 (16-bit DICOM DX, no patient data) and view.json (its true geometry and exposure).
@@ -13,6 +14,7 @@ the fold's model never trains on. Writes OUT/views/<case>_v<k>/xray.dcm
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +32,7 @@ def main() -> None:
         geometry = truth["geometry"]
         settings = DemoSettings(seed=truth["seed"], rows=geometry["rows"], cols=geometry["cols"],
                                 pixel_mm=tuple(geometry["pixel_mm"]), sdd_mm=DEFAULTS["sdd_mm"],
-                                proximal_femur_cut_mm=truth["proximal_femur_cut_mm"], views_protocol="random")
+                                proximal_femur_cut_mm=truth["proximal_femur_cut_mm"], views_protocol=os.environ.get("VIEWS_PROTOCOL", "random"))
         patient, _, _ = draw_patient(truth["index"], settings)
         for k in range(1, n_views + 1):
             folder = out / "views" / f"{case}_v{k}"
