@@ -25,9 +25,7 @@ Writes benchmarks/results/pose_error_parts.json.
 
 from __future__ import annotations
 
-import argparse
 import json
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,18 +33,16 @@ import numpy as np
 
 from bonedrr import validate as v
 from bonedrr.bmd import BMD_CHANNEL, drr_bmd
-from bonedrr.dataset import read_index
 from bonedrr.demo.cohort import DemoSettings, draw_patient, simulate_view
 from bonedrr.demo.naming import DEFAULTS
 from bonedrr.demo.projector import project
 from bonedrr.demo.xray_physics import XrayExposure, simulate_radiograph
 from bonedrr.drr import DEFAULT_CHANNELS, render_case
-from bonedrr.estimate import load_for_inference
 from bonedrr.geometry import Geometry
 from bonedrr.metrics import rms_cv
+from pose_repeatability import SIDES, held_out_parser, over_held_out  # benchmarks/, the script's folder
 
 REPO = Path(__file__).resolve().parents[1]
-SIDES = ("right", "left")
 PARTS = ("bmd", "bmd_noiseless", "bmd_noise_only", "area", "level")
 
 
@@ -113,38 +109,13 @@ def summarise(patients: list[dict]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shards", required=True, type=Path)
-    ap.add_argument("--models", required=True, type=Path, nargs="+", help="model folders named <anything>_fold<k> "
-                    "or fold<k> (k: the held-out fold)")
-    ap.add_argument("--demo-root", required=True, type=Path, help="the cohort's demo_input folder")
-    ap.add_argument("--cases-root", required=True, type=Path, help="the cohort's case folders (results/<cohort>)")
-    ap.add_argument("--patients", type=int, default=8, help="held-out patients per model")
-    ap.add_argument("--views", type=int, default=4, help="view poses per patient besides its own radiograph's")
+    ap = held_out_parser(__doc__.splitlines()[0], REPO / "benchmarks" / "results" / "pose_error_parts.json")
     ap.add_argument("--noise-draws", type=int, default=5, help="noise draws at the radiograph's own pose")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "pose_error_parts.json")
     args = ap.parse_args()
-
-    folds: dict[int, set[str]] = {}
-    for row in read_index(args.shards):
-        folds.setdefault(int(row["fold"]), set()).add(row["case_id"])
-    pack = v._pack_settings(args.shards)
-    t0 = time.time()
-    result = {"command": "python benchmarks/pose_error_parts.py " + " ".join(
-        f"--{k.replace('_', '-')} {' '.join(map(str, x)) if isinstance(x, list) else x}"
-        for k, x in vars(args).items() if k != "out"), "models": {}}
-    for model_dir in args.models:
-        fold = v.fold_of_model(model_dir)
-        model = load_for_inference(model_dir)
-        patients = [measure_patient(model, args.demo_root / case, args.cases_root / case, pack, args.views,
-                                    args.noise_draws)
-                    for case in sorted(folds.get(fold, []))[: args.patients]]
-        result["models"][str(model_dir)] = {"held_out_fold": fold, "summary": summarise(patients),
-                                            "patients": patients}
-        print(model_dir, json.dumps(result["models"][str(model_dir)]["summary"]), flush=True)
-    result["seconds"] = round(time.time() - t0, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    over_held_out(args, "pose_error_parts.py",
+                  lambda model, demo_case, case_dir, pack: measure_patient(model, demo_case, case_dir, pack,
+                                                                           args.views, args.noise_draws),
+                  summarise)
 
 
 if __name__ == "__main__":

@@ -97,8 +97,9 @@ def summarise(patients: list[dict]) -> dict:
     return {**{f"predicted_{p}": over(p) for p in VIEWS_PROTOCOLS}, "true_drr_bmd": over("true_drr_bmd")}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def held_out_parser(description: str, default_out: Path) -> argparse.ArgumentParser:
+    """The arguments of a benchmark over the held-out patients of fold models (also ``pose_error_parts.py``)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--shards", required=True, type=Path)
     ap.add_argument("--models", required=True, type=Path, nargs="+", help="model folders named <anything>_fold<k> "
                     "or fold<k> (k: the held-out fold)")
@@ -106,33 +107,44 @@ def main() -> None:
     ap.add_argument("--cases-root", required=True, type=Path, help="the cohort's case folders (results/<cohort>)")
     ap.add_argument("--patients", type=int, default=6, help="held-out patients per model")
     ap.add_argument("--views", type=int, default=4, help="views per patient besides its own radiograph")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "pose_repeatability.json")
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=default_out)
+    return ap
 
+
+def over_held_out(args, script: str, measure, summary) -> None:
+    """``measure(model, demo_case, case_dir, pack)`` on the first ``args.patients`` held-out patients of
+    each model in ``args.models``, ``summary(patients)`` per model; written to ``args.out``."""
     folds: dict[int, set[str]] = {}
     for row in read_index(args.shards):
         folds.setdefault(int(row["fold"]), set()).add(row["case_id"])
     pack = v._pack_settings(args.shards)
     t0 = time.time()
-    result = {"command": "python benchmarks/pose_repeatability.py " + " ".join(
+    result = {"command": f"python benchmarks/{script} " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, x)) if isinstance(x, list) else x}"
         for k, x in vars(args).items() if k != "out"), "models": {}}
     for model_dir in args.models:
         fold = v.fold_of_model(model_dir)
         model = load_for_inference(model_dir)
-        patients = []
-        for case in sorted(folds.get(fold, []))[: args.patients]:
-            p = measure_patient(model, args.demo_root / case, args.cases_root / case, pack,
-                                pack.threshold_g_cm2, args.views)
-            patients.append(p)
-            print(model_dir, case, {k: np.round(np.asarray(x["bmd"]), 3).T.tolist() for k, x in p["protocols"].items()},
-                  flush=True)
+        patients = [measure(model, args.demo_root / case, args.cases_root / case, pack)
+                    for case in sorted(folds.get(fold, []))[: args.patients]]
         result["models"][str(model_dir)] = {"held_out_fold": fold, "patients": patients,
-                                            "summary": summarise(patients)}
+                                            "summary": summary(patients)}
         print(model_dir, json.dumps(result["models"][str(model_dir)]["summary"]), flush=True)
     result["seconds"] = round(time.time() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
+
+
+def main() -> None:
+    args = held_out_parser(__doc__.splitlines()[0], REPO / "benchmarks" / "results" / "pose_repeatability.json").parse_args()
+
+    def measure(model, demo_case, case_dir, pack) -> dict:
+        p = measure_patient(model, demo_case, case_dir, pack, pack.threshold_g_cm2, args.views)
+        print(demo_case.name, {k: np.round(np.asarray(x["bmd"]), 3).T.tolist() for k, x in p["protocols"].items()},
+              flush=True)
+        return p
+
+    over_held_out(args, "pose_repeatability.py", measure, summarise)
 
 
 if __name__ == "__main__":
