@@ -16,6 +16,9 @@ Each case folder holds
   each view draws all of these anew, as another hospital's radiograph would. They are for the multi-pose repeatability sweep of the validation stage; the
   pipeline's training never sees them. Their DICOM headers carry no patient data.
 
+Every case's radiograph has its own kVp, filtration and processing unless ``sites`` gives the cohort
+that many acquisition protocols (:func:`site_exposure`; 1: one hospital's cohort).
+
 DICOM files carry a made-up patient name, id, birth date and institution, so that de-identification
 downstream has real work to do. The folder is written under a temporary name and renamed when
 complete.
