@@ -53,6 +53,8 @@ def test_default_config_is_valid_and_lists_the_demo_cases():
      "config error: cohort 'hosp': field 'calibration.method': 'magic' is not one of ['phantom', 'scanner', 'internal']"),
     ({"cohorts": {"hosp": {"xray": {"sdd_mm": 1000}}}},
      "config error: cohort 'hosp': needs exactly one of 'samples' (a sample sheet) or 'demo' (virtual patients)"),
+    ({"cohorts": {"sim": {"demo": {"n_patients": 2, "seed": 1, "sites": -1}}}},
+     "config error: cohort 'sim': field 'demo.sites': -1 is less than the minimum of 0"),
     ({"cohorts": {"hosp": {"samples": "a.tsv", "demo": {"n_patients": 2, "seed": 1}}}},
      "config error: cohort 'hosp': needs exactly one of 'samples' (a sample sheet) or 'demo' (virtual patients)"),
     ({"cohorts": {"../up": {"samples": "a.tsv"}}},
