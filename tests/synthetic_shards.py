@@ -1,6 +1,6 @@
-"""A small synthetic stand-in for bonedrr.dataset.ShardDataset (same item dict, see
-/work/briefs/contract.md), for model tests that need no shards: a bright "femur" (shaft and head)
-and a "pelvis" blob over smooth soft tissue, whose radiograph is a non-linear mix of the channels."""
+"""A small synthetic stand-in for bonedrr.dataset.ShardDataset (the same item dict), for model tests
+that need no shards: a bright "femur" (shaft and head) and a "pelvis" blob over smooth soft tissue,
+whose radiograph is a non-linear mix of the channels (or, with ``thickness``, a raw log image)."""
 
 from __future__ import annotations
 
@@ -19,10 +19,14 @@ def _disc(rr, cc, r, c, radius):
 
 class SyntheticShards(Dataset):
     """``kvp``: each item's tube voltage (None: NaN, unknown); ``kvp_effect``: the bone's attenuation in
-    the radiograph scales as (80 / kVp) ** kvp_effect, as a harder beam lowers bone contrast (0: none)."""
+    the radiograph scales as (80 / kVp) ** kvp_effect, as a harder beam lowers bone contrast (0: none).
+    ``thickness``: each item's soft-tissue thickness factor; given, the radiograph and its overview are
+    raw log images on one detector scale (1000 per unit of attenuation) shifted by a random dose offset,
+    whose soft tissue scales with the thickness: a per-image intensity span then divides the bone's
+    contrast by the thickness, which the detector's own scale does not."""
 
     def __init__(self, n: int = 12, shape=(64, 32), seed: int = 0, channels=None, folds=None, kvp=None,
-                 kvp_effect: float = 0.0):
+                 kvp_effect: float = 0.0, thickness=None):
         self.shape = shape
         self.channels = list(channels or CHANNELS)
         rng = np.random.default_rng(seed)
@@ -41,16 +45,24 @@ class SyntheticShards(Dataset):
             pelvis = _disc(rr, cc, hr - 0.1 * h, hc - 0.45 * w, 0.3 * h) * 0.7
             if kvp_effect:  # no bone of known density in the image: the kVp cannot be read off the pelvis
                 pelvis = pelvis * pelvis_density[i]
-            muscle = 2.0 + np.sin(rr / h * math.pi) * 1.5
-            soft = 3.0 + 0.5 * cc / w
+            t = 1.0 if thickness is None else float(thickness[i])
+            muscle = (2.0 + np.sin(rr / h * math.pi) * 1.5) * t
+            soft = (3.0 + 0.5 * cc / w) * t
             drr = {"proximal_femur": proximal, "femur": femur, "hip": pelvis, "pelvis": pelvis,
                    "bone": femur + pelvis, "muscle": muscle, "soft_tissue": soft}
             kv = float(kvp[i]) if kvp is not None else math.nan
             bone_mu = 2.0 * (80.0 / kv) ** kvp_effect if kvp_effect else 2.0
             mu = bone_mu * (femur + pelvis) + 0.2 * muscle + 0.18 * soft
-            xray = 1000 * (1 - np.exp(-mu / 3)) + rng.normal(0, 5, (h, w))
             head_ov = (rng.uniform(40, 80), rng.uniform(60, 110))
-            ov = 0.2 + _disc(ov_rr, ov_cc, *head_ov, 9) + 0.5 * _disc(ov_rr, ov_cc, head_ov[0] - 10, 128, 30)
+            if thickness is None:
+                xray = 1000 * (1 - np.exp(-mu / 3)) + rng.normal(0, 5, (h, w))
+                ov = 0.2 + _disc(ov_rr, ov_cc, *head_ov, 9) + 0.5 * _disc(ov_rr, ov_cc, head_ov[0] - 10, 128, 30)
+            else:  # raw log: a dose offset, the body's soft tissue (thinner to the sides) and its bones
+                dose = rng.uniform(200, 600)
+                xray = dose + 1000 * mu + rng.normal(0, 5, (h, w))
+                body = t * (0.4 + 0.6 * np.sin(ov_cc / 256 * math.pi)) * 1.0
+                ov = dose + 1000 * (body + 2.0 * density * _disc(ov_rr, ov_cc, *head_ov, 9)
+                                    + 1.4 * _disc(ov_rr, ov_cc, head_ov[0] - 10, 128, 30))
             self.items.append({
                 "xray": torch.tensor(xray, dtype=torch.float32)[None],
                 "drr": torch.tensor(np.stack([drr[c] for c in self.channels]), dtype=torch.float32),

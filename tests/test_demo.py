@@ -242,3 +242,43 @@ def test_a_cohort_of_few_sites_shares_their_protocols_and_keeps_its_patients_and
     assert site_exposure(dataclasses.replace(settings, sites=2), 1).gamma != site.gamma
     with pytest.raises(BonedrrError, match="demo sites must be 0 .every case its own protocol. or more, not -1"):
         DemoSettings(sites=-1)
+
+
+def test_a_raw_cohort_stores_the_detectors_log_signal_on_one_scale(demo_cases, tmp_path):
+    """``presentation: raw`` writes what the detector measured: -ln of the signal over the open beam at
+    1000 stored units per decade above 1000, as a DICOM "for processing" image, with every draw (patient,
+    pose, exposure, DXA) the processed cohort's."""
+    import dataclasses
+
+    import pydicom
+
+    from bonedrr.demo.cohort import DemoSettings, draw_patient, make_case
+    from bonedrr.demo.naming import case_files
+    from bonedrr.demo.xray_physics import XrayExposure, detector_log_image
+    from bonedrr.dicom import read_radiograph
+    from bonedrr.errors import BonedrrError
+
+    _, settings, processed = demo_cases
+    raw = dataclasses.replace(settings, presentation="raw")
+    truths = [make_case(tmp_path / f"demo_00{i}", f"demo_00{i}", i, raw) for i in range(2)]
+    for truth, before in zip(truths, processed):
+        assert truth["presentation"] == "raw"
+        for key in ("patient", "geometry", "exposure", "qct_vbmd_mg_cm3", "dxa_total_hip_abmd_g_cm2"):
+            assert truth[key] == before[key], key
+    ds = pydicom.dcmread(tmp_path / "demo_000" / "xray.dcm")
+    assert (ds.SOPClassUID, ds.PresentationIntentType, ds.PixelIntensityRelationship, ds.BitsStored) == (
+        "1.2.840.10008.5.1.4.1.1.1.1.1", "FOR PROCESSING", "LOG", 16)
+    # The stored values are the detector's log signal: against the case's noiseless one at its pose.
+    truth = truths[0]
+    patient, _, _ = draw_patient(0, raw)
+    areal = project(patient.densities(), patient.grid, Geometry.from_dict(truth["geometry"]))
+    exposure = XrayExposure(**{**truth["exposure"], "photons_per_pixel": 1e9})
+    expected = 1000 + detector_log_image(areal, settings.pixel_mm, exposure, np.random.default_rng(0)) * 1000 / np.log(10)
+    pixels = read_radiograph(tmp_path / "demo_000" / "xray.dcm").pixels
+    assert np.corrcoef(pixels.ravel(), expected.ravel())[0, 1] > 0.99
+    assert float(np.mean(pixels - expected)) == pytest.approx(0.0, abs=5.0)  # 5 units: 0.012 neper
+    assert 1500 < np.percentile(pixels, 50) < 4500  # 1-8 nepers through a pelvis
+    # 8 bits cannot hold a log scale: where the cohort would write a JPEG, a raw one writes a PNG.
+    assert case_files(3, 2)["xray"] == "xray.jpg" and case_files(3, 2, "raw")["xray"] == "xray.png"
+    with pytest.raises(BonedrrError, match="demo presentation must be one of processed, raw, not 'film'"):
+        DemoSettings(presentation="film")

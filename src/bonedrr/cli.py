@@ -31,7 +31,7 @@ def _demo_cohort(args) -> None:
                             sdd_mm=args.sdd_mm, nifti_png_every=args.nifti_png_every,
                             abmd_range=tuple(args.abmd_range), proximal_femur_cut_mm=args.cut_mm,
                             template=args.template, extra_views=args.extra_views,
-                            views_protocol=args.views_protocol, sites=args.sites)
+                            views_protocol=args.views_protocol, sites=args.sites, presentation=args.presentation)
     indices = args.cases if args.cases is not None else list(range(args.n))
     out = Path(args.out)
     if not args.samplesheet_only:
@@ -344,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, default=DEMO["sites"],
                    help="acquisition protocols (devices and their processing) the radiographs come from: 0, every "
                         "case its own; N, case i on protocol i mod N (1: a single hospital)")
+    p.add_argument("--presentation", choices=["processed", "raw"], default=DEMO["presentation"],
+                   help="radiographs as a DX workstation presents them (processed) or the detector's log signal on "
+                        "one scale, DICOM 'FOR PROCESSING' (raw)")
     p.set_defaults(func=_demo_cohort)
 
     p = sub.add_parser("ingest", help="check and convert one case's CT and radiograph")

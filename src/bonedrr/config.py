@@ -116,7 +116,7 @@ def validate_config(config: dict) -> dict:
                               f"{calibration['method']!r} needs {needs!r}")
         if "demo" in cohort:
             defaults = {k: DEMO[k] for k in ("rows", "cols", "nifti_png_every", "template", "extra_views",
-                                              "views_protocol", "sites")}
+                                              "views_protocol", "sites", "presentation")}
             cohort["demo"] = {**defaults, "abmd_range": list(DEMO["abmd_range"]), **cohort["demo"]}
             cohort.setdefault("segmentation", copy.deepcopy(DEMO_SEGMENTATION))
         if "segmentation" in cohort:

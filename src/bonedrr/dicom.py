@@ -29,6 +29,7 @@ from bonedrr.errors import InputError
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 DX_PRESENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_PROCESSING_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1.1"
 RADIOGRAPH_MODALITIES = ("DX", "CR", "RG")
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -442,8 +443,9 @@ def write_ct_series(folder: str | Path, image: sitk.Image, patient: dict, key: s
 
 def write_radiograph_dicom(path: str | Path, stored: np.ndarray, pixel_mm, sdd_mm: float, sod_mm: float,
                            patient: dict, key: str, bits_stored: int = 12, photometric: str = "MONOCHROME2",
-                           kvp: float = 80.0) -> None:
-    """Write a DX "for presentation" image with its spacing and distance tags.
+                           kvp: float = 80.0, raw: bool = False) -> None:
+    """Write a DX "for presentation" image (or with ``raw``, a "for processing" one: the detector's
+    log signal, pixel intensity relationship LOG) with its spacing and distance tags.
 
     Args:
         stored: Stored pixel values (rows, cols), unsigned, already inverted for MONOCHROME1.
@@ -455,11 +457,14 @@ def write_radiograph_dicom(path: str | Path, stored: np.ndarray, pixel_mm, sdd_m
     dtype = np.uint8 if bits_stored <= 8 else np.uint16
     if stored.max() >= 2 ** bits_stored or stored.min() < 0:
         raise ValueError(f"stored values outside {bits_stored} bits")
-    ds = _base_dataset(DX_PRESENTATION_STORAGE, uid(key, "dx"), patient, uid(key, "dx-study"),
-                       uid(key, "dx-series"), "DX")
+    ds = _base_dataset(DX_PROCESSING_STORAGE if raw else DX_PRESENTATION_STORAGE, uid(key, "dx"), patient,
+                       uid(key, "dx-study"), uid(key, "dx-series"), "DX")
     ds.SeriesNumber, ds.InstanceNumber = 1, 1
-    ds.ImageType = ["DERIVED", "PRIMARY"]
-    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"] if raw else ["DERIVED", "PRIMARY"]
+    ds.PresentationIntentType = "FOR PROCESSING" if raw else "FOR PRESENTATION"
+    if raw:  # sign -1: larger stored values, less beam (MONOCHROME1 stores the inverse)
+        ds.PixelIntensityRelationship = "LOG"
+        ds.PixelIntensityRelationshipSign = 1 if photometric == "MONOCHROME1" else -1
     ds.BodyPartExamined, ds.ViewPosition, ds.PatientOrientation = "PELVIS", "AP", ["L", "F"]
     ds.KVP = kvp
     ds.ImagerPixelSpacing = [float(v) for v in pixel_mm]

@@ -187,7 +187,7 @@ def _estimate_one(model, model_name: str, xray: Path, side: str, out_dir, pixel_
     kvp, kvp_source = _tube_voltage(radiograph, kvp, xray, model.needs_kvp)
     sides = list(SIDES) if side == "both" else [side]
     crops, facts = hip_crops(model, radiograph.pixels, radiograph.pixel_mm, sides, crop)
-    if crop and model.input_scale == "overview":
+    if crop and model.input_scale != "crop":
         log.warning("%s: a hip crop has no whole radiograph around it; the model's input scale (taken from "
                     "the whole radiograph in training) comes from the crop itself, which biases BMD", xray.name)
     scale = model.scale_of(model.overview_of(radiograph.pixels, radiograph.pixel_mm)[None])

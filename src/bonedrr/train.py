@@ -30,7 +30,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -45,7 +45,7 @@ from bonedrr.images import atomic_path
 from bonedrr.model import locator as loc
 from bonedrr.model.augment import AugmentSettings, RandomAugment
 from bonedrr.model.losses import bmd_loss, gan_loss, gc_loss, gradient_correlation, l1_loss
-from bonedrr.model.network import PatchDiscriminator, UNet, overview_scale, tone_condition
+from bonedrr.model.network import PatchDiscriminator, UNet, detector_scale, overview_scale, tone_condition
 from bonedrr.model.portable import (CONDITIONS, PORTABLE_FILE, CropGeometry, HipModel, condition_size, kvp_condition,
                                     write_portable)
 
@@ -72,7 +72,7 @@ class Stage:
 
 
 #: How a radiograph crop is scaled for the network (:attr:`TrainSettings.input_scale`).
-INPUT_SCALES = ("overview", "crop")
+INPUT_SCALES = ("overview", "crop", "detector")
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,14 @@ class TrainSettings:
         input_scale: What maps the radiograph to the network's input scale: ``overview``, the whole
             radiograph's 1st and 50th percentiles (:func:`bonedrr.model.network.overview_scale`), or
             ``crop``, the crop's own 1st and 99th (divides out much of the bone's density; kept for
-            models trained before).
+            models trained before), or ``detector``, for raw radiographs whose pixel values are the
+            detector's log signal on one scale for the whole cohort ("for processing" images of one
+            detector model): the whole radiograph's 1st percentile maps to 0 and ``input_span`` more
+            to 1 (:func:`bonedrr.model.network.detector_scale`), so the input keeps the absolute
+            attenuation, and the augmentation changes no tone curve or gain.
+        input_span: With ``input_scale: detector``: the span of stored values the input maps to 1;
+            None: the median over the training radiographs of their 1st-50th percentile span, fixed
+            when training starts and kept in the model.
         dxa_calibration: Fit a linear map from predicted DRR-BMD to DXA aBMD on the training samples.
         amp: bfloat16 autocast on a GPU.
         condition: ``none``; ``kvp``: condition the U-Nets on each radiograph's tube voltage (the
@@ -121,9 +128,11 @@ class TrainSettings:
     seed: int = 0
     num_workers: int = 0
     input_scale: str = "overview"
+    input_span: float | None = None
     dxa_calibration: bool = False
     amp: bool = True
     condition: str = "none"
+    equivariant: bool = False
     ema: float = 0.0
 
     @classmethod
@@ -153,9 +162,12 @@ class TrainSettings:
             raise BonedrrError(f"train input_scale must be one of {', '.join(INPUT_SCALES)}, not {self.input_scale!r}")
         if self.condition not in CONDITIONS:
             raise BonedrrError(f"train network condition must be one of {', '.join(CONDITIONS)}, not {self.condition!r}")
-        if "tone" in self.condition and self.input_scale != "overview":
-            raise BonedrrError("train network condition tone needs input_scale: overview (its statistics are "
-                               "the whole radiograph's)")
+        if "tone" in self.condition and self.input_scale == "crop":
+            raise BonedrrError("train network condition tone needs input_scale overview or detector (its "
+                               "statistics are the whole radiograph's)")
+        if self.input_span is not None and not (self.input_scale == "detector" and self.input_span > 0):
+            raise BonedrrError(f"train input_span ({self.input_span}) is for input_scale detector and must be "
+                               "above 0")
         if not 0.0 <= self.ema < 1.0:
             raise BonedrrError(f"train ema must be in [0, 1), not {self.ema}")
 
@@ -262,7 +274,8 @@ class DecompositionModel(HipModel):
 
 def _unet(settings: dict, out_channels: int) -> UNet:
     conditions = condition_size(settings.get("condition", "none"))
-    return UNet(1, out_channels, int(settings["base_channels"]), int(settings["depth"]), conditions=conditions)
+    return UNet(1, out_channels, int(settings["base_channels"]), int(settings["depth"]), conditions=conditions,
+                equivariant=bool(settings.get("equivariant", False)))
 
 
 def _locator_net(settings: dict) -> loc.Locator:
@@ -395,6 +408,24 @@ def _autocast(device: torch.device, amp: bool):
     return torch.autocast("cpu", enabled=False)
 
 
+def _input_scale(settings: TrainSettings, overview: torch.Tensor) -> torch.Tensor | None:
+    """The network's input scale (N, 2) of crops from radiographs with these overviews; None for
+    ``input_scale: crop`` (each crop its own)."""
+    if settings.input_scale == "crop":
+        return None
+    return detector_scale(overview, settings.input_span) if settings.input_scale == "detector" \
+        else overview_scale(overview)
+
+
+def _input_span(dataset: Dataset, n: int = 256) -> float:
+    """The median 1st-50th percentile span of the body in up to ``n`` of the dataset's overviews,
+    evenly spread: the cohort's ``input_span`` (:attr:`TrainSettings.input_span`)."""
+    picks = np.unique(np.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().astype(int))
+    overviews = torch.stack([torch.as_tensor(dataset[int(i)]["overview"]) for i in picks])
+    scale = overview_scale(overviews)
+    return float(np.median((scale[:, 1] - scale[:, 0]).numpy()))
+
+
 def _condition(settings: TrainSettings, batch: dict, device: torch.device, xray: torch.Tensor,
                scale: torch.Tensor | None, overview: torch.Tensor) -> torch.Tensor | None:
     """The U-Nets' condition (N, conditions) of a batch (``xray``, ``scale`` and ``overview`` as the
@@ -410,7 +441,7 @@ def _condition(settings: TrainSettings, batch: dict, device: torch.device, xray:
 def _stage_epoch(run: _Run, k: int, loader: DataLoader, channel_idx: list[int], opt, disc_opt, gen) -> dict:
     s, net, dev = run.s, run.nets[k], run.device
     disc = run.discs[k] if run.discs else None
-    augment = RandomAugment(s.augment, gen)
+    augment = RandomAugment(s.augment, gen, tone=s.input_scale != "detector")
     net.train()
     sums = {"loss": 0.0, "l1": 0.0, "gc": 0.0, "gan": 0.0, "bmd": 0.0}
     channels = list(s.stages[k].channels)
@@ -419,9 +450,9 @@ def _stage_epoch(run: _Run, k: int, loader: DataLoader, channel_idx: list[int], 
     for i, batch in enumerate(loader):
         xray, drr, overview = batch["xray"], batch["drr"][:, channel_idx], batch["overview"]
         scale = None
-        if s.input_scale == "overview":  # the tone curve changes the crop and its whole radiograph alike
+        if s.input_scale != "crop":  # the tone curve changes the crop and its whole radiograph alike
             xray, drr, overview = augment(xray, drr, overview=overview)
-            scale = overview_scale(overview)
+            scale = _input_scale(s, overview)
         else:
             xray, drr = augment(xray, drr)
         condition = _condition(s, batch, dev, xray, scale, overview)
@@ -473,7 +504,7 @@ def _stage_validate(run: _Run, k: int, loader: DataLoader | None, channel_idx: l
     j = channels.index(BMD_CHANNEL) if BMD_CHANNEL in channels else None
     for batch in loader:
         drr = batch["drr"][:, channel_idx].to(run.device)
-        scale = overview_scale(batch["overview"]) if run.s.input_scale == "overview" else None
+        scale = _input_scale(run.s, batch["overview"])
         condition = _condition(run.s, batch, run.device, batch["xray"], scale, batch["overview"])
         scale = scale.to(run.device) if scale is not None else None
         pred = net(batch["xray"].to(run.device), scale, condition).float().clamp_min(0)
@@ -577,6 +608,9 @@ def train_model(shard_dir: str | Path, out_dir: str | Path, settings: TrainSetti
         _require_kvp(train_set, shard_dir)
         if val_dataset is not None:
             _require_kvp(val_dataset, shard_dir)
+    if settings.input_scale == "detector" and settings.input_span is None:
+        settings = replace(settings, input_span=_input_span(train_set))
+        log.info("input_span: %.6g (the training radiographs' median 1st-50th percentile span)", settings.input_span)
     first = train_set[0]
     shape = tuple(first["xray"].shape[-2:])
     depth_div = 2 ** settings.depth

@@ -168,7 +168,7 @@ def demo_args(wildcards):
         f"--pixel-mm {x['pixel_mm'][0]} {x['pixel_mm'][1]} --sdd-mm {x['sdd_mm']} "
         f"--nifti-png-every {d['nifti_png_every']} --abmd-range {d['abmd_range'][0]} {d['abmd_range'][1]} "
         f"--cut-mm {CONFIG['proximal_femur_cut_mm']} --extra-views {d['extra_views']} "
-        f"--views-protocol {d['views_protocol']} --sites {d['sites']}"
+        f"--views-protocol {d['views_protocol']} --sites {d['sites']} --presentation {d['presentation']}"
         f"{template}"
     )
 
@@ -191,7 +191,7 @@ def ingest_args(wildcards):
     x = cohort["xray"]
     args = [f"--pixel-mm {x['pixel_mm'][0]} {x['pixel_mm'][1]}", f"--sdd-mm {x['sdd_mm']}"]
     if is_demo(wildcards.cohort):
-        files = case_files(demo_index(wildcards), cohort["demo"]["nifti_png_every"])
+        files = case_files(demo_index(wildcards), cohort["demo"]["nifti_png_every"], cohort["demo"]["presentation"])
         folder = demo_case_dir(wildcards.cohort, wildcards.case)
         files = {k: f"{folder}/{v}" for k, v in files.items()}
         args.append(f"--clinical-from '{folder}/truth.json'")

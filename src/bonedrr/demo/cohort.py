@@ -44,7 +44,7 @@ from bonedrr.dicom import write_ct_series, write_radiograph_dicom
 from bonedrr.demo import virtual_patient as vp
 from bonedrr.demo.naming import DEFAULTS, case_files, case_id  # noqa: F401 (re-exported)
 from bonedrr.demo.projector import project
-from bonedrr.demo.xray_physics import XrayExposure, simulate_radiograph
+from bonedrr.demo.xray_physics import PRESENTATIONS, XrayExposure, simulate_radiograph
 from bonedrr.geometry import Geometry, ap_pose
 from bonedrr.images import atomic_path, image_like, index_to_world, write_image, write_json
 from bonedrr.labels import CANONICAL_LABELS, SIDES
@@ -80,6 +80,11 @@ class DemoSettings:
             (:func:`site_exposure`), case ``i`` on protocol ``i mod N``, each case another dose,
             scatter and noise (:meth:`XrayExposure.repeat`). 1 is a single hospital's cohort, as
             the paper's was. The cases' poses, anatomy and other draws are the same for every value.
+        presentation: ``processed`` (the default): radiographs as a DX workstation presents them
+            (windowed on their own percentiles, tone curve, unsharp masking; DICOM "FOR
+            PRESENTATION"); ``raw``: the detector's log signal on one fixed scale (DICOM "FOR
+            PROCESSING", pixel intensity relationship LOG, 16 bits; PNG where a case would be JPEG;
+            :func:`bonedrr.demo.xray_physics.simulate_radiograph`). Every draw is the same for both.
     """
 
     seed: int = DEFAULTS["seed"]
@@ -94,6 +99,7 @@ class DemoSettings:
     extra_views: int = 0
     views_protocol: str = "same"
     sites: int = 0
+    presentation: str = "processed"
 
     def __post_init__(self):
         from bonedrr.errors import BonedrrError
@@ -103,6 +109,8 @@ class DemoSettings:
                                f"not {self.views_protocol!r}")
         if self.sites < 0:
             raise BonedrrError(f"demo sites must be 0 (every case its own protocol) or more, not {self.sites}")
+        if self.presentation not in PRESENTATIONS:
+            raise BonedrrError(f"demo presentation must be one of {', '.join(PRESENTATIONS)}, not {self.presentation!r}")
 
 
 #: How the extra views' exposures relate to the case's (DemoSettings.views_protocol).
@@ -156,20 +164,20 @@ def case_radiograph(settings: DemoSettings, index: int, areal: dict[str, np.ndar
     CT's noise) must not depend on ``sites``.
     """
     own = XrayExposure.random(rng)
-    image = simulate_radiograph(areal, pixel_mm, own, rng)
+    image = simulate_radiograph(areal, pixel_mm, own, rng, settings.presentation)
     if settings.sites == 0:
         return image, own, None
     site = index % settings.sites
     site_rng = np.random.default_rng([settings.seed, index, 3])
     exposure = site_exposure(settings, site).repeat(site_rng)
-    return simulate_radiograph(areal, pixel_mm, exposure, site_rng), exposure, site
+    return simulate_radiograph(areal, pixel_mm, exposure, site_rng, settings.presentation), exposure, site
 
 
 def make_case(out_dir: str | Path, case: str, index: int, settings: DemoSettings) -> dict:
     """Make one virtual patient and write its folder. Returns its truth (as in truth.json)."""
     out_dir = Path(out_dir)
     patient, params, rng = draw_patient(index, settings)
-    files = case_files(index, settings.nifti_png_every)
+    files = case_files(index, settings.nifti_png_every, settings.presentation)
     raster = files["xray"] != "xray.dcm"
 
     # Radiograph geometry and pose.
@@ -196,7 +204,7 @@ def make_case(out_dir: str | Path, case: str, index: int, settings: DemoSettings
             "phantom_rods_mg_cm3": list(vp.PHANTOM_RODS_MG_CM3),
             "note": "scanner HU = hu_intercept + hu_slope * (soft-tissue HU + ha_hu_per_mg_cm3_ideal * mg/cm3 HA)",
         },
-        "patient": params.to_dict(), "exposure": asdict(exposure), "site": site, "files": files,
+        "patient": params.to_dict(), "exposure": asdict(exposure), "site": site, "presentation": settings.presentation, "files": files,
     }
     dxa = {s: v * (1 + rng.normal(0, DXA_PRECISION_CV)) for s, v in truth["dxa_abmd_noiseless_g_cm2"].items()}
     truth["dxa_total_hip_abmd_g_cm2"] = dxa
@@ -215,14 +223,14 @@ def make_case(out_dir: str | Path, case: str, index: int, settings: DemoSettings
             _write_raster(tmp / files["xray"], image)
         else:
             write_ct_series(tmp / files["ct"], ct_image, phi, key=f"{settings.seed}/{case}")
-            bits = (12, 16, 12, 8)[index % 4]
+            bits = (12, 16, 12, 8)[index % 4] if settings.presentation == "processed" else 16
             stored = np.round(image * (2 ** bits - 1)).astype(np.uint16)
             photometric = "MONOCHROME1" if index % 3 == 1 else "MONOCHROME2"
             if photometric == "MONOCHROME1":
                 stored = (2 ** bits - 1) - stored
             write_radiograph_dicom(tmp / files["xray"], stored, geometry.pixel_mm, sdd, sod, phi,
                                    key=f"{settings.seed}/{case}", bits_stored=bits, photometric=photometric,
-                                   kvp=exposure.kvp)
+                                   kvp=exposure.kvp, raw=settings.presentation == "raw")
             truth["xray_encoding"] = {"bits_stored": bits, "photometric": photometric}
         write_image(image_like(patient.labels, patient.grid), tmp / files["labels"])
         write_json(tmp / "truth.json", truth)
@@ -269,7 +277,7 @@ def simulate_view(patient: vp.Materials, centre: list[float], exposure: XrayExpo
     geometry = geometry.with_pose(ap_pose(centre, sod, rotation, shift))
     view_exposure = exposure.repeat(rng) if settings.views_protocol == "same" else XrayExposure.random(rng)
     image = simulate_radiograph(project(patient.densities(), patient.grid, geometry), geometry.pixel_mm,
-                                view_exposure, rng)
+                                view_exposure, rng, settings.presentation)
     return {"image": image, "geometry": geometry.to_dict(), "source_to_centre_mm": sod,
             "pose_rotvec_deg": rotation, "pose_shift_mm": shift, "exposure": asdict(view_exposure)}
 
@@ -287,7 +295,8 @@ def _write_views(folder: Path, patient: vp.Materials, centre: list[float], expos
         write_radiograph_dicom(folder / name, np.round(image * 65535).astype(np.uint16), settings.pixel_mm,
                                view["geometry"]["sdd_mm"], view["source_to_centre_mm"],
                                {"PatientIdentityRemoved": "YES", "StudyDate": ""},
-                               key=f"{settings.seed}/{case}/view{k}", bits_stored=16, kvp=view["exposure"]["kvp"])
+                               key=f"{settings.seed}/{case}/view{k}", bits_stored=16, kvp=view["exposure"]["kvp"],
+                               raw=settings.presentation == "raw")
         views.append({"file": name, **view})
     write_json(folder / "views.json", {"case_id": case, "view_centre_world_mm": centre,
                                        "protocol": settings.views_protocol, "views": views})

@@ -11,6 +11,7 @@ DEFAULTS = {
     "extra_views": 3,  # the workflow's demo default (DemoSettings' own default is 0: no views)
     "views_protocol": "same",
     "sites": 0,  # every case its own exposure protocol (DemoSettings.sites)
+    "presentation": "processed",  # radiographs as a DX workstation presents them (DemoSettings.presentation)
     "phantom_rods_mg_cm3": (0.0, 100.0, 200.0, 400.0, 800.0),  # hydroxyapatite rods in water-like resin
 }
 
@@ -31,14 +32,15 @@ def case_id(index: int) -> str:
     return f"demo_{index:03d}"
 
 
-def case_files(index: int, nifti_png_every: int) -> dict[str, str]:
+def case_files(index: int, nifti_png_every: int, presentation: str = "processed") -> dict[str, str]:
     """File names inside a demo case folder.
 
     Every ``nifti_png_every``-th case (indices n-1, 2n-1, ...) is written as NIfTI + PNG, every other
-    one of those as NIfTI + JPEG; the rest as a DICOM CT series and a DICOM DX radiograph.
+    one of those as NIfTI + JPEG (a PNG for a ``raw`` presentation: 8 bits cannot hold a detector's
+    log scale); the rest as a DICOM CT series and a DICOM DX radiograph.
     """
     n = nifti_png_every
     if n > 0 and index % n == n - 1:
-        jpeg = (index // n) % 2 == 1
+        jpeg = (index // n) % 2 == 1 and presentation != "raw"
         return {"ct": "ct.nii.gz", "xray": "xray.jpg" if jpeg else "xray.png", "labels": "labels.nii.gz"}
     return {"ct": "ct", "xray": "xray.dcm", "labels": "labels.nii.gz"}

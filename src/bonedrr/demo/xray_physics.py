@@ -9,7 +9,8 @@ are made differently, so that learning and registration face a realistic gap:
 * scatter (a wide kernel on the primary, scaled by a scatter-to-primary ratio), quantum (Poisson)
   noise, detector blur;
 * log transform, an unknown exposure and window, a tone curve and unsharp masking as a DX
-  workstation's processing does.
+  workstation's processing does (``presentation="processed"``, a "for presentation" image), or the
+  detector's log signal on a fixed scale (``"raw"``, a "for processing" image: :data:`RAW_PER_NEPER`).
 
 Mass attenuation coefficients (cm2/g) are approximate values after NIST XCOM (within a few percent);
 hydroxyapatite is the mass-weighted mixture of Ca, P and O.
@@ -39,6 +40,15 @@ _MU_RHO = {  # cm2/g
 }
 AL_DENSITY = 2.699  # g/cm3
 MATERIALS = ("mineral", "water", "fat")
+#: Stored units of a raw ("for processing") radiograph per neper of attenuation (-ln of the detector
+#: signal relative to the unattenuated beam): 1000 per decade of exposure, a common detector log scale.
+RAW_PER_NEPER = 1000.0 / np.log(10.0)
+#: Stored value of a raw radiograph where nothing attenuates (so that air, which scatter can make a
+#: little brighter than the open beam, is not 0, the padding's value).
+RAW_OPEN_BEAM = 1000.0
+#: The full scale of the simulated images' 0..1 (16-bit files store 0..1 as 0..65535).
+FULL_SCALE = 65535.0
+PRESENTATIONS = ("processed", "raw")
 
 
 def mass_attenuation(material: str, energy_kev) -> np.ndarray:
@@ -125,16 +135,11 @@ def primary_transmission(areal: dict[str, np.ndarray], kvp: float, al_mm: float)
     return out
 
 
-def simulate_radiograph(areal: dict[str, np.ndarray], pixel_mm, exposure: XrayExposure,
-                        rng: np.random.Generator) -> np.ndarray:
-    """A processed radiograph (0..1, bone bright) from per-material areal densities.
-
-    Args:
-        areal: ``{"mineral", "water", "fat"}`` -> (rows, cols) line integrals in g/cm2.
-        pixel_mm: Detector pixel [row, col] in mm.
-        exposure: Acquisition and processing parameters.
-        rng: Random generator for the quantum noise.
-    """
+def detector_log_image(areal: dict[str, np.ndarray], pixel_mm, exposure: XrayExposure,
+                       rng: np.random.Generator) -> np.ndarray:
+    """The detector's log signal in nepers: -ln of the detected (primary, scatter, quantum noise, blur)
+    over the unattenuated beam, from per-material areal densities (``areal``: ``{"mineral", "water",
+    "fat"}`` -> (rows, cols) g/cm2); ``rng`` draws the quantum noise."""
     pixel = float(np.mean(pixel_mm))
     primary = primary_transmission(areal, exposure.kvp, exposure.al_mm)
     # Scatter comes from where the beam meets matter: weight the primary by the mass it crossed.
@@ -145,7 +150,30 @@ def simulate_radiograph(areal: dict[str, np.ndarray], pixel_mm, exposure: XrayEx
     expected = (primary + scatter) * exposure.photons_per_pixel
     counts = rng.poisson(expected).astype(np.float64) / exposure.photons_per_pixel
     counts = ndimage.gaussian_filter(counts, exposure.blur_px, mode="nearest")
-    log_image = -np.log(np.clip(counts, 1e-5, None))
+    return -np.log(np.clip(counts, 1e-5, None))
+
+
+def simulate_radiograph(areal: dict[str, np.ndarray], pixel_mm, exposure: XrayExposure,
+                        rng: np.random.Generator, presentation: str = "processed") -> np.ndarray:
+    """A radiograph (0..1, bone bright) from per-material areal densities.
+
+    Args:
+        areal: ``{"mineral", "water", "fat"}`` -> (rows, cols) line integrals in g/cm2.
+        pixel_mm: Detector pixel [row, col] in mm.
+        exposure: Acquisition and processing parameters.
+        rng: Random generator for the quantum noise.
+        presentation: ``processed``: windowed on the image's own percentiles, tone curve and unsharp
+            masking (a DX workstation's "for presentation" image); ``raw``: the detector's log signal
+            (:func:`detector_log_image`) at :data:`RAW_PER_NEPER` units per neper above
+            :data:`RAW_OPEN_BEAM`, over :data:`FULL_SCALE` (a "for processing" image: the same scale
+            for every radiograph). Both draw the same noise.
+    """
+    if presentation not in PRESENTATIONS:
+        raise ValueError(f"presentation must be one of {', '.join(PRESENTATIONS)}, not {presentation!r}")
+    log_image = detector_log_image(areal, pixel_mm, exposure, rng)
+    if presentation == "raw":
+        return np.clip((RAW_OPEN_BEAM + log_image * RAW_PER_NEPER) / FULL_SCALE, 0, 1)
+    pixel = float(np.mean(pixel_mm))
     lo, hi = np.percentile(log_image, [exposure.window_low_pct, exposure.window_high_pct])
     v = np.clip((log_image - lo) / max(hi - lo, 1e-6), 0, 1) ** exposure.gamma
     v = v + exposure.unsharp_amount * (v - ndimage.gaussian_filter(v, exposure.unsharp_sigma_mm / pixel,

@@ -226,10 +226,14 @@ class RandomAugment:
         settings: The strengths.
         generator: The source of randomness (seeded by the trainer per epoch, so a resumed run draws
             the same transforms).
+        tone: Change the tone curve (gamma, contrast) and the exposure's gain. False for raw
+            radiographs read on the detector's own log scale (train ``input_scale: detector``): they
+            have no tone curve, and a dose change only shifts a log image (the offset, still drawn),
+            while a gain would change the scale that carries the absolute density.
     """
 
-    def __init__(self, settings: AugmentSettings, generator: torch.Generator):
-        self.s, self.g = settings, generator
+    def __init__(self, settings: AugmentSettings, generator: torch.Generator, tone: bool = True):
+        self.s, self.g, self.tone = settings, generator, tone
 
     def _uniform(self, n: int, half_width: float) -> torch.Tensor:
         return (torch.rand(n, generator=self.g) * 2 - 1) * half_width
@@ -256,6 +260,8 @@ class RandomAugment:
         noise = torch.rand(n, generator=self.g) * s.noise
         gain = torch.exp(self._uniform(n, math.log(2.0)))
         offset = self._uniform(n, 0.5)
+        if not self.tone:  # drawn all the same, so the other transforms are those of a tone run
+            gamma, contrast, gain = torch.ones(n), torch.ones(n), torch.ones(n)
         if overview is not None:
             anchor = tone_anchor(overview)
             xray = adjust_intensity(xray, gamma, contrast, noise, gain, offset, self.g, anchor=anchor)

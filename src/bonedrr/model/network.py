@@ -67,6 +67,15 @@ def overview_scale(overview: torch.Tensor) -> torch.Tensor:
     return _body_quantiles(overview, [p / 100.0 for p in OVERVIEW_PERCENTILES], [0.0, 1.0])
 
 
+def detector_scale(overview: torch.Tensor, span: float) -> torch.Tensor:
+    """(N, 2): the input scale of raw radiographs on the detector's own log scale (train ``input_scale:
+    detector``): each overview's first :data:`OVERVIEW_PERCENTILES` point of the body maps to 0, and that
+    plus one ``span``, the same for every radiograph, to 1; the twin of
+    :func:`bonedrr.model.portable.detector_scale`."""
+    low = overview_scale(overview)[:, :1]
+    return torch.cat([low, low + float(span)], 1)
+
+
 def body_quantiles(overview: torch.Tensor, quantiles) -> torch.Tensor:
     """(N, len(quantiles)) of the body in each overview (N, ...); the twin of
     :func:`bonedrr.model.portable.body_quantiles`."""
@@ -83,6 +92,22 @@ def tone_condition(crops: torch.Tensor, scale: torch.Tensor, overview: torch.Ten
     lo = scale[:, :1].float()
     span = (scale[:, 1:2].float() - lo).clamp_min(1e-6)
     return (torch.cat([body_quantiles(overview, TONE_OVERVIEW_QUANTILES), crop_q], 1) - lo) / span
+
+
+def input_contrast(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """(N,): each crop's (N, ...) mean as the network's input gets it (exact zeros, the padding, left
+    out; ``scale`` (N, 2) as :class:`RobustNormalise`'s), at least 1e-3: how much the crop attenuates
+    above its radiograph's thinnest body. A mean, not a percentile range, so noise does not inflate it.
+    The twin of :func:`bonedrr.model.portable.input_contrast`."""
+    flat = x.flatten(1).float()
+    kept = flat != 0
+    if scale is None:
+        lo, hi = robust_range(x)
+    else:
+        lo, hi = scale[:, 0].to(flat), scale[:, 1].to(flat)
+    span = (hi - lo).clamp_min(1e-6)
+    mean = (flat * kept).sum(1) / kept.sum(1).clamp_min(1)
+    return ((mean - lo) / span).clamp_min(1e-3)
 
 
 class RobustNormalise(nn.Module):
@@ -130,11 +155,18 @@ class UNet(nn.Module):
         conditions: Number of scalar conditions per image (0: none; 1: the tube voltage,
             :func:`bonedrr.model.portable.kvp_condition`; 16: :func:`tone_condition`; 17: both), each
             entering through FiLM layers.
+        equivariant: Multiply the output by the input crop's mean level (:func:`input_contrast`). The
+            GroupNorms make the U-Net blind to its input's scale: twice the contrast gives the same
+            output. An attenuation image twice as contrasted holds twice the density, so with this the
+            output follows the input's scale, as the physics of a raw log image does.
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 16, depth: int = 3,
-                 normalise: bool = True, conditions: int = 0):
+                 normalise: bool = True, conditions: int = 0, equivariant: bool = False):
         super().__init__()
+        if equivariant:  # in the state dict, so that the NumPy twin knows
+            self.register_buffer("equivariant", torch.ones(()))
+        self.is_equivariant = equivariant
         self.depth = depth
         self.normalise = RobustNormalise() if normalise else nn.Identity()
         widths = [base_channels * 2 ** i for i in range(depth + 1)]
@@ -163,6 +195,7 @@ class UNet(nn.Module):
         if self.film is not None and (condition is None or condition.shape != (len(x), self.conditions)):
             raise ValueError(f"this U-Net needs a condition of shape ({len(x)}, {self.conditions}), got "
                              f"{None if condition is None else tuple(condition.shape)}")
+        contrast = input_contrast(x, scale) if self.is_equivariant else None
         x = self.normalise(x, scale) if isinstance(self.normalise, RobustNormalise) else x
         skips = []
         for i, block in enumerate(self.down):
@@ -173,7 +206,8 @@ class UNet(nn.Module):
             skip = skips.pop()
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = self._modulate(block(torch.cat([x, skip], 1)), level, condition)
-        return self.head(x)
+        out = self.head(x)
+        return out if contrast is None else out * contrast.to(out.dtype).view(-1, 1, 1, 1)
 
 
 class PatchDiscriminator(nn.Module):

@@ -106,6 +106,22 @@ def overview_scale(overviews: np.ndarray) -> np.ndarray:
     return out
 
 
+def detector_scale(overviews: np.ndarray, span: float) -> np.ndarray:
+    """(N, 2): the input scale of raw radiographs read on the detector's own log scale: each overview's
+    body's first :data:`OVERVIEW_PERCENTILES` point, and that plus ``span`` (one number for every
+    radiograph). A dose change shifts a log image and the first term follows it; the span does not
+    follow the image, so the input keeps the absolute attenuation that a per-image span divides out
+    (README, "Raw radiographs"). The torch twin is :func:`bonedrr.model.network.detector_scale`.
+
+    Example:
+        >>> ov = np.tile(np.linspace(1000.0, 3000.0, 256, dtype=np.float32), (1, 128, 1))
+        >>> np.round(detector_scale(ov, 500.0) - detector_scale(ov + 200.0, 500.0), 3).tolist()
+        [[-200.0, -200.0]]
+    """
+    low = overview_scale(overviews)[:, :1]
+    return np.concatenate([low, low + np.float32(span)], 1)
+
+
 def body_quantiles(overviews: np.ndarray, quantiles) -> np.ndarray:
     """(N, len(quantiles)) of the pixels of each overview (N, ...) that are not air or padding
     (:data:`AIR_FRACTION`); of all its pixels when none is left. The torch twin is
@@ -276,6 +292,7 @@ def unet_forward(weights: dict[str, np.ndarray], x: np.ndarray, depth: int, scal
     if "film.0.weight" in weights and condition is None:
         raise BonedrrError("this U-Net is conditioned (FiLM layers): give its condition")
     x = np.asarray(x, np.float32)
+    contrast = input_contrast(x, scale) if "equivariant" in weights else None
     if normalise:
         lo, hi = (scale[:, 0], scale[:, 1]) if scale is not None else robust_range(x)
         lo = np.asarray(lo, np.float32).reshape(-1, 1, 1, 1)
@@ -290,7 +307,22 @@ def unet_forward(weights: dict[str, np.ndarray], x: np.ndarray, depth: int, scal
         skip = skips.pop()
         x = resize_bilinear(x, skip.shape[-2:])
         x = _film(weights, i + 1, _block(weights, f"up.{i}", np.concatenate([x, skip], 1)), condition)
-    return _conv2d(x, weights["head.weight"], weights["head.bias"])
+    out = _conv2d(x, weights["head.weight"], weights["head.bias"])
+    return out if contrast is None else (out * contrast.reshape(-1, 1, 1, 1)).astype(np.float32)
+
+
+def input_contrast(x: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """(N,): each crop's (N, ...) mean as the network's input gets it (padding left out; ``scale`` (N, 2)
+    or None: the crop's own 1st-99th percentile), by which an ``equivariant`` U-Net multiplies its
+    output; the torch twin is :func:`bonedrr.model.network.input_contrast`."""
+    flat = np.asarray(x, np.float32).reshape(len(x), -1)
+    if scale is None:
+        lo, hi = robust_range(flat)
+    else:
+        lo, hi = np.asarray(scale, np.float32)[:, 0], np.asarray(scale, np.float32)[:, 1]
+    kept = flat != 0
+    mean = (flat * kept).sum(1) / np.maximum(kept.sum(1), 1)
+    return np.maximum((mean - lo) / np.maximum(hi - lo, 1e-6), 1e-3).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,6 +349,7 @@ class HipModel:
         self.info = info or {}
         # models saved before input_scale existed scaled each crop by itself
         self.input_scale = self.info.get("settings", {}).get("input_scale", "crop")
+        self.input_span = self.info.get("settings", {}).get("input_span")
         self.condition = self.info.get("settings", {}).get("condition", "none")
         # channel -> (stage, index in its output); a later stage wins a duplicate
         self._source: dict[str, tuple[int, int]] = {}
@@ -353,8 +386,8 @@ class HipModel:
         Args:
             xray_crops: (N, H, W) or (H, W).
             scale: (N, k) or (k,): each crop's input scale from its whole radiograph (:meth:`scale_of`;
-                k = 2, or 13 for a ``tone``-conditioned model); required when the model's
-                ``input_scale`` is ``overview``.
+                k = 2, or 13 for a ``tone``-conditioned model); required unless the model's
+                ``input_scale`` is ``crop``.
             batch_size: Crops per forward pass.
             kvp: (N,) or one number: each crop's tube voltage (kV, DICOM KVP); required when
                 :attr:`needs_kvp`, ignored otherwise.
@@ -382,7 +415,7 @@ class HipModel:
                 raise BonedrrError("this model is conditioned on the tube voltage: give each radiograph's kVp "
                                    "(its DICOM KVP tag, or --kvp for a file without it)")
             parts.append(kvp_condition(np.broadcast_to(values, (len(x),))))
-        if self.input_scale != "overview":
+        if self.input_scale == "crop":
             return x, None, (np.concatenate(parts, 1) if parts else None)
         width = 2 + len(TONE_OVERVIEW_QUANTILES) * ("tone" in self.condition)
         if scale is None or np.shape(scale)[-1] != width:
@@ -401,7 +434,7 @@ class HipModel:
         if self.input_scale == "crop":
             return None
         overviews = np.asarray(overviews, np.float32)
-        scale = overview_scale(overviews)
+        scale = detector_scale(overviews, self.input_span) if self.input_scale == "detector" else overview_scale(overviews)
         if "tone" in self.condition:
             return np.concatenate([scale, body_quantiles(overviews, TONE_OVERVIEW_QUANTILES)], 1)
         return scale
