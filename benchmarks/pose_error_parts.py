@@ -59,7 +59,8 @@ def measure_patient(model, demo_case: Path, case_dir: Path, pack, n_views: int, 
     geometry, th = truth["geometry"], pack.threshold_g_cm2
     settings = DemoSettings(seed=truth["seed"], rows=geometry["rows"], cols=geometry["cols"],
                             pixel_mm=tuple(geometry["pixel_mm"]), sdd_mm=DEFAULTS["sdd_mm"],
-                            proximal_femur_cut_mm=truth["proximal_femur_cut_mm"], extra_views=n_views)
+                            proximal_femur_cut_mm=truth["proximal_femur_cut_mm"], extra_views=n_views,
+                            presentation=truth.get("presentation", "processed"))
     patient, _, _ = draw_patient(truth["index"], settings)
     exposure = XrayExposure(**truth["exposure"])
     geometries = [geometry] + [simulate_view(patient, truth["view_centre_world_mm"], exposure, settings,
@@ -82,15 +83,15 @@ def measure_patient(model, demo_case: Path, case_dir: Path, pack, n_views: int, 
             return np.array([drr_bmd(p, th) for p in _prediction(model, image * 65535, settings.pixel_mm, hips,
                                                                  pack)]) / true_bmd
 
-        pred = _prediction(model, simulate_radiograph(areal, settings.pixel_mm, shot, rng) * 65535,
+        pred = _prediction(model, simulate_radiograph(areal, settings.pixel_mm, shot, rng, settings.presentation) * 65535,
                            settings.pixel_mm, hips, pack)
         out["bmd"].append([drr_bmd(p, th) for p in pred] / true_bmd)
         out["area"].append([(p > th).sum() / (t > th).sum() for p, t in zip(pred, true)])
         out["level"].append([p[t > th].mean() for p, t in zip(pred, true)] / true_bmd)
         quiet = replace(shot, photons_per_pixel=shot.photons_per_pixel * 1000)
-        out["bmd_noiseless"].append(ratio(simulate_radiograph(areal, settings.pixel_mm, quiet, rng)))
+        out["bmd_noiseless"].append(ratio(simulate_radiograph(areal, settings.pixel_mm, quiet, rng, settings.presentation)))
         if k == 0:
-            out["bmd_noise_only"] = [ratio(simulate_radiograph(areal, settings.pixel_mm, shot, rng))
+            out["bmd_noise_only"] = [ratio(simulate_radiograph(areal, settings.pixel_mm, shot, rng, settings.presentation))
                                      for _ in range(noise_draws)]
     return {"case_id": demo_case.name, **{part: np.asarray(x, float).tolist() for part, x in out.items()}}
 

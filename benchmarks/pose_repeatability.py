@@ -62,7 +62,8 @@ def measure_patient(model, demo_case: Path, case_dir: Path, pack, threshold: flo
     geometry = truth["geometry"]
     settings = DemoSettings(seed=truth["seed"], rows=geometry["rows"], cols=geometry["cols"],
                             pixel_mm=tuple(geometry["pixel_mm"]), sdd_mm=DEFAULTS["sdd_mm"],
-                            proximal_femur_cut_mm=truth["proximal_femur_cut_mm"], extra_views=n_views)
+                            proximal_femur_cut_mm=truth["proximal_femur_cut_mm"], extra_views=n_views,
+                            presentation=truth.get("presentation", "processed"))
     patient, _, _ = draw_patient(truth["index"], settings)
     exposure = XrayExposure(**truth["exposure"])
     own_image, own_pixel_mm, _ = v._case_radiograph(case_dir)

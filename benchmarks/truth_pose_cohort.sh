@@ -6,11 +6,13 @@
 # model from the upstream errors: what a model learns here is a ceiling for the workflow's own shards.
 # About 20 patients a minute on 2 cores; 200 patients are 400 hips and about 0.5 GB.
 #
-#   benchmarks/truth_pose_cohort.sh OUT N [JOBS] [VIEWS] [SITES]
+#   benchmarks/truth_pose_cohort.sh OUT N [JOBS] [VIEWS] [SITES] [PRESENTATION]
 #
 # SITES (default 0) is the demo's `sites`: 0, every patient's radiograph its own kVp and processing; N,
 # the cohort's radiographs come from N acquisition protocols (1: one hospital's cohort). The patients,
-# poses, DRRs and BMD targets are the same for every SITES; only the radiographs differ.
+# poses, DRRs and BMD targets are the same for every SITES; only the radiographs differ. PRESENTATION is
+# the demo's `presentation` (processed, the default; raw: the detector's log signal on one scale, for
+# models with `input_scale: detector`), the same way.
 #
 # With VIEWS > 0, each patient also gets VIEWS training views (benchmarks/truth_pose_views.py: other
 # poses, kVp and processing; with VIEWS_PROTOCOL=same in the environment, other poses at the case's own
@@ -28,8 +30,8 @@
 #   python benchmarks/train_folds.py --shards OUT/shards --folds 0 --epochs 30 30 --threads 1 \
 #       --set '{"network": {"condition": "tone"}}' --out /tmp/tone.json
 set -euo pipefail
-[ $# -ge 2 ] || { echo "usage: $0 OUT N [JOBS] [VIEWS] [SITES]" >&2; exit 2; }
-out=$(realpath -m "$1"); n=$2; jobs=${3:-2}; views=${4:-0}; sites=${5:-0}
+[ $# -ge 2 ] || { echo "usage: $0 OUT N [JOBS] [VIEWS] [SITES] [PRESENTATION]" >&2; exit 2; }
+out=$(realpath -m "$1"); n=$2; jobs=${3:-2}; views=${4:-0}; sites=${5:-0}; presentation=${6:-processed}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cli="${PYTHON:-$repo/.venv/bin/python} -m bonedrr"
 mkdir -p "$out/logs" "$out/cases"
@@ -54,7 +56,7 @@ one_case() {
   # the demo's settings (config/config.yaml, cohorts.demo); case i draws from (seed, i) whatever N is
   $cli demo-cohort --out "$out/demo_input" --cases "$i" --n "$n" --seed 2026 --rows 192 --cols 320 \
     --pixel-mm 1.4 1.4 --sdd-mm 1100 --nifti-png-every 5 --abmd-range 0.45 1.15 --cut-mm 80 --extra-views 0 \
-    --sites "$sites" 2> "$out/logs/$id.demo.log"
+    --sites "$sites" --presentation "$presentation" 2> "$out/logs/$id.demo.log"
   ct=$dir/ct; [ -e "$ct" ] || ct=$dir/ct.nii.gz
   xray=$(ls "$dir"/xray.*)
   rm -rf "$case_dir.tmp"; mkdir -p "$case_dir.tmp"
@@ -80,7 +82,7 @@ view_case() {  # one training view: ingest, the patient's density and labels, th
   rm -f "$case_dir.tmp/ct.nii.gz"; rm -rf "$case_dir"; mv "$case_dir.tmp" "$case_dir"
   echo "$vc"
 }
-export -f true_pose_drr_bmd one_case view_case; export out n cli repo sites
+export -f true_pose_drr_bmd one_case view_case; export out n cli repo sites presentation
 seq 0 $((n - 1)) | OMP_NUM_THREADS=1 xargs -P "$jobs" -I{} bash -c 'one_case {}' | \
   "${PYTHON:-$repo/.venv/bin/python}" -c 'import sys, tqdm
 for _ in tqdm.tqdm(sys.stdin, total=int(sys.argv[1]), unit="case", desc="truth-pose cases"): pass' "$n"

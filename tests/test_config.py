@@ -42,6 +42,26 @@ def test_default_config_is_valid_and_lists_the_demo_cases():
     assert config["cohorts"]["demo"]["xray"]["pixel_mm"] == [1.4, 1.4]
 
 
+def test_the_validation_configs_load_over_the_default_as_snakemake_merges_them(tmp_path):
+    """config/validation.yaml, and validation_raw.yaml on top of it, merged into config.yaml the way
+    Snakemake's --configfile merges (nested keys update), give a valid config with what they promise."""
+    def merge(a: dict, b: dict) -> dict:
+        for key, value in b.items():
+            a[key] = merge(a[key], value) if isinstance(value, dict) and isinstance(a.get(key), dict) else value
+        return a
+
+    merged = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    for name in ("validation.yaml", "validation_raw.yaml"):
+        merged = merge(merged, yaml.safe_load((REPO / "config" / name).read_text()))
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(merged))
+        config = load_config(path)
+        assert config["cohorts"]["demo"]["demo"]["n_patients"] == 80
+    assert config["cohorts"]["demo"]["demo"]["presentation"] == "raw" and config["cohorts"]["demo"]["demo"]["sites"] == 1
+    assert config["train"]["input_scale"] == "detector" and config["train"]["network"]["equivariant"] is True
+    assert config["train"]["network"]["base_channels"] == 16  # the default's, kept by the merge
+
+
 @pytest.mark.parametrize("config, message", [
     ({"cohorts": {"hosp": {"samples": "a.tsv", "colour": "red"}}},
      "config error: cohort 'hosp': unknown key 'colour'"),
@@ -55,6 +75,8 @@ def test_default_config_is_valid_and_lists_the_demo_cases():
      "config error: cohort 'hosp': needs exactly one of 'samples' (a sample sheet) or 'demo' (virtual patients)"),
     ({"cohorts": {"sim": {"demo": {"n_patients": 2, "seed": 1, "sites": -1}}}},
      "config error: cohort 'sim': field 'demo.sites': -1 is less than the minimum of 0"),
+    ({"cohorts": {"sim": {"demo": {"n_patients": 2, "seed": 1, "presentation": "film"}}}},
+     "config error: cohort 'sim': field 'demo.presentation': 'film' is not one of ['processed', 'raw']"),
     ({"cohorts": {"hosp": {"samples": "a.tsv", "demo": {"n_patients": 2, "seed": 1}}}},
      "config error: cohort 'hosp': needs exactly one of 'samples' (a sample sheet) or 'demo' (virtual patients)"),
     ({"cohorts": {"../up": {"samples": "a.tsv"}}},

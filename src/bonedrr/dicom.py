@@ -40,7 +40,8 @@ TECHNICAL_TAGS = (
     "BodyPartExamined", "ViewPosition", "PatientOrientation", "PhotometricInterpretation",
     "BitsAllocated", "BitsStored", "PixelRepresentation", "RescaleSlope", "RescaleIntercept",
     "ImagerPixelSpacing", "PixelSpacing", "DistanceSourceToDetector", "DistanceSourceToPatient",
-    "EstimatedRadiographicMagnificationFactor", "FilterType", "Grid",
+    "EstimatedRadiographicMagnificationFactor", "FilterType", "Grid", "PresentationIntentType",
+    "PixelIntensityRelationship",
 )
 
 

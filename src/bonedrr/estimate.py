@@ -187,6 +187,10 @@ def _estimate_one(model, model_name: str, xray: Path, side: str, out_dir, pixel_
     kvp, kvp_source = _tube_voltage(radiograph, kvp, xray, model.needs_kvp)
     sides = list(SIDES) if side == "both" else [side]
     crops, facts = hip_crops(model, radiograph.pixels, radiograph.pixel_mm, sides, crop)
+    if model.input_scale == "detector" and radiograph.metadata.get("PresentationIntentType") != "FOR PROCESSING":
+        log.warning("%s: the model reads raw radiographs on its detector's log scale (input_scale detector), and this "
+                    "is not a DICOM 'FOR PROCESSING' image: its BMD is only right if its values are on that scale",
+                    xray.name)
     if crop and model.input_scale != "crop":
         log.warning("%s: a hip crop has no whole radiograph around it; the model's input scale (taken from "
                     "the whole radiograph in training) comes from the crop itself, which biases BMD", xray.name)
