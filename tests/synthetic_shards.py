@@ -53,11 +53,12 @@ class SyntheticShards(Dataset):
             kv = float(kvp[i]) if kvp is not None else math.nan
             bone_mu = 2.0 * (80.0 / kv) ** kvp_effect if kvp_effect else 2.0
             mu = bone_mu * (femur + pelvis) + 0.2 * muscle + 0.18 * soft
-            head_ov = (rng.uniform(40, 80), rng.uniform(60, 110))
-            if thickness is None:
+            if thickness is None:  # the draws in the order the tests' measured numbers were made with
                 xray = 1000 * (1 - np.exp(-mu / 3)) + rng.normal(0, 5, (h, w))
+                head_ov = (rng.uniform(40, 80), rng.uniform(60, 110))
                 ov = 0.2 + _disc(ov_rr, ov_cc, *head_ov, 9) + 0.5 * _disc(ov_rr, ov_cc, head_ov[0] - 10, 128, 30)
             else:  # raw log: a dose offset, the body's soft tissue (thinner to the sides) and its bones
+                head_ov = (rng.uniform(40, 80), rng.uniform(60, 110))
                 dose = rng.uniform(200, 600)
                 xray = dose + 1000 * mu + rng.normal(0, 5, (h, w))
                 body = t * (0.4 + 0.6 * np.sin(ov_cc / 256 * math.pi)) * 1.0

@@ -105,8 +105,11 @@ class TrainSettings:
         condition: ``none``; ``kvp``: condition the U-Nets on each radiograph's tube voltage (the
             shards' ``kvp``, from DICOM KVP; every training sample must have it, and so must every
             radiograph the model reads); ``tone``: on quantiles of the whole radiograph and of the crop
-            (:func:`bonedrr.model.network.tone_condition`; needs ``input_scale: overview``); or
-            ``kvp+tone``.
+            (:func:`bonedrr.model.network.tone_condition`; needs ``input_scale`` ``overview`` or
+            ``detector``); or ``kvp+tone``.
+        equivariant: Multiply each U-Net's output by the crop's mean level in the input's units
+            (:class:`bonedrr.model.network.UNet`), so that it follows the input's scale; for
+            ``input_scale: detector``.
         ema: Decay of an exponential moving average of each stage's weights, updated every step; the
             model keeps the averages (0: the last step's weights). 0.99 averages about the last 100 steps;
             the decay ramps up as (1 + step) / (10 + step) over a stage's first steps.
