@@ -761,3 +761,31 @@ def test_estimate_with_a_kvp_conditioned_model(real_shards, tmp_path, capsys):
         assert (result["kvp"], result["kvp_source"]) == (kv, "--kvp")
         bmd[kv] = result["sides"]["left"]["drr_bmd_g_cm2"]
     assert bmd[70] != bmd[85]  # the condition reaches the prediction
+
+
+def test_estimate_warns_when_a_detector_scale_model_reads_a_processed_radiograph(demo_cases, real_shards, tmp_path,
+                                                                                  capsys, caplog):
+    """A model on the detector's log scale (``input_scale: detector``) reads a DICOM "FOR PROCESSING"
+    radiograph without a word, and warns, naming the file, on the same patient's processed radiograph
+    (its values are on a workstation's display scale, so its BMD is off: README, "Raw radiographs")."""
+    import dataclasses
+
+    from bonedrr.demo.cohort import make_case
+
+    demo_dir, settings, truths = demo_cases
+    raw_case = tmp_path / "raw" / truths[0]["case_id"]
+    make_case(raw_case, truths[0]["case_id"], 0, dataclasses.replace(settings, presentation="raw"))
+    model_dir = tmp_path / "detector_model"
+    train_model(real_shards[0], model_dir, TrainSettings(**{**TINY.__dict__, "input_scale": "detector"}), progress=False)
+    logged = {}
+    for name, xray in (("raw", raw_case / "xray.dcm"), ("processed", demo_dir / truths[0]["case_id"] / "xray.dcm")):
+        caplog.clear()
+        code, out, err = _main(capsys, "estimate", "--model", str(model_dir), "--xray", str(xray), "--json",
+                               "--side", "right")
+        assert code == 0, err
+        assert json.loads(out)["sides"]["right"]["drr_bmd_g_cm2"] is not None
+        logged[name] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert logged["raw"] == []
+    assert logged["processed"] == [
+        "xray.dcm: the model reads raw radiographs on its detector's log scale (input_scale detector), and this is "
+        "not a DICOM 'FOR PROCESSING' image: its BMD is only right if its values are on that scale"]
