@@ -797,21 +797,24 @@ def test_estimate_warns_when_a_detector_scale_model_reads_a_processed_radiograph
                                                                                   capsys, caplog):
     """A model on the detector's log scale (``input_scale: detector``) reads a DICOM "FOR PROCESSING"
     radiograph without a word, and warns, naming the file, on the same patient's processed radiograph
-    (its values are on a workstation's display scale, so its BMD is off: README, "Raw radiographs")."""
+    (its values are on a workstation's display scale, so its BMD is off: README, "Raw radiographs");
+    of a raw PNG, which no tag describes, it says that the file cannot tell."""
     import dataclasses
 
     from bonedrr.demo.cohort import make_case
 
     demo_dir, settings, truths = demo_cases
-    raw_case = tmp_path / "raw" / truths[0]["case_id"]
+    raw_case, raw_png_case = (tmp_path / "raw" / truths[i]["case_id"] for i in (0, 1))
     make_case(raw_case, truths[0]["case_id"], 0, dataclasses.replace(settings, presentation="raw"))
+    make_case(raw_png_case, truths[1]["case_id"], 1, dataclasses.replace(settings, presentation="raw"))
     model_dir = tmp_path / "detector_model"
     train_model(real_shards[0], model_dir, TrainSettings(**{**TINY.__dict__, "input_scale": "detector"}), progress=False)
     logged = {}
-    for name, xray in (("raw", raw_case / "xray.dcm"), ("processed", demo_dir / truths[0]["case_id"] / "xray.dcm")):
+    for name, xray in (("raw", raw_case / "xray.dcm"), ("processed", demo_dir / truths[0]["case_id"] / "xray.dcm"),
+                       ("raw_png", raw_png_case / "xray.png")):
         caplog.clear()
         code, out, err = _main(capsys, "estimate", "--model", str(model_dir), "--xray", str(xray), "--json",
-                               "--side", "right")
+                               "--side", "right", "--pixel-mm", *map(str, settings.pixel_mm))
         assert code == 0, err
         assert json.loads(out)["sides"]["right"]["drr_bmd_g_cm2"] is not None
         logged[name] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -819,3 +822,6 @@ def test_estimate_warns_when_a_detector_scale_model_reads_a_processed_radiograph
     assert logged["processed"] == [
         "xray.dcm: the model reads raw radiographs on its detector's log scale (input_scale detector), and this is "
         "not a DICOM 'FOR PROCESSING' image: its BMD is only right if its values are on that scale"]
+    assert logged["raw_png"] == [
+        "xray.png: the model reads raw radiographs on its detector's log scale (input_scale detector), and a PNG file "
+        "does not say which scale its values are on: its BMD is only right if they are on that one"]

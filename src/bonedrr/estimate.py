@@ -187,7 +187,11 @@ def _estimate_one(model, model_name: str, xray: Path, side: str, out_dir, pixel_
     kvp, kvp_source = _tube_voltage(radiograph, kvp, xray, model.needs_kvp)
     sides = list(SIDES) if side == "both" else [side]
     crops, facts = hip_crops(model, radiograph.pixels, radiograph.pixel_mm, sides, crop)
-    if model.input_scale == "detector" and radiograph.metadata.get("PresentationIntentType") != "FOR PROCESSING":
+    if model.input_scale == "detector" and "format" in radiograph.metadata:  # PNG or JPEG: no tag tells
+        log.warning("%s: the model reads raw radiographs on its detector's log scale (input_scale detector), and a "
+                    "%s file does not say which scale its values are on: its BMD is only right if they are on that "
+                    "one", xray.name, radiograph.metadata["format"].upper())
+    elif model.input_scale == "detector" and radiograph.metadata.get("PresentationIntentType") != "FOR PROCESSING":
         log.warning("%s: the model reads raw radiographs on its detector's log scale (input_scale detector), and this "
                     "is not a DICOM 'FOR PROCESSING' image: its BMD is only right if its values are on that scale",
                     xray.name)
