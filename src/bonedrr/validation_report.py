@@ -93,7 +93,11 @@ def write_plots(folder: Path, rows: list[dict], jpeg: list[dict], pose: list[dic
             vmax = float(max(ex["true"].max(), ex["pred"].max(), 1e-6))
             diff = ex["pred"] - ex["true"]
             dmax = float(max(np.abs(diff).max(), 1e-6))
-            panels = [(ex["xray"], "radiograph crop", "gray", None, None),
+            # windowed on the pixels inside the radiograph: a crop past its edge is padded with the minimum,
+            # which would otherwise squeeze a raw log image's anatomy into the top of the grey scale
+            inside = ex["xray"][ex["xray"] > ex["xray"].min()]
+            lo_x, hi_x = np.percentile(inside, (1, 99)) if inside.size else (None, None)
+            panels = [(ex["xray"], "radiograph crop", "gray", lo_x, hi_x),
                       (ex["true"], f"true DRR\nBMD {ex['true_bmd']:.3f}", "magma", 0, vmax),
                       (ex["pred"], f"predicted DRR\nBMD {ex['pred_bmd']:.3f}", "magma", 0, vmax),
                       (diff, "predicted - true\n(g/cm2)", "coolwarm", -dmax, dmax)]
