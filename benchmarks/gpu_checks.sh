@@ -10,10 +10,11 @@
 #   OUT     folder for the logs and JSON results
 #   EXTRA   optional folder holding what the machine lacks: sitk.tar.xz (SimpleITK unpacked), whl/*.whl
 #           (installed without dependencies), diffdrr/ (the benchmark peer's package)
-#   STEPS   which steps, in order (default: pytest_gpu drr_gpu train_folds_cuda; also: register)
+#   STEPS   which steps, in order (default: pytest_gpu drr_gpu train_folds_cuda; also: register, train_step)
 #   CASES   case folders (density.nii.gz, labels.nii.gz, xray.nii.gz, case.json) for the register step:
 #           each registered on the GPU, then the first once more on 2 CPU threads (a workflow job's)
-#   TRAIN_SET, EPOCHS, FOLDS  passed to benchmarks/train_folds.py as --set, --epochs, --folds
+#   TRAIN_SET, EPOCHS, FOLDS  passed to benchmarks/train_folds.py as --set, --epochs, --folds (TRAIN_SET
+#           also to benchmarks/train_step.py: where a step's time goes)
 #   LONG_EPOCHS  optional: the same folds trained again with these epochs (does accuracy still grow?)
 set -u
 shards=$1; out=$2; extra=${3:-}
@@ -61,6 +62,9 @@ for s in ${STEPS:-pytest_gpu drr_gpu train_folds_cuda}; do
         step train_folds_cuda_long 300 python3 benchmarks/train_folds.py "${args[@]}" --epochs $LONG_EPOCHS \
           --models /tmp/bonedrr_models_long --out "$out/train_folds_cuda_long.json"
       fi ;;
+    train_step)
+      step train_step 300 python3 benchmarks/train_step.py --shards "$shards" --device "$gpu" --epochs 2 \
+        --set "${TRAIN_SET:-"{}"}" --out "$out/train_step.json" ;;
     *) echo "unknown step $s" | tee -a "$out/steps.txt" ;;
   esac
 done

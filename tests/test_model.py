@@ -476,6 +476,31 @@ def test_numpy_layers_are_torchs():
                                torch.stack(robust_range(torch.from_numpy(overviews))).numpy(), rtol=1e-5)
 
 
+def test_body_quantiles_from_one_sort_are_torchs_quantiles():
+    """The overview's body quantiles (every training step's input scale) come from one sort; they are
+    exactly what torch.quantile and torch.nanquantile give, on letterboxed, empty, constant and
+    few-valued overviews."""
+    from bonedrr.model.network import _body_quantiles
+    from bonedrr.model.portable import AIR_FRACTION
+
+    def reference(overview, quantiles, fallback):
+        flat = overview.flatten(1).float()
+        bottom = flat.min(1, keepdim=True).values
+        top = torch.quantile(flat, 0.995, dim=1, keepdim=True)
+        body = flat.masked_fill(flat <= bottom + AIR_FRACTION * (top - bottom), float("nan"))
+        q = torch.nanquantile(body, torch.tensor(quantiles), dim=1).T
+        return torch.where(torch.isnan(q), torch.quantile(flat, torch.tensor(fallback), dim=1).T, q)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, 64, 128, generator=g) * 3000
+    x[:, :, 50:] = 0  # letterbox
+    x[1] = 0  # padding only
+    x[2] = 5.0  # constant
+    x[3] = torch.randint(0, 5, (1, 64, 128), generator=g).float()  # few values, many ties
+    for quantiles, fallback in (([0.01, 0.5], [0.0, 1.0]), ([0.0, 0.05, 0.5, 0.99, 1.0], [0.1, 0.3, 0.5, 0.7, 0.9])):
+        assert torch.equal(_body_quantiles(x, quantiles, fallback), reference(x, quantiles, fallback))
+
+
 @pytest.mark.parametrize("scaled,conditioned,equivariant", [(True, False, False), (False, False, False),
                                                              (True, True, False), (True, False, True)])
 def test_numpy_unet_is_the_torch_unet(scaled, conditioned, equivariant):
