@@ -23,14 +23,19 @@ class SyntheticShards(Dataset):
     ``thickness``: each item's soft-tissue thickness factor; given, the radiograph and its overview are
     raw log images on one detector scale (1000 per unit of attenuation) shifted by a random dose offset,
     whose soft tissue scales with the thickness: a per-image intensity span then divides the bone's
-    contrast by the thickness, which the detector's own scale does not."""
+    contrast by the thickness, which the detector's own scale does not. ``open_beam`` (with ``thickness``):
+    the raw images are referenced to the open beam instead (no dose offset: nothing attenuating is
+    ``open_beam``), 0-2 % of each overview's field, at one edge, is air, and the overview is
+    letterboxed: whether its body's 1st percentile is air or the thinnest tissue then depends on the
+    field, not on the hip."""
 
     def __init__(self, n: int = 12, shape=(64, 32), seed: int = 0, channels=None, folds=None, kvp=None,
-                 kvp_effect: float = 0.0, thickness=None):
+                 kvp_effect: float = 0.0, thickness=None, open_beam: float | None = None):
         self.shape = shape
         self.channels = list(channels or CHANNELS)
         rng = np.random.default_rng(seed)
         pelvis_density = np.random.default_rng([seed, 1]).uniform(0.6, 1.4, n)
+        air = np.random.default_rng([seed, 2]).uniform(0.0, 0.02, n)  # a stream of its own: the others' draws stay
         self.items = []
         h, w = shape
         rr, cc = np.mgrid[0:h, 0:w].astype(float)
@@ -60,10 +65,15 @@ class SyntheticShards(Dataset):
             else:  # raw log: a dose offset, the body's soft tissue (thinner to the sides) and its bones
                 head_ov = (rng.uniform(40, 80), rng.uniform(60, 110))
                 dose = rng.uniform(200, 600)
+                if open_beam is not None:
+                    dose = open_beam
                 xray = dose + 1000 * mu + rng.normal(0, 5, (h, w))
                 body = t * (0.4 + 0.6 * np.sin(ov_cc / 256 * math.pi)) * 1.0
                 ov = dose + 1000 * (body + 2.0 * density * _disc(ov_rr, ov_cc, *head_ov, 9)
                                     + 1.4 * _disc(ov_rr, ov_cc, head_ov[0] - 10, 128, 30))
+                if open_beam is not None:
+                    ov[:, : int(air[i] * 256)] = open_beam
+                    ov[-12:] = 0  # the overview's letterbox, as a radiograph of another aspect ratio gets
             self.items.append({
                 "xray": torch.tensor(xray, dtype=torch.float32)[None],
                 "drr": torch.tensor(np.stack([drr[c] for c in self.channels]), dtype=torch.float32),

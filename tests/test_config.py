@@ -6,7 +6,9 @@ import pytest
 import yaml
 
 from bonedrr.config import cohort_cases, load_config, read_samplesheet, validate_config
+from bonedrr.demo.xray_physics import RAW_OPEN_BEAM
 from bonedrr.errors import ConfigError
+from bonedrr.train import TrainSettings
 
 from conftest import REPO
 
@@ -59,6 +61,8 @@ def test_the_validation_configs_load_over_the_default_as_snakemake_merges_them(t
         assert config["cohorts"]["demo"]["demo"]["n_patients"] == 80
     assert config["cohorts"]["demo"]["demo"]["presentation"] == "raw" and config["cohorts"]["demo"]["demo"]["sites"] == 1
     assert config["train"]["input_scale"] == "detector" and config["train"]["network"]["equivariant"] is True
+    settings = TrainSettings.from_config(config["train"])  # as the train rule builds them
+    assert settings.open_beam == RAW_OPEN_BEAM == 1000.0 and settings.input_scale == "detector"
     assert config["train"]["network"]["base_channels"] == 16  # the default's, kept by the merge
 
 

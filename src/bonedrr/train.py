@@ -100,6 +100,13 @@ class TrainSettings:
         input_span: With ``input_scale: detector``: the span of stored values the input maps to 1;
             None: the median over the training radiographs of their 1st-50th percentile span, fixed
             when training starts and kept in the model.
+        open_beam: With ``input_scale: detector``: the detector's stored value where nothing
+            attenuates, mapped to the input's 0 for every radiograph (the demo's raw images: 1000,
+            :data:`bonedrr.demo.xray_physics.RAW_OPEN_BEAM`); for radiographs whose log scale is
+            referenced to the open beam, as a dose-normalised "for processing" image is. None: each
+            radiograph's body's 1st percentile, which follows a dose change but moves with the pose and
+            with whether air is in the field (README, "Raw radiographs"). With it the augmentation
+            shifts no offset either: on this scale an offset is density.
         dxa_calibration: Fit a linear map from predicted DRR-BMD to DXA aBMD on the training samples.
         amp: bfloat16 autocast on a GPU.
         condition: ``none``; ``kvp``: condition the U-Nets on each radiograph's tube voltage (the
@@ -132,6 +139,7 @@ class TrainSettings:
     num_workers: int = 0
     input_scale: str = "overview"
     input_span: float | None = None
+    open_beam: float | None = None
     dxa_calibration: bool = False
     amp: bool = True
     condition: str = "none"
@@ -171,6 +179,9 @@ class TrainSettings:
         if self.input_span is not None and not (self.input_scale == "detector" and self.input_span > 0):
             raise BonedrrError(f"train input_span ({self.input_span}) is for input_scale detector and must be "
                                "above 0")
+        if self.open_beam is not None and self.input_scale != "detector":
+            raise BonedrrError(f"train open_beam ({self.open_beam}) is for input_scale detector, not "
+                               f"{self.input_scale!r}")
         if not 0.0 <= self.ema < 1.0:
             raise BonedrrError(f"train ema must be in [0, 1), not {self.ema}")
 
@@ -416,7 +427,7 @@ def _input_scale(settings: TrainSettings, overview: torch.Tensor) -> torch.Tenso
     ``input_scale: crop`` (each crop its own)."""
     if settings.input_scale == "crop":
         return None
-    return detector_scale(overview, settings.input_span) if settings.input_scale == "detector" \
+    return detector_scale(overview, settings.input_span, settings.open_beam) if settings.input_scale == "detector" \
         else overview_scale(overview)
 
 
@@ -444,7 +455,7 @@ def _condition(settings: TrainSettings, batch: dict, device: torch.device, xray:
 def _stage_epoch(run: _Run, k: int, loader: DataLoader, channel_idx: list[int], opt, disc_opt, gen) -> dict:
     s, net, dev = run.s, run.nets[k], run.device
     disc = run.discs[k] if run.discs else None
-    augment = RandomAugment(s.augment, gen, tone=s.input_scale != "detector")
+    augment = RandomAugment(s.augment, gen, tone=s.input_scale != "detector", offset=s.open_beam is None)
     net.train()
     sums = {"loss": 0.0, "l1": 0.0, "gc": 0.0, "gan": 0.0, "bmd": 0.0}
     channels = list(s.stages[k].channels)

@@ -230,10 +230,13 @@ class RandomAugment:
             radiographs read on the detector's own log scale (train ``input_scale: detector``): they
             have no tone curve, and a dose change only shifts a log image (the offset, still drawn),
             while a gain would change the scale that carries the absolute density.
+        offset: Shift the exposure's offset. False for raw radiographs whose input's 0 is the
+            detector's open beam (train ``open_beam``): on that scale an offset is density.
     """
 
-    def __init__(self, settings: AugmentSettings, generator: torch.Generator, tone: bool = True):
-        self.s, self.g, self.tone = settings, generator, tone
+    def __init__(self, settings: AugmentSettings, generator: torch.Generator, tone: bool = True,
+                 offset: bool = True):
+        self.s, self.g, self.tone, self.offset = settings, generator, tone, offset
 
     def _uniform(self, n: int, half_width: float) -> torch.Tensor:
         return (torch.rand(n, generator=self.g) * 2 - 1) * half_width
@@ -262,6 +265,8 @@ class RandomAugment:
         offset = self._uniform(n, 0.5)
         if not self.tone:  # drawn all the same, so the other transforms are those of a tone run
             gamma, contrast, gain = torch.ones(n), torch.ones(n), torch.ones(n)
+        if not self.offset:
+            offset = torch.zeros(n)
         if overview is not None:
             anchor = tone_anchor(overview)
             xray = adjust_intensity(xray, gamma, contrast, noise, gain, offset, self.g, anchor=anchor)

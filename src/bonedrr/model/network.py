@@ -83,12 +83,16 @@ def overview_scale(overview: torch.Tensor) -> torch.Tensor:
     return _body_quantiles(overview, [p / 100.0 for p in OVERVIEW_PERCENTILES], [0.0, 1.0])
 
 
-def detector_scale(overview: torch.Tensor, span: float) -> torch.Tensor:
+def detector_scale(overview: torch.Tensor, span: float, open_beam: float | None = None) -> torch.Tensor:
     """(N, 2): the input scale of raw radiographs on the detector's own log scale (train ``input_scale:
-    detector``): each overview's first :data:`OVERVIEW_PERCENTILES` point of the body maps to 0, and that
-    plus one ``span``, the same for every radiograph, to 1; the twin of
+    detector``): ``open_beam`` (the detector's stored value where nothing attenuates) or, without it,
+    each overview's first :data:`OVERVIEW_PERCENTILES` point of the body maps to 0, and that plus one
+    ``span``, the same for every radiograph, to 1; the twin of
     :func:`bonedrr.model.portable.detector_scale`."""
-    low = overview_scale(overview)[:, :1]
+    if open_beam is None:
+        low = overview_scale(overview)[:, :1]
+    else:
+        low = torch.full((len(overview), 1), float(open_beam), dtype=torch.float32, device=overview.device)
     return torch.cat([low, low + float(span)], 1)
 
 

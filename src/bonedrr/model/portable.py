@@ -106,19 +106,25 @@ def overview_scale(overviews: np.ndarray) -> np.ndarray:
     return out
 
 
-def detector_scale(overviews: np.ndarray, span: float) -> np.ndarray:
-    """(N, 2): the input scale of raw radiographs read on the detector's own log scale: each overview's
-    body's first :data:`OVERVIEW_PERCENTILES` point, and that plus ``span`` (one number for every
-    radiograph). A dose change shifts a log image and the first term follows it; the span does not
-    follow the image, so the input keeps the absolute attenuation that a per-image span divides out
-    (README, "Raw radiographs"). The torch twin is :func:`bonedrr.model.network.detector_scale`.
+def detector_scale(overviews: np.ndarray, span: float, open_beam: float | None = None) -> np.ndarray:
+    """(N, 2): the input scale of raw radiographs read on the detector's own log scale: a low end, and
+    that plus ``span`` (one number for every radiograph). The span does not follow the image, so the
+    input keeps the absolute attenuation that a per-image span divides out (README, "Raw
+    radiographs"). The low end is ``open_beam``, the detector's stored value where nothing attenuates,
+    the same for every radiograph; or, without it, each overview's body's first
+    :data:`OVERVIEW_PERCENTILES` point, which follows a dose change (it shifts a log image) but also
+    moves with what the field holds: whether air is in it, and the thinnest tissue the pose brings in.
+    The torch twin is :func:`bonedrr.model.network.detector_scale`.
 
     Example:
         >>> ov = np.tile(np.linspace(1000.0, 3000.0, 256, dtype=np.float32), (1, 128, 1))
         >>> np.round(detector_scale(ov, 500.0) - detector_scale(ov + 200.0, 500.0), 3).tolist()
         [[-200.0, -200.0]]
+        >>> detector_scale(ov + 200.0, 500.0, open_beam=1000.0).tolist()
+        [[1000.0, 1500.0]]
     """
-    low = overview_scale(overviews)[:, :1]
+    overviews = np.asarray(overviews, np.float32)
+    low = overview_scale(overviews)[:, :1] if open_beam is None else np.full((len(overviews), 1), open_beam, np.float32)
     return np.concatenate([low, low + np.float32(span)], 1)
 
 
@@ -350,6 +356,7 @@ class HipModel:
         # models saved before input_scale existed scaled each crop by itself
         self.input_scale = self.info.get("settings", {}).get("input_scale", "crop")
         self.input_span = self.info.get("settings", {}).get("input_span")
+        self.open_beam = self.info.get("settings", {}).get("open_beam")
         self.condition = self.info.get("settings", {}).get("condition", "none")
         # channel -> (stage, index in its output); a later stage wins a duplicate
         self._source: dict[str, tuple[int, int]] = {}
@@ -434,7 +441,8 @@ class HipModel:
         if self.input_scale == "crop":
             return None
         overviews = np.asarray(overviews, np.float32)
-        scale = detector_scale(overviews, self.input_span) if self.input_scale == "detector" else overview_scale(overviews)
+        scale = detector_scale(overviews, self.input_span, self.open_beam) if self.input_scale == "detector" \
+            else overview_scale(overviews)
         if "tone" in self.condition:
             return np.concatenate([scale, body_quantiles(overviews, TONE_OVERVIEW_QUANTILES)], 1)
         return scale
