@@ -112,7 +112,7 @@ def main() -> None:
                     "parallel": args.parallel},
         "shards": str(shards), "eval_shards": args.eval_shards, "stages": settings["stages"], "batch_size": settings["batch_size"],
         "wall_seconds_all_folds": round(wall, 1), "folds": per_fold,
-        "train": {key: settings[key] for key in ("network", "augment", "input_scale", "ema") if key in settings},
+        "train": {key: settings[key] for key in ("network", "augment", "input_scale", "input_span", "open_beam", "ema") if key in settings},
         "held_out": {"hips": len(pred), "r_vs_drr_bmd": round(float(np.corrcoef(pred, true)[0, 1]), 3),
                      "icc21_vs_drr_bmd": round(icc(np.column_stack([true, pred]))["icc_2_1"], 3),
                      "r_vs_qct_vbmd": round(float(np.corrcoef(pred, qct)[0, 1]), 3),
