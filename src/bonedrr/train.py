@@ -103,7 +103,7 @@ class TrainSettings:
         open_beam: With ``input_scale: detector``: the detector's stored value where nothing
             attenuates, mapped to the input's 0 for every radiograph (the demo's raw images: 1000,
             :data:`bonedrr.demo.xray_physics.RAW_OPEN_BEAM`); for radiographs whose log scale is
-            referenced to the open beam, as a dose-normalised "for processing" image is. None: each
+            referenced to the open beam (nothing attenuating reads the same at any dose). None: each
             radiograph's body's 1st percentile, which follows a dose change but moves with the pose and
             with whether air is in the field (README, "Raw radiographs"). With it the augmentation
             shifts no offset either: on this scale an offset is density.
