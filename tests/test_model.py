@@ -761,6 +761,42 @@ def test_a_detector_scale_model_given_the_open_beam_reads_density_and_keeps_it(t
     np.testing.assert_allclose(portable.predict(xray, portable.scale_of(overview)), pred, atol=1e-4)
 
 
+def test_estimate_warns_when_a_radiograph_is_darker_than_the_models_open_beam(demo_cases, real_shards, tmp_path,
+                                                                              capsys, caplog):
+    """An open-beam model (train ``open_beam``) reads a raw radiograph referenced to that open beam without a
+    word; the same radiograph shifted 400 units darker (as a higher dose or another detector's reference
+    shifts a log image) has values below the open beam, which no image on the model's scale has: the
+    warning names the file and the values."""
+    import dataclasses
+
+    import pydicom
+
+    from bonedrr.demo.cohort import make_case
+    from bonedrr.demo.xray_physics import RAW_OPEN_BEAM
+
+    demo_dir, settings, truths = demo_cases
+    raw_case = tmp_path / "raw" / truths[0]["case_id"]
+    make_case(raw_case, truths[0]["case_id"], 0, dataclasses.replace(settings, presentation="raw"))
+    ds = pydicom.dcmread(raw_case / "xray.dcm")
+    ds.PixelData = (ds.pixel_array - 400).astype(ds.pixel_array.dtype).tobytes()
+    shifted = tmp_path / "shifted" / "xray.dcm"
+    shifted.parent.mkdir()
+    ds.save_as(shifted)
+    model_dir = tmp_path / "open_beam_model"
+    train_model(real_shards[0], model_dir, TrainSettings(**{**TINY.__dict__, "input_scale": "detector", "input_span": 2000.0,
+                                                           "open_beam": RAW_OPEN_BEAM}), progress=False)
+    logged = {}
+    for name, xray in (("raw", raw_case / "xray.dcm"), ("shifted", shifted)):
+        caplog.clear()
+        code, out, err = _main(capsys, "estimate", "--model", str(model_dir), "--xray", str(xray), "--json",
+                               "--side", "right")
+        assert code == 0, err
+        logged[name] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert logged["raw"] == []
+    assert len(logged["shifted"]) == 1 and logged["shifted"][0].startswith("xray.dcm: its darkest values (6")
+    assert "lie below the model's open beam (1000): they are not referenced to that open beam" in logged["shifted"][0]
+
+
 @pytest.mark.slow
 def test_portable_model_predicts_and_locates_as_the_torch_model(real_shards, real_model, tmp_path):
     from bonedrr.dataset import ShardDataset
