@@ -95,6 +95,13 @@ def test_the_validation_configs_load_over_the_default_as_snakemake_merges_them(t
      "config error: cohort 'hosp': field 'calibration': method 'phantom' needs 'phantom_rods_mg_cm3'"),
     ({"cohorts": {"hosp": {"samples": "a.tsv", "calibration": {"method": "scanner"}}}},
      "config error: cohort 'hosp': field 'calibration': method 'scanner' needs 'scanners'"),
+    ({"cohorts": {"hosp": {"samples": "a.tsv", "calibration": {"method": "internal"}}}, "train": {"open_beam": 1000}},
+     "config error: field 'train.open_beam': is for input_scale detector, not 'overview'"),
+    ({"cohorts": {"hosp": {"samples": "a.tsv", "calibration": {"method": "internal"}}},
+      "train": {"input_scale": "crop", "input_span": 2000}},
+     "config error: field 'train.input_span': is for input_scale detector, not 'crop'"),
+    ({"cohorts": {"hosp": {"samples": "a.tsv", "calibration": {"method": "internal"}}}, "train": {"open_beam": "air"}},
+     "config error: field 'train.open_beam': 'air' is not of type 'number', 'null'"),
 ])
 def test_config_errors_name_cohort_and_field(config, message):
     with pytest.raises(ConfigError) as e:

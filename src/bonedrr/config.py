@@ -96,6 +96,10 @@ def validate_config(config: dict) -> dict:
     config["shards"] = {"crop_mm": [240.0, 120.0], "crop_px": [128, 64], "head_position": [0.3, 0.7], "folds": 5,
                         "seed": 0, "shard_size_mb": 1000, "compression": "lzf", **config.get("shards", {})}
     config["train"] = {"threads": 2, **config.get("train", {})}  # other defaults: bonedrr.train.TrainSettings
+    input_scale = config["train"].get("input_scale", "overview")  # TrainSettings' default
+    for key in ("input_span", "open_beam"):  # caught here, not hours later by the train job
+        if config["train"].get(key) is not None and input_scale != "detector":
+            raise ConfigError(f"config error: field 'train.{key}': is for input_scale detector, not {input_scale!r}")
     config["validate"] = {"folds": None, "jpeg_qualities": [95, 75, 50, 30, 20, 10, 5, 3, 1], "examples": 4,
                           **config.get("validate", {})}
     if config["validate"]["folds"] and max(config["validate"]["folds"]) >= config["shards"]["folds"]:
