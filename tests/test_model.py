@@ -766,7 +766,8 @@ def test_estimate_warns_when_a_radiograph_is_darker_than_the_models_open_beam(de
     """An open-beam model (train ``open_beam``) reads a raw radiograph referenced to that open beam without a
     word; the same radiograph shifted 400 units darker (as a higher dose or another detector's reference
     shifts a log image) has values below the open beam, which no image on the model's scale has: the
-    warning names the file and the values."""
+    warning names the file and the values. A crop alone gets no warning about its input scale: the
+    open beam and the span fix it, whatever surrounds the hip."""
     import dataclasses
 
     import pydicom
@@ -786,13 +787,15 @@ def test_estimate_warns_when_a_radiograph_is_darker_than_the_models_open_beam(de
     train_model(real_shards[0], model_dir, TrainSettings(**{**TINY.__dict__, "input_scale": "detector", "input_span": 2000.0,
                                                            "open_beam": RAW_OPEN_BEAM}), progress=False)
     logged = {}
-    for name, xray in (("raw", raw_case / "xray.dcm"), ("shifted", shifted)):
+    for name, xray, crop in (("raw", raw_case / "xray.dcm", []), ("shifted", shifted, []),
+                             ("raw_as_crop", raw_case / "xray.dcm", ["--crop"])):
         caplog.clear()
         code, out, err = _main(capsys, "estimate", "--model", str(model_dir), "--xray", str(xray), "--json",
-                               "--side", "right")
+                               "--side", "right", *crop)
         assert code == 0, err
         logged[name] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert logged["raw"] == []
+    assert logged["raw_as_crop"] == []  # the open beam and the span fix the scale: a crop alone does not bias it
     assert len(logged["shifted"]) == 1 and logged["shifted"][0].startswith("xray.dcm: its darkest values (6")
     assert "lie below the model's open beam (1000): they are not referenced to that open beam" in logged["shifted"][0]
 

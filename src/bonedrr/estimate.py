@@ -217,7 +217,7 @@ def _estimate_one(model, model_name: str, xray: Path, side: str, out_dir, pixel_
                     "is not a DICOM 'FOR PROCESSING' image: its BMD is only right if its values are on that scale",
                     xray.name)
     _check_open_beam(model, radiograph.pixels, xray)
-    if crop and model.input_scale != "crop":
+    if crop and model.input_scale != "crop" and getattr(model, "open_beam", None) is None:  # an open beam fixes it
         log.warning("%s: a hip crop has no whole radiograph around it; the model's input scale (taken from "
                     "the whole radiograph in training) comes from the crop itself, which biases BMD", xray.name)
     scale = model.scale_of(model.overview_of(radiograph.pixels, radiograph.pixel_mm)[None])
