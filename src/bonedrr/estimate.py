@@ -181,22 +181,16 @@ def _tube_voltage(radiograph, given: float | None, xray: Path, needed: bool) -> 
     return None, None
 
 
-#: How far (a fraction of the model's ``input_span``) a raw radiograph's darkest values may lie below the
-#: model's open beam before :func:`_check_open_beam` warns: a little scatter and noise, not a dose shift.
-OPEN_BEAM_TOLERANCE = 0.05
-
-
 def _check_open_beam(model, pixels: np.ndarray, xray: Path) -> None:
     """Warn when a radiograph cannot be on the scale of a model that reads density from a fixed open beam
-    (train ``open_beam``): nothing in an image referenced to the open beam is darker than the unattenuated
-    beam, so darkest values well below it mean another dose reference or another detector. (Values above
-    it cannot be told from tissue: a field without air shows none.)"""
+    (train ``open_beam``; :func:`bonedrr.model.portable.below_open_beam`)."""
+    from bonedrr.model.portable import below_open_beam
+
     open_beam = getattr(model, "open_beam", None)
-    body = pixels[pixels != 0]  # exact zeros: padding
-    if model.input_scale != "detector" or open_beam is None or body.size == 0:
+    if model.input_scale != "detector" or open_beam is None:
         return
-    darkest = float(np.percentile(body, 0.1))
-    if darkest < open_beam - OPEN_BEAM_TOLERANCE * model.input_span:
+    darkest = below_open_beam(pixels, open_beam, model.input_span)
+    if darkest is not None:
         log.warning("%s: its darkest values (%.0f, the 0.1st percentile) lie below the model's open beam (%g): they "
                     "are not referenced to that open beam (another dose reference or detector), and the model reads "
                     "density from it, so its BMD is off", xray.name, darkest, open_beam)

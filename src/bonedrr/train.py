@@ -440,6 +440,22 @@ def _input_span(dataset: Dataset, n: int = 256) -> float:
     return float(np.median((scale[:, 1] - scale[:, 0]).numpy()))
 
 
+def _check_open_beam(dataset: Dataset, settings: TrainSettings, shard_dir, n: int = 256) -> None:
+    """Refuse an ``open_beam`` that the training radiographs contradict: where up to ``n`` of their
+    overviews, evenly spread, have values below it (:func:`bonedrr.model.portable.below_open_beam`),
+    the cohort's images are not referenced to it, and a model trained so would read the offset as
+    density."""
+    from bonedrr.model.portable import below_open_beam
+
+    picks = np.unique(np.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().astype(int))
+    darkest = [d for i in picks if (d := below_open_beam(np.asarray(dataset[int(i)]["overview"]), settings.open_beam,
+                                                         settings.input_span)) is not None]
+    if darkest:
+        raise BonedrrError(f"train open_beam ({settings.open_beam:g}) is not this cohort's: {len(darkest)} of {len(picks)} "
+                           f"training radiographs have values below it (down to {min(darkest):.0f}); set the "
+                           "detector's value for the unattenuated beam, or leave open_beam unset", shard_dir)
+
+
 def _condition(settings: TrainSettings, batch: dict, device: torch.device, xray: torch.Tensor,
                scale: torch.Tensor | None, overview: torch.Tensor) -> torch.Tensor | None:
     """The U-Nets' condition (N, conditions) of a batch (``xray``, ``scale`` and ``overview`` as the
@@ -625,6 +641,8 @@ def train_model(shard_dir: str | Path, out_dir: str | Path, settings: TrainSetti
     if settings.input_scale == "detector" and settings.input_span is None:
         settings = replace(settings, input_span=_input_span(train_set))
         log.info("input_span: %.6g (the training radiographs' median 1st-50th percentile span)", settings.input_span)
+    if settings.open_beam is not None:
+        _check_open_beam(train_set, settings, shard_dir)
     first = train_set[0]
     shape = tuple(first["xray"].shape[-2:])
     depth_div = 2 ** settings.depth

@@ -128,6 +128,32 @@ def detector_scale(overviews: np.ndarray, span: float, open_beam: float | None =
     return np.concatenate([low, low + np.float32(span)], 1)
 
 
+#: How far (a fraction of the input span) a raw radiograph's darkest values may lie below the open beam
+#: before :func:`below_open_beam` reports them: a little scatter and noise, not a dose shift.
+OPEN_BEAM_TOLERANCE = 0.05
+
+
+def below_open_beam(image: np.ndarray, open_beam: float, span: float) -> float | None:
+    """The darkest values of a radiograph or overview (its 0.1st percentile, exact zeros, the padding, left
+    out) where they lie more than :data:`OPEN_BEAM_TOLERANCE` of ``span`` below ``open_beam``, else None.
+
+    Nothing in an image referenced to the open beam is darker than the unattenuated beam, so such values
+    mean another dose reference or another detector. (Values above it cannot be told from tissue: a
+    field without air shows none.)
+
+    Example:
+        >>> image = np.full((4, 4), 1500.0); image[0] = 1001.0
+        >>> below_open_beam(image, 1000.0, 2000.0) is None, round(below_open_beam(image - 400, 1000.0, 2000.0))
+        (True, 601)
+    """
+    body = np.asarray(image, np.float32)
+    body = body[body != 0]
+    if body.size == 0:
+        return None
+    darkest = float(np.percentile(body, 0.1))
+    return darkest if darkest < open_beam - OPEN_BEAM_TOLERANCE * span else None
+
+
 def body_quantiles(overviews: np.ndarray, quantiles) -> np.ndarray:
     """(N, len(quantiles)) of the pixels of each overview (N, ...) that are not air or padding
     (:data:`AIR_FRACTION`); of all its pixels when none is left. The torch twin is
