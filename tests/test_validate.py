@@ -139,14 +139,28 @@ def test_jpeg_recrop_is_the_shards_crop_and_reaches_50x(cohort, validated):
     demo_sized = ndimage.zoom(image, (DEFAULTS["rows"] / image.shape[0], DEFAULTS["cols"] / image.shape[1]), order=1)
     _, size = jpeg_roundtrip(demo_sized, min(v.DEFAULT_QUALITIES))
     assert size["ratio_raw8"] >= 50
+    # 1/50 exactly: the highest quality that compresses this radiograph 50x or more
+    q50 = v.quality_for_ratio(demo_sized, 50)
+    assert jpeg_roundtrip(demo_sized, q50)[1]["ratio_raw8"] >= 50 > jpeg_roundtrip(demo_sized, q50 + 1)[1]["ratio_raw8"]
     _, result = validated
-    assert [e["quality"] for e in result["jpeg"]] == [90, 10, 1]
-    ratios = [e["ratio_raw8"] for e in result["jpeg"]]
+    assert [e["quality"] for e in result["jpeg"]] == [90, 10, 1, None]  # the fixed qualities, then 1/50
+    ratios = [e["ratio_raw8"] for e in result["jpeg"][:3]]
     assert ratios == sorted(ratios) and ratios[0] > 2
+    at_50 = result["jpeg"][3]
+    assert at_50["target_ratio"] == 50 and at_50["min_ratio_raw8"] >= 50
+    assert 1 <= at_50["qualities"][0] <= at_50["qualities"][1] <= 95
+    # the JPEG target is read at 1/50: the change of r against QCT there
+    target = result["targets"]["jpeg_1_50"]
+    assert target["value"] == pytest.approx(abs(at_50["qct_vbmd"]["pearson_r"] - result["model"]["qct_vbmd"]["pearson_r"]))
+    assert target["met"] == (target["value"] <= 0.02)
     out, _ = validated
     with open(out / "jpeg.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 * len(data) and {r["quality"] for r in rows} == {"90", "10", "1"}
+    assert len(rows) == 4 * len(data) and {r["quality"] for r in rows if not r["target_ratio"]} == {"90", "10", "1"}
+    for r in rows:
+        if r["target_ratio"]:  # each radiograph at its own quality, the highest that reaches 50x
+            image, _, _ = _case_radiograph(cohort["results"] / r["case_id"])
+            assert int(r["quality"]) == v.quality_for_ratio(image, 50) and float(r["ratio_raw8"]) >= 50
     assert {(r["case_id"], r["side"]) for r in rows} == {(r["case_id"], r["side"]) for r in data.index}
 
 

@@ -182,7 +182,8 @@ def test_validation_metrics_and_report_come_from_the_workflow(workdir, run):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_samples"] == n and set(metrics["folds"]) <= {0, 1}
     assert metrics["definitions"]["icc"].startswith("ICC(2,1)")
-    assert [e["quality"] for e in metrics["jpeg"]] == [50, 5]
+    assert [e["quality"] for e in metrics["jpeg"]] == [50, 5, None]  # None: each radiograph at 1/50 (the default)
+    assert metrics["jpeg"][2]["target_ratio"] == 50 and metrics["targets"]["jpeg_1_50"]["value"] is not None
     assert metrics["pose"]["radiographs_per_hip"] == 4  # each hip: its case's radiograph and 3 extra views
     assert (out / "predictions.csv").read_text().count("\n") == n + 1
     page = (out / "report.html").read_text()

@@ -224,6 +224,7 @@ def _validate(args) -> None:
     from bonedrr.validate import ValidationSettings, validate_cohort
 
     settings = ValidationSettings(threshold_g_cm2=args.threshold, jpeg_qualities=tuple(args.jpeg_qualities),
+                                  jpeg_ratios=tuple(args.jpeg_ratios),
                                   examples=args.examples, device=args.device)
     result = validate_cohort(args.shards, args.models, args.out, cases_root=args.cases_root,
                              demo_root=args.demo_root, default_pixel_mm=args.pixel_mm, settings=settings,
@@ -567,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detector pixel of radiographs without spacing (the cohort's xray.pixel_mm)")
     p.add_argument("--jpeg-qualities", type=int, nargs="*", default=[95, 75, 50, 30, 20, 10, 5, 3, 1],
                    help="JPEG qualities of the compression sweep (none: no sweep)")
+    p.add_argument("--jpeg-ratios", type=float, nargs="*", default=[50.0],
+                   help="compression ratios of the sweep, each radiograph at the highest quality reaching one "
+                        "(none: no such point; the JPEG target is checked at 50)")
     p.add_argument("--examples", type=int, default=4, help="example decompositions in the report")
     p.add_argument("--threshold", type=float, default=BMD_THRESHOLD_G_CM2, help="DRR-BMD threshold, g/cm2")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

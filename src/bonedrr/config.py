@@ -100,7 +100,8 @@ def validate_config(config: dict) -> dict:
     for key in ("input_span", "open_beam"):  # caught here, not hours later by the train job
         if config["train"].get(key) is not None and input_scale != "detector":
             raise ConfigError(f"config error: field 'train.{key}': is for input_scale detector, not {input_scale!r}")
-    config["validate"] = {"folds": None, "jpeg_qualities": [95, 75, 50, 30, 20, 10, 5, 3, 1], "examples": 4,
+    config["validate"] = {"folds": None, "jpeg_qualities": [95, 75, 50, 30, 20, 10, 5, 3, 1], "jpeg_ratios": [50],
+                          "examples": 4,
                           **config.get("validate", {})}
     if config["validate"]["folds"] and max(config["validate"]["folds"]) >= config["shards"]["folds"]:
         raise ConfigError(f"config error: field 'validate.folds': folds are 0..{config['shards']['folds'] - 1} "

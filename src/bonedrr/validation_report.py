@@ -110,22 +110,28 @@ def write_plots(folder: Path, rows: list[dict], jpeg: list[dict], pose: list[dic
         fig.tight_layout()
         plots["examples"] = _save(fig, folder / "examples.png")
     if result.get("jpeg"):
-        entries = result["jpeg"]
-        ratio = [e["ratio_raw8"] for e in entries]
+        # fixed qualities as a curve; each target ratio (every radiograph compressed to it) as a star
+        fixed = [e for e in result["jpeg"] if e.get("target_ratio") is None]
+        targeted = [e for e in result["jpeg"] if e.get("target_ratio") is not None]
         fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
         for key in _truths(rows):
-            a.plot(ratio, [e[key]["pearson_r"] for e in entries], "o-", label=_LABELS[key][0])
+            a.plot([e["ratio_raw8"] for e in fixed], [e[key]["pearson_r"] for e in fixed], "o-", label=_LABELS[key][0])
+            colour = a.lines[-1].get_color()
+            a.plot([e["ratio_raw8"] for e in targeted], [e[key]["pearson_r"] for e in targeted], "*", ms=11,
+                   color=colour)
             m = result["model"].get(key)
             if m:
-                a.axhline(m["pearson_r"], ls=":", lw=1, color=a.lines[-1].get_color())
+                a.axhline(m["pearson_r"], ls=":", lw=1, color=colour)
         a.axvline(50, color="k", lw=1, ls="--", label="1/50")
         a.set_xscale("log")
         a.set_xlabel("compression ratio (8-bit size / JPEG size)")
-        a.set_ylabel("Pearson r (dotted: uncompressed)")
+        a.set_ylabel("Pearson r (dotted: uncompressed; *: each image at a ratio)")
         a.legend(fontsize=8)
-        b.plot(ratio, [e["mean_abs_change_g_cm2"] for e in entries], "o-")
-        for e in entries:
-            b.annotate(f"q{e['quality']}", (e["ratio_raw8"], e["mean_abs_change_g_cm2"]), fontsize=7)
+        b.plot([e["ratio_raw8"] for e in fixed], [e["mean_abs_change_g_cm2"] for e in fixed], "o-")
+        b.plot([e["ratio_raw8"] for e in targeted], [e["mean_abs_change_g_cm2"] for e in targeted], "*", ms=11,
+               color=b.lines[-1].get_color())
+        for e in result["jpeg"]:
+            b.annotate(_jpeg_point(e), (e["ratio_raw8"], e["mean_abs_change_g_cm2"]), fontsize=7)
         b.axvline(50, color="k", lw=1, ls="--")
         b.set_xscale("log")
         b.set_xlabel("compression ratio")
@@ -179,6 +185,14 @@ def write_plots(folder: Path, rows: list[dict], jpeg: list[dict], pose: list[dic
 
 # ---------------------------------------------------------------------------------------------
 # HTML
+
+
+def _jpeg_point(entry: dict) -> str:
+    """A JPEG sweep point's label: ``q20`` (a fixed quality) or ``1/50 (q8-14)`` (a target ratio)."""
+    if entry.get("target_ratio") is None:
+        return f"q{entry['quality']}"
+    lo, hi = entry["qualities"]
+    return f"1/{entry['target_ratio']:g} (q{lo}" + (f"-{hi})" if hi != lo else ")")
 
 
 def _fmt(v, digits=3) -> str:
@@ -288,11 +302,12 @@ def write_report(path: Path, result: dict, plots: dict[str, Path]) -> None:
         parts += ["<h3>Example decompositions (proximal femur)</h3>", _img(plots["examples"], "examples")]
     if result.get("jpeg"):
         parts += ["<h2>JPEG compression</h2>",
-                  _table(["quality", "ratio (8-bit)", "ratio (PNG)", "r QCT", "r DRR-BMD", "mean |change| g/cm2"],
-                         [[_fmt(e["quality"]), _fmt(e["ratio_raw8"], 1), _fmt(e["ratio_png"], 1),
+                  _table(["JPEG", "ratio (8-bit)", "ratio (PNG)", "r QCT", "r DRR-BMD", "mean |change| g/cm2"],
+                         [[html.escape(_jpeg_point(e)), _fmt(e["ratio_raw8"], 1), _fmt(e["ratio_png"], 1),
                            _fmt(e["qct_vbmd"]["pearson_r"]), _fmt(e["drr_bmd"]["pearson_r"]),
                            _fmt(e["mean_abs_change_g_cm2"], 4)] for e in result["jpeg"]]),
-                  f"<p class=note>Ratio: {html.escape(d['jpeg_ratio'])}.</p>"]
+                  f"<p class=note>Ratio: {html.escape(d['jpeg_ratio'])}. q: a fixed Pillow quality; 1/N: each "
+                  "radiograph at the highest quality compressing it N times or more (the qualities it took).</p>"]
         if "jpeg" in plots:
             parts.append(_img(plots["jpeg"], "jpeg"))
     pose = result.get("pose")

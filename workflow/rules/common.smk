@@ -446,7 +446,8 @@ def validate_inputs(wildcards):
 def validate_args(wildcards):
     v, cohort = CONFIG["validate"], CONFIG["cohorts"][wildcards.cohort]
     x = cohort["xray"]
-    args = [f"--jpeg-qualities {' '.join(str(q) for q in v['jpeg_qualities'])}", f"--examples {v['examples']}",
+    args = [f"--jpeg-qualities {' '.join(str(q) for q in v['jpeg_qualities'])}",
+            f"--jpeg-ratios {' '.join(str(r) for r in v['jpeg_ratios'])}", f"--examples {v['examples']}",
             f"--threshold {CONFIG['bmd']['threshold_g_cm2']}", f"--device {CONFIG['device']}",
             f"--pixel-mm {x['pixel_mm'][0]} {x['pixel_mm'][1]}"]
     if is_demo(wildcards.cohort) and cohort["demo"]["extra_views"] > 0:
