@@ -123,15 +123,20 @@ def write_plots(folder: Path, rows: list[dict], jpeg: list[dict], pose: list[dic
             if m:
                 a.axhline(m["pearson_r"], ls=":", lw=1, color=colour)
         a.axvline(50, color="k", lw=1, ls="--", label="1/50")
+        if targeted:
+            a.plot([], [], "k*", ms=9, ls="none", label="each radiograph at " + ", ".join(
+                f"1/{e['target_ratio']:g}" for e in targeted))
         a.set_xscale("log")
         a.set_xlabel("compression ratio (8-bit size / JPEG size)")
-        a.set_ylabel("Pearson r (dotted: uncompressed; *: each image at a ratio)")
+        a.set_ylabel("Pearson r (dotted: uncompressed)")
         a.legend(fontsize=8)
         b.plot([e["ratio_raw8"] for e in fixed], [e["mean_abs_change_g_cm2"] for e in fixed], "o-")
         b.plot([e["ratio_raw8"] for e in targeted], [e["mean_abs_change_g_cm2"] for e in targeted], "*", ms=11,
                color=b.lines[-1].get_color())
-        for e in result["jpeg"]:
-            b.annotate(_jpeg_point(e), (e["ratio_raw8"], e["mean_abs_change_g_cm2"]), fontsize=7)
+        for e in result["jpeg"]:  # a target ratio's label below its point, clear of the fixed qualities' above
+            below = e.get("target_ratio") is not None
+            b.annotate(_jpeg_point(e), (e["ratio_raw8"], e["mean_abs_change_g_cm2"]), fontsize=7,
+                       textcoords="offset points", xytext=(4, -10 if below else 3))
         b.axvline(50, color="k", lw=1, ls="--")
         b.set_xscale("log")
         b.set_xlabel("compression ratio")
