@@ -225,7 +225,9 @@ def jpeg_roundtrip(image: np.ndarray, quality: int) -> tuple[np.ndarray, dict]:
 
 def quality_for_ratio(image: np.ndarray, ratio: float) -> int:
     """The highest Pillow quality (1-95) at which :func:`jpeg_roundtrip` compresses ``image`` at least
-    ``ratio`` times; 1 where none does (its ratio, recorded with the sweep, then falls short).
+    ``ratio`` times; 1 where none does (its ratio, recorded with the sweep, then falls short). Found by
+    bisection, which assumes the JPEG grows with the quality; where a step breaks that, the quality
+    returned still reaches ``ratio``, though a higher one might too.
 
     Example:
         >>> img = np.add.outer(np.arange(64.0), np.arange(96.0)) + np.random.default_rng(0).normal(0, 4, (64, 96))
