@@ -147,7 +147,7 @@ def test_jpeg_recrop_is_the_shards_crop_and_reaches_50x(cohort, validated):
     ratios = [e["ratio_raw8"] for e in result["jpeg"][:3]]
     assert ratios == sorted(ratios) and ratios[0] > 2
     at_50 = result["jpeg"][3]
-    assert at_50["target_ratio"] == 50 and at_50["min_ratio_raw8"] >= 50
+    assert at_50["target_ratio"] == 50 and at_50["min_ratio_raw8"] >= 50 and at_50["n_short_of_ratio"] == 0
     assert 1 <= at_50["qualities"][0] <= at_50["qualities"][1] <= 95
     # the JPEG target is read at 1/50: the change of r against QCT there
     target = result["targets"]["jpeg_1_50"]
@@ -212,3 +212,36 @@ def test_a_model_that_saw_the_held_out_patients_is_refused(cohort, tmp_path):
     with pytest.raises(BonedrrError, match=r"the model of fold 0 was trained on 1 of its held-out patients "
                                            r"\(demo_00[01]\)"):
         v.validate_cohort(cohort["results"] / "shards", [wrong], tmp_path / "out", progress=False)
+
+
+def test_targets_are_unknown_where_a_correlation_is_undefined():
+    def agreement(r):
+        return {"pearson_r": r, "icc_2_1": r}
+
+    def result(r_qct, r_qct_jpeg):
+        return {"model": {"qct_vbmd": agreement(r_qct), "drr_bmd": agreement(0.97)},
+                "baseline": {"qct_vbmd": agreement(0.5), "drr_bmd": agreement(float("nan"))},
+                "jpeg": [{"quality": None, "target_ratio": 50.0, "n": 40, "n_short_of_ratio": 0, "min_ratio_raw8": 50.2,
+                          "qct_vbmd": agreement(r_qct_jpeg)}],
+                "pose": {"bmd_located_hips": {"rms_cv": 0.031}}}
+
+    t = v.check_targets(result(0.93, 0.915))
+    assert (t["pearson_r_qct_vbmd"]["met"], t["icc_qct_vbmd"]["met"], t["pearson_r_drr_bmd"]["met"]) == (False, True, True)
+    assert t["above_baseline_qct_vbmd"]["met"] is True and t["above_baseline_drr_bmd"]["met"] is None
+    assert t["jpeg_1_50"]["value"] == pytest.approx(0.015) and t["jpeg_1_50"]["met"] is True
+    assert t["pose_rms_cv"]["met"] is False
+    # too few held-out hips for a correlation: every target that needs it is unknown, not failed
+    t = v.check_targets(result(float("nan"), 0.9))
+    assert [t[k]["met"] for k in ("pearson_r_qct_vbmd", "icc_qct_vbmd", "above_baseline_qct_vbmd", "jpeg_1_50")] == [
+        None] * 4
+    # radiographs too small to compress 50x: unknown, and the target says why
+    r = result(0.93, 0.92)
+    r["jpeg"][0].update(n_short_of_ratio=3, min_ratio_raw8=31.4)
+    t = v.check_targets(r)
+    assert t["jpeg_1_50"]["met"] is None and "3 of 40 radiographs do not compress 50x even at quality 1, down to 31x" \
+        in t["jpeg_1_50"]["target"]
+    # a sweep without the 1/50 point says so
+    r = result(0.93, 0.92)
+    r["jpeg"][0].update(quality=10, target_ratio=None)
+    t = v.check_targets(r)
+    assert t["jpeg_1_50"]["met"] is None and "validate.jpeg_ratios lacks 50" in t["jpeg_1_50"]["target"]
