@@ -567,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel-mm", type=float, nargs=2, default=list(DEMO["pixel_mm"]), metavar=("ROW", "COL"),
                    help="detector pixel of radiographs without spacing (the cohort's xray.pixel_mm)")
     p.add_argument("--jpeg-qualities", type=int, nargs="*", default=[95, 75, 50, 30, 20, 10, 5, 3, 1],
-                   help="JPEG qualities of the compression sweep (none: no sweep)")
+                   help="JPEG qualities of the compression sweep (none: only the --jpeg-ratios points)")
     p.add_argument("--jpeg-ratios", type=float, nargs="*", default=[50.0],
                    help="compression ratios of the sweep, each radiograph at the highest quality reaching one "
                         "(none: no such point; the JPEG target is checked at 50)")

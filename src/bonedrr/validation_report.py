@@ -176,7 +176,7 @@ def write_plots(folder: Path, rows: list[dict], jpeg: list[dict], pose: list[dic
         fig.tight_layout()
         plots["pose"] = _save(fig, folder / "pose.png")
     reasons = {"scatter": "fewer than 3 held-out hips with a ground truth", "examples": "no held-out hip",
-               "jpeg": "no JPEG sweep (validate.jpeg_qualities empty, or no whole radiographs given)",
+               "jpeg": "no JPEG sweep (validate.jpeg_qualities and jpeg_ratios empty, or no whole radiographs given)",
                "pose": "no multi-pose sweep (a demo cohort with extra_views makes one)"}
     reasons["bland_altman"] = reasons["scatter"]
     for name in PLOTS:
