@@ -11,6 +11,7 @@ import pytest
 
 from bonedrr import validate as v
 from bonedrr.dataset import ShardDataset
+from bonedrr.errors import BonedrrError
 
 pytestmark = pytest.mark.slow
 
@@ -245,3 +246,11 @@ def test_targets_are_unknown_where_a_correlation_is_undefined():
     r["jpeg"][0].update(quality=10, target_ratio=None)
     t = v.check_targets(r)
     assert t["jpeg_1_50"]["met"] is None and "validate.jpeg_ratios lacks 50" in t["jpeg_1_50"]["target"]
+
+
+def test_validation_settings_refuse_a_jpeg_sweep_that_cannot_be_made():
+    with pytest.raises(BonedrrError, match=r"jpeg_ratios must be compression ratios above 1 .* not \[50.0, 0.5\]"):
+        v.ValidationSettings(jpeg_ratios=(50, 0.5))
+    with pytest.raises(BonedrrError, match=r"jpeg_qualities must be Pillow qualities 1-100, not \[95, 0\]"):
+        v.ValidationSettings(jpeg_qualities=(95, 0))
+    assert v.ValidationSettings(jpeg_qualities=(), jpeg_ratios=[50, 100]).jpeg_ratios == (50.0, 100.0)

@@ -87,6 +87,15 @@ class ValidationSettings:
     examples: int = 4
     device: str = "cpu"
 
+    def __post_init__(self):
+        self.jpeg_qualities = tuple(int(q) for q in self.jpeg_qualities)
+        self.jpeg_ratios = tuple(float(r) for r in self.jpeg_ratios)
+        if any(not 1 <= q <= 100 for q in self.jpeg_qualities):
+            raise BonedrrError(f"validate jpeg_qualities must be Pillow qualities 1-100, not {list(self.jpeg_qualities)}")
+        if any(not r > 1 for r in self.jpeg_ratios):
+            raise BonedrrError("validate jpeg_ratios must be compression ratios above 1 (8-bit size / JPEG size), "
+                               f"not {list(self.jpeg_ratios)}")
+
 
 def fold_of_model(model_dir: str | Path) -> int:
     """The held-out fold of a model folder named ``<anything>_fold<k>`` (the workflow's naming)."""
@@ -724,22 +733,23 @@ def summarise_jpeg(per_sample: list[dict], jpeg_rows: list[dict]) -> list[dict]:
     uncompressed prediction. A target ratio's entry has ``quality`` None, ``target_ratio``, the range
     of the qualities that reached it (``qualities``), its lowest ratio (``min_ratio_raw8``) and how many
     radiographs fell short of it even at quality 1 (``n_short_of_ratio``: small images)."""
+    fixed = [r for r in jpeg_rows if r.get("target_ratio") is None]
+    groups = [(q, None, [r for r in fixed if r["quality"] == q])
+              for q in sorted({r["quality"] for r in fixed}, reverse=True)]
+    groups += [(None, ratio, [r for r in jpeg_rows if r.get("target_ratio") == ratio])
+               for ratio in sorted({r["target_ratio"] for r in jpeg_rows} - {None})]
     out = []
-    points = sorted({(r.get("target_ratio") or 0.0, -r["quality"] if r.get("target_ratio") is None else 0)
-                     for r in jpeg_rows})
-    for ratio, minus_q in points:
-        rows = [r for r in jpeg_rows if (r.get("target_ratio") or 0.0) == ratio
-                and (ratio or r["quality"] == -minus_q)]
+    for quality, ratio, rows in groups:
         base = np.array([per_sample[r["row"]]["pred_drr_bmd"] for r in rows], float)
-        qualities = [r["quality"] for r in rows]
-        entry = {"quality": None if ratio else -minus_q, "target_ratio": ratio or None,
-                 **({"qualities": [min(qualities), max(qualities)],
-                     "min_ratio_raw8": float(min(r["ratio_raw8"] for r in rows)),
-                     "n_short_of_ratio": sum(r["ratio_raw8"] < ratio for r in rows)} if ratio else {}),
-                 "ratio_raw8": float(np.mean([r["ratio_raw8"] for r in rows])),
-                 "ratio_png": float(np.mean([r["ratio_png"] for r in rows])),
-                 "mean_abs_change_g_cm2": float(np.nanmean(np.abs(_column(rows, "pred_drr_bmd") - base))),
-                 "n": len(rows)}
+        entry = {"quality": quality, "target_ratio": ratio}
+        if ratio is not None:
+            entry.update(qualities=[min(r["quality"] for r in rows), max(r["quality"] for r in rows)],
+                         min_ratio_raw8=float(min(r["ratio_raw8"] for r in rows)),
+                         n_short_of_ratio=sum(r["ratio_raw8"] < ratio for r in rows))
+        entry.update(ratio_raw8=float(np.mean([r["ratio_raw8"] for r in rows])),
+                     ratio_png=float(np.mean([r["ratio_png"] for r in rows])),
+                     mean_abs_change_g_cm2=float(np.nanmean(np.abs(_column(rows, "pred_drr_bmd") - base))),
+                     n=len(rows))
         for key in TRUTHS:
             truth = np.array([per_sample[r["row"]][f"true_{key}"] for r in rows], float)
             m = metrics.agreement(_column(rows, f"pred_{key}"), truth)
