@@ -102,6 +102,8 @@ def test_the_validation_configs_load_over_the_default_as_snakemake_merges_them(t
      "config error: field 'train.input_span': is for input_scale detector, not 'crop'"),
     ({"cohorts": {"hosp": {"samples": "a.tsv", "calibration": {"method": "internal"}}}, "train": {"open_beam": "air"}},
      "config error: field 'train.open_beam': 'air' is not of type 'number', 'null'"),
+    ({"cohorts": {"hosp": {"samples": "a.tsv", "calibration": {"method": "internal"}}}, "validate": {"jpeg_ratios": [50, 0.5]}},
+     "config error: field 'validate.jpeg_ratios.1': 0.5 is less than or equal to the minimum of 1"),
 ])
 def test_config_errors_name_cohort_and_field(config, message):
     with pytest.raises(ConfigError) as e:
