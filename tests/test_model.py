@@ -753,7 +753,7 @@ def test_a_detector_scale_model_given_the_open_beam_reads_density_and_keeps_it(t
     open beam (their fields holding 0-2 % air) reads the held-out hips' density; the model keeps the
     open beam, and its portable twin scales every radiograph from it as training did. (Whether the
     open beam beats the body's percentile is the real cohort's question: these synthetic hips do not
-    move with a pose; README, "Raw radiographs".)"""
+    move with a pose; docs/validation.md, "Raw radiographs".)"""
     from bonedrr.model.portable import load_portable
 
     thickness = np.random.default_rng(5).uniform(0.6, 1.6, 48)
@@ -941,7 +941,7 @@ def test_estimate_warns_when_a_detector_scale_model_reads_a_processed_radiograph
                                                                                   capsys, caplog):
     """A model on the detector's log scale (``input_scale: detector``) reads a DICOM "FOR PROCESSING"
     radiograph without a word, and warns, naming the file, on the same patient's processed radiograph
-    (its values are on a workstation's display scale, so its BMD is off: README, "Raw radiographs");
+    (its values are on a workstation's display scale, so its BMD is off: docs/validation.md, "Raw radiographs");
     of a raw PNG, which no tag describes, it says that the file cannot tell."""
     import dataclasses
 

@@ -105,7 +105,7 @@ class TrainSettings:
             :data:`bonedrr.demo.xray_physics.RAW_OPEN_BEAM`); for radiographs whose log scale is
             referenced to the open beam (nothing attenuating reads the same at any dose). None: each
             radiograph's body's 1st percentile, which follows a dose change but moves with the pose and
-            with whether air is in the field (README, "Raw radiographs"). With it the augmentation
+            with whether air is in the field (docs/validation.md, "Raw radiographs"). With it the augmentation
             shifts no offset either: on this scale an offset is density.
         dxa_calibration: Fit a linear map from predicted DRR-BMD to DXA aBMD on the training samples.
         amp: bfloat16 autocast on a GPU.

@@ -5,7 +5,7 @@ it to a common scale first, so a DICOM, a PNG or a JPEG of the same hip give the
 input. The scale comes from the whole radiograph (:func:`overview_scale`: its 1st and 50th
 percentiles) or, for models trained before it, from the crop's own 1st and 99th percentiles. The
 crop's own range is a poor reference for density: a hip crop's brightest pixels are bone, so
-dividing by its range divides out much of the bone's density (README, "The whole demo"). The output is linear (g/cm2, as the targets); DRRs are non-negative, which
+dividing by its range divides out much of the bone's density (docs/validation.md, "The earlier whole demo"). The output is linear (g/cm2, as the targets); DRRs are non-negative, which
 :meth:`UNet.forward` does not force (the L1 loss learns it), and ``predict`` clips.
 
 Optionally the network is conditioned on acquisition facts that a processed image does not show (the

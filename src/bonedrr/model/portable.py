@@ -109,7 +109,7 @@ def overview_scale(overviews: np.ndarray) -> np.ndarray:
 def detector_scale(overviews: np.ndarray, span: float, open_beam: float | None = None) -> np.ndarray:
     """(N, 2): the input scale of raw radiographs read on the detector's own log scale: a low end, and
     that plus ``span`` (one number for every radiograph). The span does not follow the image, so the
-    input keeps the absolute attenuation that a per-image span divides out (README, "Raw
+    input keeps the absolute attenuation that a per-image span divides out (docs/validation.md, "Raw
     radiographs"). The low end is ``open_beam``, the detector's stored value where nothing attenuates,
     the same for every radiograph; or, without it, each overview's body's first
     :data:`OVERVIEW_PERCENTILES` point, which follows a dose change (it shifts a log image) but also
