@@ -225,6 +225,24 @@ def test_no_identifying_value_reaches_results_or_logs(workdir, run):
     assert checked >= 12
 
 
+def test_every_costly_job_records_its_time_and_memory(workdir, run, tmp_path):
+    """Snakemake's benchmark files, one per job, summed per rule by benchmarks/job_times.py."""
+    bench = workdir / "results" / "tiny" / "benchmarks"
+    assert sorted(p.stem for p in (bench / "register").glob("*.tsv")) == ["demo_000", "demo_001"]
+    assert sorted(p.stem for p in (bench / "train").glob("*.tsv")) == ["all", "fold0", "fold1"]
+    out = tmp_path / "job_times.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "job_times.py"), str(bench), "--out", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rules = json.loads(out.read_text())["rules"]
+    assert {"demo_patient", "ingest", "train_segmenter", "segment", "calibrate", "register", "drr", "bmd",
+            "pack_shards", "train", "validate"} <= set(rules)
+    assert rules["register"]["jobs"] == 2 and rules["train"]["jobs"] == 3
+    # Training a model takes seconds even in this tiny run, and a torch process holds far more than 50 MiB.
+    assert rules["train"]["median_s"] > 1 and rules["train"]["max_rss_mib"] > 50
+    assert "register" in result.stdout and "peak MiB" in result.stdout
+
+
 def test_rerun_has_nothing_to_do(workdir, run):
     result = snakemake(workdir, "-n")
     out = result.stdout + result.stderr
@@ -282,10 +300,11 @@ KILLED_STAGES = {
     "pack_shards": ["tiny/shards/manifest.json"],
     "train": [f"models/tiny_{split}/model.pt" for split in ("all", "fold0", "fold1")],
 }
-# What legitimately differs between two runs: wall-clock times (train_log.tsv, the report), pictures,
+# What legitimately differs between two runs: wall-clock times (train_log.tsv, the report, Snakemake's
+# benchmark files), pictures,
 # and the nnU-Net model folder's own logs and checkpoints (they carry times); its training.json, and the
 # Dice of the model's predictions, are compared (the training is seeded).
-NOT_COMPARED = ("train_log.tsv", "report.html")
+NOT_COMPARED = ("train_log.tsv", "report.html", "benchmarks")
 
 
 def not_compared(rel: Path) -> bool:

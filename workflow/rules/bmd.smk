@@ -12,6 +12,8 @@ rule bmd:
         "results/{cohort}/{case}/bmd.json",
     log:
         "results/{cohort}/logs/bmd/{case}.log",
+    benchmark:
+        "results/{cohort}/benchmarks/bmd/{case}.tsv",
     threads: 1
     resources:
         mem_mb=mem_mb(1500, 16),

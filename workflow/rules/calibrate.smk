@@ -12,6 +12,8 @@ rule calibrate:
         png=report("results/{cohort}/{case}/calibration.png", category="calibrate"),
     log:
         "results/{cohort}/logs/calibrate/{case}.log",
+    benchmark:
+        "results/{cohort}/benchmarks/calibrate/{case}.tsv",
     threads: 1
     resources:
         mem_mb=mem_mb(1500, 16),

@@ -6,6 +6,8 @@ rule demo_patient:
         directory("results/{cohort}/demo_input/{case}"),
     log:
         "results/{cohort}/logs/demo_patient/{case}.log",
+    benchmark:
+        "results/{cohort}/benchmarks/demo_patient/{case}.tsv",
     threads: 1
     resources:
         mem_mb=mem_mb(2000),

@@ -12,6 +12,8 @@ rule drr:
         png=report("results/{cohort}/{case}/drr.png", category="drr"),
     log:
         "results/{cohort}/logs/drr/{case}.log",
+    benchmark:
+        "results/{cohort}/benchmarks/drr/{case}.tsv",
     threads: 2
     resources:
         mem_mb=mem_mb(2000, 16),

@@ -16,6 +16,8 @@ checkpoint ingest_check:
         status="results/{cohort}/{case}/status/ingest.json",
     log:
         "results/{cohort}/logs/ingest/{case}.log",
+    benchmark:
+        "results/{cohort}/benchmarks/ingest/{case}.tsv",
     threads: 1
     resources:
         mem_mb=mem_mb(1500, 12),

@@ -13,6 +13,8 @@ rule pack_shards:
         excluded="results/{cohort}/shards/excluded.tsv",
     log:
         "results/{cohort}/logs/pack_shards.log",
+    benchmark:
+        "results/{cohort}/benchmarks/pack_shards.tsv",
     threads: 1
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,

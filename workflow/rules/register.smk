@@ -12,6 +12,8 @@ rule register:
         overlay=report("results/{cohort}/{case}/overlay.png", category="register"),
     log:
         "results/{cohort}/logs/register/{case}.log",
+    benchmark:
+        "results/{cohort}/benchmarks/register/{case}.tsv",
     threads: 2
     resources:
         mem_mb=mem_mb(2000, 16),

@@ -11,6 +11,8 @@ rule train_segmenter:
                         caption="../report/segmenter_training.rst"),
     log:
         "results/{cohort}/logs/train_segmenter.log",
+    benchmark:
+        "results/{cohort}/benchmarks/train_segmenter.tsv",
     threads: workflow.cores
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
@@ -38,6 +40,8 @@ checkpoint segment_check:
         status="results/{cohort}/{case}/status/segment.json",
     log:
         "results/{cohort}/logs/segment/{case}.log",
+    benchmark:
+        "results/{cohort}/benchmarks/segment/{case}.tsv",
     threads: 1
     resources:
         mem_mb=mem_mb(3000, 40),

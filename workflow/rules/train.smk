@@ -19,6 +19,8 @@ rule train:
                       caption="../report/train.rst", labels={"model": "{cohort}_{split}"}),
     log:
         "results/{cohort}/logs/train/{split}.log",
+    benchmark:
+        "results/{cohort}/benchmarks/train/{split}.tsv",
     threads: train_threads()
     resources:
         mem_mb=lambda wc, attempt: 6000 * attempt,

@@ -27,6 +27,8 @@ rule validate:
                     caption="../report/validation_pose.rst", labels={"cohort": "{cohort}", "figure": "multi-pose"}),
     log:
         "results/{cohort}/logs/validate.log",
+    benchmark:
+        "results/{cohort}/benchmarks/validate.tsv",
     threads: train_threads()
     resources:
         mem_mb=lambda wc, attempt: 6000 * attempt,
