@@ -103,7 +103,8 @@ def write_plots(folder: Path, rows: list[dict], jpeg: list[dict], pose: list[dic
                       (diff, "predicted - true\n(g/cm2)", "coolwarm", -dmax, dmax)]
             for ax, (img, title, cmap, lo, hi) in zip(axes[i], panels):
                 shown = ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi)
-                ax.set_title(f"{ex['sample_id']}: {title}" if ax is axes[i][0] else title, fontsize=8)
+                # the id on its own line: beside "radiograph crop" it ran past the narrow panel's left edge
+                ax.set_title(f"{ex['sample_id']}\n{title}" if ax is axes[i][0] else title, fontsize=8)
                 ax.axis("off")
                 if cmap != "gray":
                     fig.colorbar(shown, ax=ax, fraction=0.08)
