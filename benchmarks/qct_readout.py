@@ -6,7 +6,8 @@ against QCT. An areal image holds more than its mean: how the density spreads ov
 quantiles, the profile along the femur) and the bone's size. This benchmark fits QCT vBMD on such
 features of the proximal-femur channel, with a ridge regression on the training folds' hips (each
 feature standardised on them; ``--ridge`` is its penalty), and reads it off the held-out fold's, for
-the true DRR and for each fold model's predicted one, beside the one-number line.
+the true DRR and for each fold model's predicted one, beside the one-number line; with several fold
+models, also pooled over their held-out folds (each hip read by the model that held it out).
 
 Features (pixels above ``--threshold``, the DRR-BMD threshold): ``mean`` (DRR-BMD itself);
 ``quantiles`` adds the 10th, 50th and 90th percentiles; ``quantiles_size`` adds the log of the bone's
@@ -74,6 +75,9 @@ def main() -> None:
     true_features = np.array([features(d, args.threshold) for d in data["drr"][:, k]])
     result = {"command": "python benchmarks/qct_readout.py --shards {} --models {} --threshold {} --ridge {}".format(
         args.shards, " ".join(map(str, args.models)), args.threshold, args.ridge), "models": {}}
+    # each hip's read-out by the model that held it out, pooled over the folds as `validate` pools them
+    held_out = {(name, source): np.full(len(qct), np.nan) for name in FEATURE_SETS
+                for source in ("true_drr", "predicted_drr")}
     for model_dir in args.models:
         model = load_for_inference(model_dir)
         held = fold_of_model(model_dir)
@@ -84,11 +88,19 @@ def main() -> None:
         entry = {"held_out_fold": held, "held_out_hips": int(test.sum()), "training_hips": int(train.sum()),
                  "pearson_r_vs_qct": {}}
         for name, n in FEATURE_SETS.items():
-            entry["pearson_r_vs_qct"][name] = {
-                source: round(float(np.corrcoef(ridge_readout(x[:, :n], qct, train, test, args.ridge), qct[test])[0, 1]), 4)
-                for source, x in (("true_drr", true_features), ("predicted_drr", pred_features))}
+            entry["pearson_r_vs_qct"][name] = {}
+            for source, x in (("true_drr", true_features), ("predicted_drr", pred_features)):
+                readout = ridge_readout(x[:, :n], qct, train, test, args.ridge)
+                held_out[name, source][test] = readout
+                entry["pearson_r_vs_qct"][name][source] = round(float(np.corrcoef(readout, qct[test])[0, 1]), 4)
         result["models"][str(model_dir)] = entry
         print(model_dir, json.dumps(entry["pearson_r_vs_qct"]), flush=True)
+    if len(args.models) > 1:
+        read = np.isfinite(held_out["mean", "true_drr"])
+        result["pooled"] = {"held_out_hips": int(read.sum()), "pearson_r_vs_qct": {
+            name: {source: round(float(np.corrcoef(held_out[name, source][read], qct[read])[0, 1]), 4)
+                   for source in ("true_drr", "predicted_drr")} for name in FEATURE_SETS}}
+        print("pooled", json.dumps(result["pooled"]), flush=True)
     result["seconds"] = round(time.time() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
