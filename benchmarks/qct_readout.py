@@ -98,7 +98,7 @@ def main() -> None:
     if len(args.models) > 1:
         read = np.isfinite(held_out["mean", "true_drr"])
         result["pooled"] = {"held_out_hips": int(read.sum()), "pearson_r_vs_qct": {
-            name: {source: round(float(np.corrcoef(held_out[name, source][read], qct[read])[0, 1]), 4)
+            name: {source: round(float(np.corrcoef(held_out[name, source][read], qct[read])[0, 1]), 5)
                    for source in ("true_drr", "predicted_drr")} for name in FEATURE_SETS}}
         print("pooled", json.dumps(result["pooled"]), flush=True)
     result["seconds"] = round(time.time() - t0, 1)
