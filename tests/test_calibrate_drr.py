@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from bonedrr.bmd import drr_vbmd
 from bonedrr.calibrate import calibrate, calibrate_case, density_volume, phantom_calibration
-from bonedrr.drr import (DEFAULT_CHANNELS, STRUCTURES, channel_matrix, read_drr, render_case, structure_volume,
-                         write_drr)
+from bonedrr.drr import (DEFAULT_CHANNELS, STRUCTURES, THICKNESS_CHANNELS, channel_matrix, read_drr, render_case,
+                         structure_volume, write_drr)
 from bonedrr.device import cuda_available
 from bonedrr.errors import InputError
 from bonedrr.geometry import Geometry
-from bonedrr.labels import CANONICAL_LABELS
+from bonedrr.images import world_axis_grid
+from bonedrr.labels import CANONICAL_LABELS, proximal_femur_mask
 
 from conftest import REAL_CT
 
@@ -122,8 +124,21 @@ def test_drr_stage_on_a_virtual_patient(tmp_path, cases):
     write_drr(tmp_path / "drr.h5", result)
     back = read_drr(tmp_path / "drr.h5")
     np.testing.assert_array_equal(back["drr"], result["drr"])
-    assert back["channels"] == list(DEFAULT_CHANNELS) and back["units"] == "g/cm2"
+    assert back["channels"] == [*DEFAULT_CHANNELS, *THICKNESS_CHANNELS] and back["units"] == "g/cm2"
+    assert back["channel_units"]["proximal_femur_thickness_left"] == "cm" and back["channel_units"]["bone"] == "g/cm2"
     assert Geometry.from_dict(back["geometry"]).to_dict() == geometry.to_dict()
+    # The thickness channels hold each ray's chord through the proximal femur (cm): with the density
+    # channel they give the region's mean density, which the CT has in 3D (the rendered density: bone
+    # voxels clipped at 0), read from two projections.
+    density_image = sitk.ReadImage(str(tmp_path / "density.nii.gz"))
+    density = sitk.GetArrayFromImage(density_image)
+    label_volume = sitk.GetArrayFromImage(sitk.ReadImage(str(labels)))
+    for side in ("left", "right"):
+        region = proximal_femur_mask(label_volume, side, world_axis_grid(density_image, 2), 80.0)
+        thickness = drr[f"proximal_femur_thickness_{side}"]
+        assert 3.0 < thickness.max() < 8.0  # cm: a femoral head is 4-5 cm across
+        vbmd = drr_vbmd(drr[f"proximal_femur_{side}"], thickness)
+        np.testing.assert_allclose(vbmd, density[region].mean(), rtol=0.02)
 
 
 def test_drr_cli_writes_h5_and_contact_sheet(tmp_path, cases):
@@ -139,7 +154,7 @@ def test_drr_cli_writes_h5_and_contact_sheet(tmp_path, cases):
                              "--channels", channels], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     back = read_drr(tmp_path / "d.h5")
-    assert back["channels"] == ["bone", "rest"] and back["method"] == "trilinear"
+    assert back["channels"] == ["bone", "rest", *THICKNESS_CHANNELS] and back["method"] == "trilinear"
     assert (tmp_path / "d.png").stat().st_size > 10_000
     # the same on a GPU: the same channels where CuPy finds one, else one clear error
     on_cuda = subprocess.run([sys.executable, "-m", "bonedrr", "drr", "--density", str(tmp_path / "density.nii.gz"),

@@ -130,7 +130,7 @@ def test_round_trip_values_attributes_checksums(cohort, packed):
         xray = sitk.GetArrayFromImage(sitk.ReadImage(str(case / "xray.nii.gz"))).astype(np.float64)
         with h5py.File(out / r["shard"], "r") as f:
             i = int(r["row"])
-            assert f.attrs["format_version"] == "1.1" and json.loads(f.attrs["channels"]) == list(CHANNELS)
+            assert f.attrs["format_version"] == "1.2" and json.loads(f.attrs["channels"]) == list(CHANNELS)
             assert f["drr"].chunks == (1, len(CHANNELS), 64, 32) and f["drr"].compression == "gzip"
             assert f["sample_id"][i].decode() == r["sample_id"] and f["patient_id"][i].decode() == f"p_{r['case_id']}"
             box, side = f["crop_box_px"][i], r["side"]
@@ -138,7 +138,8 @@ def test_round_trip_values_attributes_checksums(cohort, packed):
             assert bool(f["mirrored"][i]) == (side == "left")
             # the left hip is the plain crop of its box, mirrored; every channel of its own side
             for c, name in enumerate(CHANNELS):
-                source = f"{name}_{side}" if name in ("proximal_femur", "femur", "hip") else name
+                source = (f"{name}_{side}" if name in ("proximal_femur", "femur", "hip", "proximal_femur_thickness")
+                          else name)
                 expected = flip(crop_independently(drr["drr"][drr["channels"].index(source)], box, (64, 32)))
                 np.testing.assert_allclose(f["drr"][i, c], expected, atol=1e-4)
             np.testing.assert_allclose(f["xray"][i], flip(crop_independently(xray, box, (64, 32))), rtol=1e-5,
@@ -184,7 +185,7 @@ def test_dataset_and_dataloader(packed):
     assert len(train) + len(ShardDataset(out, folds=[held])) == 4
     batches = list(DataLoader(everything, batch_size=2, shuffle=True, num_workers=2))
     assert sorted(sum((b["sample_id"] for b in batches), [])) == sorted(r["sample_id"] for r in everything.index)
-    assert batches[0]["drr"].shape == (2, 7, 64, 32) and batches[0]["drr_bmd"].dtype == torch.float64
+    assert batches[0]["drr"].shape == (2, len(CHANNELS), 64, 32) and batches[0]["drr_bmd"].dtype == torch.float64
 
 
 def item_from_the_file(folder, row, channels):

@@ -158,7 +158,7 @@ def test_registration_table_lists_errors_against_truth(workdir, run):
 
 def test_tiny_demo_is_packed_into_shards(workdir, run):
     from bonedrr.dataset import ShardDataset
-    from bonedrr.shards import FORMAT_VERSION, verify
+    from bonedrr.shards import CHANNELS, FORMAT_VERSION, verify
 
     results = workdir / "results" / "tiny"
     bmd = (results / "qc" / "bmd.tsv").read_text().splitlines()
@@ -170,7 +170,7 @@ def test_tiny_demo_is_packed_into_shards(workdir, run):
     hips_out = sum(2 if line.split("\t")[1] == "both" else 1 for line in excluded)
     assert manifest["n_samples"] >= 2 and manifest["n_samples"] + hips_out == 4
     dataset = ShardDataset(shards)
-    assert len(dataset) == manifest["n_samples"] and dataset[0]["drr"].shape == (7, 64, 32)
+    assert len(dataset) == manifest["n_samples"] and dataset[0]["drr"].shape == (len(CHANNELS), 64, 32)
     # every radiograph's tube voltage, the PNG's from the sample sheet's xray_kvp
     assert set(dataset.kvp()) <= {70.0, 75.0, 80.0, 85.0}
     assert not (workdir / "results" / "real" / "shards").exists()  # no case of it reaches the DRRs yet

@@ -51,6 +51,9 @@ from bonedrr.labels import SIDES
 BMD_CHANNEL = "proximal_femur"
 #: Default projected-bone threshold of DRR-BMD, g/cm2 (config ``bmd.threshold_g_cm2``).
 BMD_THRESHOLD_G_CM2 = 0.05
+#: The channel of the proximal femur's projected thickness (cm): each ray's chord through it
+#: (:mod:`bonedrr.drr`). With the proximal-femur channel it gives the volumetric density, :func:`drr_vbmd`.
+THICKNESS_CHANNEL = "proximal_femur_thickness"
 
 
 def drr_bmd(proximal_femur_drr: np.ndarray, threshold_g_cm2: float = BMD_THRESHOLD_G_CM2) -> float:
@@ -66,6 +69,46 @@ def drr_bmd(proximal_femur_drr: np.ndarray, threshold_g_cm2: float = BMD_THRESHO
     a = np.asarray(proximal_femur_drr, np.float64)
     above = a > threshold_g_cm2
     return float(a[above].mean()) if above.any() else float("nan")
+
+
+def drr_vbmd(proximal_femur_drr: np.ndarray, thickness: np.ndarray,
+             threshold_g_cm2: float = BMD_THRESHOLD_G_CM2) -> float:
+    """DRR-vBMD (mg/cm3): the proximal femur's mineral over its volume, read from two projections.
+
+    Over the projected bone area of :func:`drr_bmd` (the same pixels), the sum of the areal density
+    (g/cm2) is the mineral a pixel's rays cross, and the sum of the thickness (cm, each ray's chord
+    through the region) is the volume they cross: their ratio is the region's mean density, which
+    QCT vBMD measures and DRR-BMD does not (it also grows with the bone's thickness). The density
+    is the rendered one (bone voxels clipped at 0 mg/cm3), so it runs a few % above a QCT
+    workstation's mean; validation maps it to QCT through a line fitted on the training folds.
+
+    Args:
+        proximal_femur_drr: 2D array in g/cm2.
+        thickness: The same pixels' chord lengths through the proximal femur, cm (:data:`THICKNESS_CHANNEL`).
+        threshold_g_cm2: As in :func:`drr_bmd`.
+
+    Returns:
+        mg/cm3, or NaN when no pixel is above the threshold or the thickness there sums to 0.
+
+    Example:
+        >>> import numpy as np
+        >>> round(drr_vbmd(np.array([[0.6, 1.2, 0.0]]), np.array([[2.0, 4.0, 0.5]])), 1)  # 1.8 g/cm2 over 6 cm
+        300.0
+    """
+    a = np.asarray(proximal_femur_drr, np.float64)
+    above = a > threshold_g_cm2
+    length = float(np.asarray(thickness, np.float64)[above].sum())
+    return 1000.0 * float(a[above].sum()) / length if above.any() and length > 0 else float("nan")
+
+
+def drr_vbmd_of(channels, drrs: np.ndarray, threshold_g_cm2: float = BMD_THRESHOLD_G_CM2) -> np.ndarray | None:
+    """:func:`drr_vbmd` of each of ``drrs`` (N, C, H, W) whose C channels are named ``channels`` (true
+    crops or a model's predictions); None without the proximal-femur and thickness channels."""
+    channels = list(channels)
+    if THICKNESS_CHANNEL not in channels or BMD_CHANNEL not in channels:
+        return None
+    k, t = channels.index(BMD_CHANNEL), channels.index(THICKNESS_CHANNEL)
+    return np.array([drr_vbmd(d[k], d[t], threshold_g_cm2) for d in drrs], float)
 
 
 def sides_of(case_record: dict) -> list[str]:

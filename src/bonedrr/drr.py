@@ -5,10 +5,13 @@ name, a derived ``proximal_femur_left/right`` (the BMD region), or ``unlabelled`
 no label: soft tissue, fat, air, organs). One pass of the renderer projects every structure
 separately (:data:`STRUCTURES`); a channel is the sum of its structures, so channels made of
 disjoint structures that cover everything (``bone`` + ``muscle`` + ``soft_tissue`` by default) sum to
-the total DRR.
+the total DRR. A second pass renders each proximal femur at 1 g/cm3: its thickness channel
+(:data:`THICKNESS_CHANNELS`, cm), each ray's chord through the BMD region, from which its volumetric
+density is read (:func:`bonedrr.bmd.drr_vbmd`).
 
-Output: ``drr.h5`` with dataset ``drr`` (channels, rows, cols) float32 in g/cm2 and attributes
-``channels`` (names), ``units``, ``method``, ``geometry`` (JSON), ``structures`` (JSON: each
+Output: ``drr.h5`` with dataset ``drr`` (channels, rows, cols) float32 in g/cm2 (the thickness
+channels, last, in cm) and attributes ``channels`` (names), ``units``, ``channel_units`` (JSON: each
+channel's), ``method``, ``geometry`` (JSON), ``structures`` (JSON: each
 channel's structures), ``femur_poses`` (JSON: the femurs rendered at poses of their own, from a
 per-structure registration; ``{}`` when all is at ``geometry``'s pose); and a contact sheet of the channels (``--png``).
 
@@ -53,6 +56,14 @@ DEFAULT_CHANNELS: dict[str, list[str]] = {
     "proximal_femur_left": ["proximal_femur_left"],
     "proximal_femur_right": ["proximal_femur_right"],
 }
+
+
+#: Thickness channels (cm, not g/cm2): each ray's chord length through the BMD region, which with
+#: the proximal-femur channel gives its volumetric density (:func:`bonedrr.bmd.drr_vbmd`). Always
+#: rendered, after the density channels.
+THICKNESS_CHANNELS: dict[str, str] = {f"proximal_femur_thickness_{side}": f"proximal_femur_{side}" for side in SIDES}
+#: 1 g/cm3 in the density volume's unit: a region of it projects to its chord length, g/cm2 = cm.
+UNIT_DENSITY_MG_CM3 = 1000.0
 
 
 def structure_volume(labels: np.ndarray, superior_mm: np.ndarray, cut_mm: float) -> np.ndarray:
@@ -112,14 +123,40 @@ def render_case(density_path: str | Path, labels_path: str | Path, geometry: Geo
         passes[0][1][own] = False
         passes.append((pose, own))
     per_structure = 0
+    affine = index_to_world(density_image)
     for pose, voxels in passes:
-        renderer = Renderer(np.where(voxels, density, 0), structures, index_to_world(density_image),
+        renderer = Renderer(np.where(voxels, density, 0), structures, affine,
                             n_channels=len(STRUCTURES), method=method, step_mm=step_mm, device=device)
         per_structure = per_structure + renderer.render(geometry.with_pose(pose))
     drr = np.tensordot(channel_matrix(channels), per_structure, axes=1).astype(np.float32)
-    return {"drr": drr, "channels": list(channels), "structures": channels, "method": method,
+    thickness = _thickness(structures, passes, affine, geometry, method, step_mm, device)
+    return {"drr": np.concatenate([drr, thickness]), "channels": [*channels, *THICKNESS_CHANNELS],
+            "structures": {**channels, **{c: [s] for c, s in THICKNESS_CHANNELS.items()}}, "method": method,
             "device": renderer.device, "geometry": geometry.to_dict(), "units": "g/cm2",
+            "channel_units": {**{c: "g/cm2" for c in channels}, **{c: "cm" for c in THICKNESS_CHANNELS}},
             "femur_poses": {k: np.asarray(v).round(10).tolist() for k, v in (femur_poses or {}).items()}}
+
+
+def _thickness(structures: np.ndarray, passes: list, affine: np.ndarray, geometry: Geometry, method: str,
+               step_mm: float | None, device: str) -> np.ndarray:
+    """(2, rows, cols): each ray's chord through the left and right proximal femur, cm: the regions
+    rendered at 1 g/cm3 (so g/cm2 reads as cm), each at its pass's pose, within their bounding box."""
+    ids = [STRUCTURES.index(s) for s in THICKNESS_CHANNELS.values()]
+    region = np.isin(structures, ids)
+    out = np.zeros((len(ids), geometry.rows, geometry.cols), np.float32)
+    if not region.any():
+        return out
+    box = tuple(slice(max(int(w.min()) - 1, 0), int(w.max()) + 2) for w in np.nonzero(region))
+    box_affine = affine.copy()
+    box_affine[:3, 3] = (affine @ np.array([box[2].start, box[1].start, box[0].start, 1.0]))[:3]  # (i, j, k)
+    side = np.zeros(region[box].shape, np.uint8)
+    side[structures[box] == ids[1]] = 1
+    for pose, voxels in passes:
+        unit = np.where(region[box] & voxels[box], UNIT_DENSITY_MG_CM3, 0).astype(np.float32)
+        if unit.any():
+            out += Renderer(unit, side, box_affine, n_channels=len(ids), method=method, step_mm=step_mm,
+                            device=device).render(geometry.with_pose(pose))
+    return out
 
 
 def write_drr(path: str | Path, result: dict) -> None:
@@ -135,27 +172,31 @@ def write_drr(path: str | Path, result: dict) -> None:
             f.attrs["method"] = result["method"]
             f.attrs["geometry"] = json.dumps(result["geometry"])
             f.attrs["femur_poses"] = json.dumps(result.get("femur_poses", {}))
+            f.attrs["channel_units"] = json.dumps(result.get("channel_units", {}))
 
 
 def read_drr(path: str | Path) -> dict:
-    """Read ``drr.h5`` back: ``{"drr", "channels", "structures", "units", "method", "geometry", "femur_poses"}``."""
+    """Read ``drr.h5`` back: ``{"drr", "channels", "structures", "units", "method", "geometry", "femur_poses",
+    "channel_units"}`` (``channel_units``: each channel's unit; ``{}`` in a file written before it)."""
     import h5py
 
     with h5py.File(path, "r") as f:
         return {"drr": f["drr"][...], "channels": json.loads(f.attrs["channels"]),
                 "structures": json.loads(f.attrs["structures"]), "units": str(f.attrs["units"]),
                 "method": str(f.attrs["method"]), "geometry": json.loads(f.attrs["geometry"]),
-                "femur_poses": json.loads(f.attrs.get("femur_poses", "{}"))}
+                "femur_poses": json.loads(f.attrs.get("femur_poses", "{}")),
+                "channel_units": json.loads(f.attrs.get("channel_units", "{}"))}
 
 
 def contact_sheet(path: str | Path, result: dict, radiograph: np.ndarray | None = None) -> None:
-    """One panel per channel (own grey scale, g/cm2 colour bar), the radiograph first if given."""
+    """One panel per channel (own grey scale, colour bar in its unit), the radiograph first if given."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = ([("radiograph", radiograph, None)] if radiograph is not None else []) + [
-        (name, image, "g/cm2") for name, image in zip(result["channels"], result["drr"])]
+        (name, image, result.get("channel_units", {}).get(name, "g/cm2"))
+        for name, image in zip(result["channels"], result["drr"])]
     cols = min(len(panels), 5)
     rows = -(-len(panels) // cols)
     aspect = result["geometry"]["pixel_mm"][0] / result["geometry"]["pixel_mm"][1]

@@ -6,7 +6,10 @@ model's hip locator finds each femoral head, or a hip crop (``--crop``). Each hi
 as the training shards were (:func:`bonedrr.shards.crop_grid`: the same physical size, the head at the
 same place, a left hip mirrored), decomposed, and its BMD read from the predicted proximal-femur DRR
 as from a true one (:func:`bonedrr.bmd.drr_bmd`). With a DXA calibration in the model, the
-DXA-equivalent aBMD too; with a young-adult reference, the T-score.
+DXA-equivalent aBMD too; with a young-adult reference, the T-score. A model that predicts the proximal
+femur's thickness also gives its volumetric density, DRR-vBMD in mg/cm3 (:func:`bonedrr.bmd.drr_vbmd`,
+the quantity QCT measures; the rendered density clips bone voxels at 0, so it runs a few % above a QCT
+workstation's mean).
 
 On a CPU the model runs from its torch-free copy (``model.npz``, :mod:`bonedrr.model.portable`), so a
 call does not pay for importing torch.
@@ -217,11 +220,14 @@ def _estimate_one(model, model_name: str, xray: Path, side: str, out_dir, pixel_
     scale = model.scale_of(model.overview_of(radiograph.pixels, radiograph.pixel_mm)[None])
     prediction = model.predict(crops, scale, kvp=kvp)
     bmd = model.bmd(prediction)
+    vbmd = model.vbmd(prediction)
     calibrated = model.calibrated(bmd)
     result = {"model": model_name, "units": "g/cm2", "pixel_mm": list(radiograph.pixel_mm),
               "pixel_spacing_source": radiograph.spacing_source, "kvp": kvp, "kvp_source": kvp_source, "sides": {}}
     for i, s in enumerate(sides):
         record = {"drr_bmd_g_cm2": _round(bmd[i]), **facts[s]}
+        if vbmd is not None:
+            record["drr_vbmd_mg_cm3"] = _round(vbmd[i], 1)
         if calibrated is not None:
             record["dxa_equivalent_abmd_g_cm2"] = _round(calibrated[i])
         if t_reference is not None:
@@ -255,6 +261,8 @@ def describe(result: dict) -> str:
     for s, r in result["sides"].items():
         b = r["drr_bmd_g_cm2"]
         text = f"{s} hip: BMD {b:.3f} g/cm2 (DRR-BMD)" if b is not None else f"{s} hip: BMD not measurable"
+        if r.get("drr_vbmd_mg_cm3") is not None:
+            text += f", vBMD {r['drr_vbmd_mg_cm3']:.0f} mg/cm3 (DRR-vBMD)"
         if r.get("dxa_equivalent_abmd_g_cm2") is not None:
             text += f", DXA-equivalent aBMD {r['dxa_equivalent_abmd_g_cm2']:.3f} g/cm2"
         if r.get("t_score") is not None:
@@ -289,7 +297,7 @@ def _picture(path: Path, crop: np.ndarray, prediction: np.ndarray, channels: lis
 
 
 def _write_drr(path: Path, prediction: np.ndarray, crop_pixel_mm) -> None:
-    """The predicted channels (C, H, W) as a NIfTI volume, one slice per channel, g/cm2."""
+    """The predicted channels (C, H, W) as a NIfTI volume, one slice per channel, g/cm2 (a thickness: cm)."""
     import SimpleITK as sitk
 
     from bonedrr.images import write_image

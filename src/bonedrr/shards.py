@@ -45,9 +45,10 @@ from bonedrr.images import _UMASK, atomic_path, write_json
 log = logging.getLogger("bonedrr.shards")
 
 #: Version of the layout in docs/shards.md (major: readers must change; minor: additions only).
-FORMAT_VERSION = "1.1"
+FORMAT_VERSION = "1.2"
 #: Side-normalised DRR channels of a sample, in this order; the drr.h5 channel each is taken from.
-CHANNELS = ("proximal_femur", "femur", "hip", "pelvis", "bone", "muscle", "soft_tissue")
+#: ``proximal_femur_thickness`` is in cm (:data:`bonedrr.bmd.THICKNESS_CHANNEL`), the others in g/cm2.
+CHANNELS = ("proximal_femur", "femur", "hip", "pelvis", "bone", "muscle", "soft_tissue", "proximal_femur_thickness")
 #: Structure masks (``mask``): the channel above the BMD threshold, i.e. its projected bone area.
 MASKS = ("proximal_femur", "femur", "hip", "pelvis")
 #: (rows, cols) of the whole-radiograph overview of every sample.
@@ -60,7 +61,7 @@ INDEX_COLUMNS = ("sample_id", "case_id", "patient_id", "side", "mirrored", "fold
 
 def drr_channel_of(channel: str, side: str) -> str:
     """The drr.h5 channel a side-normalised channel comes from (``femur`` of a left hip: ``femur_left``)."""
-    return f"{channel}_{side}" if channel in ("proximal_femur", "femur", "hip") else channel
+    return f"{channel}_{side}" if channel in ("proximal_femur", "femur", "hip", "proximal_femur_thickness") else channel
 
 
 @dataclass
@@ -306,7 +307,7 @@ def write_shard(path: Path, samples: list[dict], settings: PackSettings, cohort:
         f.attrs.update({
             "format_version": FORMAT_VERSION, "created_by": f"bonedrr {__version__}", "cohort": cohort or "",
             "n_samples": n, "channels": json.dumps(list(settings.channels)), "masks": json.dumps(masks),
-            "units": json.dumps({"xray": "as ingested (bone bright), not normalised", "drr": "g/cm2",
+            "units": json.dumps({"xray": "as ingested (bone bright), not normalised", "drr": "g/cm2 (proximal_femur_thickness: cm)",
                                  "drr_bmd": "g/cm2", "qct_vbmd": "mg/cm3 HA", "dxa_abmd": "g/cm2",
                                  "kvp": "kV (DICOM KVP; NaN when not recorded)", "pixel_mm": "mm at the detector", "crop_box_px": "radiograph pixels"}),
             "settings": json.dumps(asdict(settings)), "orientation": "right hip (left hips mirrored left-right)",

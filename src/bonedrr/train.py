@@ -39,7 +39,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from bonedrr.bmd import BMD_CHANNEL, BMD_THRESHOLD_G_CM2, drr_bmd
+from bonedrr.bmd import BMD_CHANNEL, BMD_THRESHOLD_G_CM2, THICKNESS_CHANNEL, drr_bmd
 from bonedrr.errors import BonedrrError, InputError
 from bonedrr.images import atomic_path
 from bonedrr.model import locator as loc
@@ -122,7 +122,8 @@ class TrainSettings:
             the decay ramps up as (1 + step) / (10 + step) over a stage's first steps.
     """
 
-    stages: tuple[Stage, ...] = (Stage(("pelvis", "femur", "bone", "muscle"), 30), Stage(("proximal_femur",), 30))
+    stages: tuple[Stage, ...] = (Stage(("pelvis", "femur", "bone", "muscle"), 30),
+                                 Stage(("proximal_femur", "proximal_femur_thickness"), 30))
     batch_size: int = 8
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -286,10 +287,13 @@ class DecompositionModel(HipModel):
         write_portable(Path(path).with_name(PORTABLE_FILE), self, arrays, locator)
 
 
-def _unet(settings: dict, out_channels: int) -> UNet:
+def _unet(settings: dict, channels: Sequence[str]) -> UNet:
+    """The U-Net of a stage predicting ``channels``; with ``equivariant``, every channel but a
+    thickness follows the input's scale (a thickness is a shape, not a density)."""
     conditions = condition_size(settings.get("condition", "none"))
-    return UNet(1, out_channels, int(settings["base_channels"]), int(settings["depth"]), conditions=conditions,
-                equivariant=bool(settings.get("equivariant", False)))
+    equivariant = bool(settings.get("equivariant", False))
+    return UNet(1, len(channels), int(settings["base_channels"]), int(settings["depth"]), conditions=conditions,
+                equivariant=[equivariant and c != THICKNESS_CHANNEL for c in channels])
 
 
 def _locator_net(settings: dict) -> loc.Locator:
@@ -318,7 +322,7 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> DecompositionModel
     settings = payload["info"]["settings"]
     nets = []
     for chans, state in zip(payload["stage_channels"], payload["stage_states"]):
-        net = _unet(settings, len(chans))
+        net = _unet(settings, chans)
         net.load_state_dict(state)
         nets.append(net)
     locator = None
@@ -367,7 +371,7 @@ class _Run:
         self.done: dict[str, int] = {}  # phase name -> finished epochs
         torch.manual_seed(settings.seed)
         sd = settings.to_dict()
-        self.nets = [_unet(sd, len(s.channels)) for s in settings.stages]
+        self.nets = [_unet(sd, s.channels) for s in settings.stages]
         # what the model keeps: the nets themselves, or their moving averages (settings.ema)
         self.kept = [copy.deepcopy(n) for n in self.nets] if settings.ema > 0 else self.nets
         self.locator = _locator_net(sd) if settings.locator_epochs > 0 else None

@@ -8,9 +8,14 @@ folds.
 
 Ground truths (per hip): the DRR-BMD of the true DRR (g/cm2), the QCT vBMD of the proximal femur
 (mg/cm3) and DXA total-hip aBMD (g/cm2), where known. The predicted DRR-BMD is compared with the
-DRR-BMD as it is; against QCT and DXA, whose units or regions differ, it is first mapped by a line
-fitted on the *training* folds of the same model (the fold's own model predicting its training
-samples), never on held-out data.
+DRR-BMD as it is; against QCT and DXA, whose units or regions differ, a prediction is first mapped by
+a line fitted on the *training* folds of the same model (the fold's own model predicting its training
+samples), never on held-out data. Against DXA that prediction is DRR-BMD (both are areal). Against QCT
+it is the predicted DRR-vBMD (:func:`bonedrr.bmd.drr_vbmd`: the proximal femur's mineral over its
+volume, from the predicted proximal-femur and thickness channels) when the model predicts the
+thickness, as QCT measures a volumetric density and DRR-BMD also grows with the bone's thickness;
+else DRR-BMD. metrics.json says which (``qct_readout``) and reports the DRR-BMD line against QCT
+beside it (``qct_from_drr_bmd``).
 
 The baseline is the conventional approach the paper improves on: BMD regressed linearly on the mean
 radiograph intensity in the same region, the proximal femur's projected bone area (the true mask: a
@@ -55,7 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from bonedrr import metrics
-from bonedrr.bmd import BMD_CHANNEL, BMD_THRESHOLD_G_CM2, drr_bmd
+from bonedrr.bmd import BMD_CHANNEL, BMD_THRESHOLD_G_CM2, THICKNESS_CHANNEL, drr_bmd, drr_vbmd_of
 from bonedrr.errors import BonedrrError, InputError
 from bonedrr.images import atomic_path, write_json
 
@@ -181,10 +186,23 @@ def apply_line(fit: dict | None, x: np.ndarray) -> np.ndarray:
     return np.full(len(x), np.nan) if fit is None else fit["slope"] * np.asarray(x, float) + fit["intercept"]
 
 
-def in_truth_units(x: np.ndarray, fits: dict, key: str, identity_for_drr: bool) -> np.ndarray:
-    """A prediction on the DRR-BMD scale expressed against ground truth ``key``: as it is for DRR-BMD
-    (when ``identity_for_drr``), else through the training-fold line."""
-    return np.asarray(x, float) if (key == "drr_bmd" and identity_for_drr) else apply_line(fits.get(key), x)
+def in_truth_units(x: np.ndarray, fits: dict, key: str, identity_for_drr: bool,
+                   vbmd: np.ndarray | None = None) -> np.ndarray:
+    """A prediction on the DRR-BMD scale (``x``) expressed against ground truth ``key``: as it is for
+    DRR-BMD (when ``identity_for_drr``), else through the training-fold line; against QCT, the line from
+    ``vbmd`` (DRR-vBMD) where given (``fits["qct_vbmd"]`` is then fitted on DRR-vBMD)."""
+    if key == "drr_bmd" and identity_for_drr:
+        return np.asarray(x, float)
+    return apply_line(fits.get(key), vbmd if key == "qct_vbmd" and vbmd is not None else x)
+
+
+def fit_readouts(bmd_train: np.ndarray, vbmd_train: np.ndarray | None, train: dict) -> tuple[dict, dict | None]:
+    """(the lines of :func:`fit_calibrations`, QCT's from DRR-vBMD where given; the DRR-BMD line to QCT
+    when QCT is read from DRR-vBMD, else None)."""
+    fits = fit_calibrations(bmd_train, train)
+    if vbmd_train is None:
+        return fits, None
+    return {**fits, "qct_vbmd": fit_calibrations(vbmd_train, train)["qct_vbmd"]}, fits["qct_vbmd"]
 
 
 def image_metrics(pred: np.ndarray, true: np.ndarray, pred_channels: list[str], true_channels: list[str]) -> dict:
@@ -319,7 +337,8 @@ def _case_radiograph(case_dir: Path) -> tuple[np.ndarray, tuple[float, float], d
 def jpeg_sweep(model, held_out: dict, cases_root: Path, pack, qualities, threshold: float,
                ratios=()) -> list[dict]:
     """Per held-out sample and sweep point (each of ``qualities``, then each of ``ratios`` at the
-    radiograph's :func:`quality_for_ratio`): the predicted DRR-BMD after JPEG, and the file sizes.
+    radiograph's :func:`quality_for_ratio`): the predicted DRR-BMD (and DRR-vBMD, NaN
+    without a thickness channel) after JPEG, and the file sizes.
     ``target_ratio`` is the ratio a row was compressed to (None: a fixed quality)."""
     rows = []
     cache: dict = {}
@@ -336,9 +355,11 @@ def jpeg_sweep(model, held_out: dict, cases_root: Path, pack, qualities, thresho
             crops.append(recrop(decoded, pixel_mm, head, side, pack))
             overviews.append(model.overview_of(decoded, pixel_mm))
             sizes.append(size)
-        values, _ = predicted_bmd(model, np.stack(crops), threshold, np.stack(overviews), held_out["kvp"][i])
-        for (q, ratio), v, size in zip(points, values, sizes):
-            rows.append({"sample_index": i, "quality": q, "target_ratio": ratio, "pred_drr_bmd": float(v), **size})
+        values, pred = predicted_bmd(model, np.stack(crops), threshold, np.stack(overviews), held_out["kvp"][i])
+        vbmd = drr_vbmd_of(model.channels, pred, threshold)
+        for j, ((q, ratio), v, size) in enumerate(zip(points, values, sizes)):
+            rows.append({"sample_index": i, "quality": q, "target_ratio": ratio, "pred_drr_bmd": float(v),
+                         "pred_drr_vbmd": float(vbmd[j]) if vbmd is not None else math.nan, **size})
     return rows
 
 
@@ -558,11 +579,19 @@ def validate_cohort(shard_dir: str | Path, model_dirs: list[str | Path], out_dir
             raise BonedrrError(f"the model of fold {fold} was trained on {len(leaked)} of its held-out patients "
                                f"({', '.join(leaked[:3])}{', ...' if len(leaked) > 3 else ''})",
                                model_paths.get(fold, shard_dir))
-        pred_bmd, pred = predicted_bmd(model, held["xray"], settings.threshold_g_cm2, held["overview"], held["kvp"])
-        train_bmd, _ = predicted_bmd(model, train["xray"], settings.threshold_g_cm2, train["overview"], train["kvp"])
-        model_fits = fit_calibrations(train_bmd, train)
+        thr = settings.threshold_g_cm2
+        pred_bmd, pred = predicted_bmd(model, held["xray"], thr, held["overview"], held["kvp"])
+        train_bmd, train_pred = predicted_bmd(model, train["xray"], thr, train["overview"], train["kvp"])
+        pred_vbmd = drr_vbmd_of(model.channels, pred, thr)
+        true_vbmd = drr_vbmd_of(held["channels"], held["drr"], thr)
+        if pred_vbmd is not None and true_vbmd is None:
+            raise BonedrrError(f"the model of fold {fold} predicts {THICKNESS_CHANNEL} but the shards lack it "
+                               "(packed before format 1.2): rerun the drr and pack_shards rules", shard_dir)
+        model_fits, drr_bmd_qct_fit = fit_readouts(train_bmd, drr_vbmd_of(model.channels, train_pred, thr), train)
         base_fits = fit_calibrations(roi_intensity(train["xray"], train["mask"], train["overview"]), train)
-        ceiling_fits = fit_calibrations(train["drr_bmd"], train)
+        ceiling_fits, ceiling_drr_bmd_qct_fit = fit_readouts(
+            train["drr_bmd"], drr_vbmd_of(train["channels"], train["drr"], thr) if pred_vbmd is not None else None,
+            train)
         held_roi = roi_intensity(held["xray"], held["mask"], held["overview"])
         fold_info[fold] = {"n_held_out": len(held["sample_id"]), "n_train": len(train["sample_id"]),
                            "train_folds": sorted(set(train["fold"])), "model_calibration": model_fits,
@@ -577,11 +606,17 @@ def validate_cohort(shard_dir: str | Path, model_dirs: list[str | Path], out_dir
             row = {"fold": fold, "sample_id": held["sample_id"][i], "case_id": held["case_id"][i],
                    "patient_id": held["patient_id"][i], "side": held["side"][i],
                    "pred_drr_bmd": pred_bmd[i], "baseline_roi_intensity": held_roi[i]}
+            one = slice(i, i + 1)
+            pv, tv = (pred_vbmd[one], true_vbmd[one]) if pred_vbmd is not None else (None, None)
             for key in TRUTHS:
                 row[f"true_{key}"] = held[key][i]
-                row[f"pred_{key}"] = in_truth_units(pred_bmd[i:i + 1], model_fits, key, True)[0]
-                row[f"baseline_{key}"] = apply_line(base_fits[key], held_roi[i:i + 1])[0]
-                row[f"ceiling_{key}"] = in_truth_units(held["drr_bmd"][i:i + 1], ceiling_fits, key, True)[0]
+                row[f"pred_{key}"] = in_truth_units(pred_bmd[one], model_fits, key, True, pv)[0]
+                row[f"baseline_{key}"] = apply_line(base_fits[key], held_roi[one])[0]
+                row[f"ceiling_{key}"] = in_truth_units(held["drr_bmd"][one], ceiling_fits, key, True, tv)[0]
+            if pv is not None:
+                row.update(pred_drr_vbmd=pv[0], true_drr_vbmd=tv[0],
+                           pred_qct_vbmd_from_drr_bmd=apply_line(drr_bmd_qct_fit, pred_bmd[one])[0],
+                           ceiling_qct_vbmd_from_drr_bmd=apply_line(ceiling_drr_bmd_qct_fit, held["drr_bmd"][one])[0])
             if BMD_CHANNEL in im:
                 row["psnr_db_proximal_femur"] = im[BMD_CHANNEL]["psnr_db"][i]
                 row["ssim_proximal_femur"] = im[BMD_CHANNEL]["ssim"][i]
@@ -596,8 +631,9 @@ def validate_cohort(shard_dir: str | Path, model_dirs: list[str | Path], out_dir
             for r in jpeg_sweep(model, held, Path(cases_root), pack, settings.jpeg_qualities, settings.threshold_g_cm2,
                                 settings.jpeg_ratios):
                 r["row"] = offset + r.pop("sample_index")
+                vbmd = np.array([r["pred_drr_vbmd"]]) if pred_vbmd is not None else None
                 for key in TRUTHS:
-                    r[f"pred_{key}"] = in_truth_units(np.array([r["pred_drr_bmd"]]), model_fits, key, True)[0]
+                    r[f"pred_{key}"] = in_truth_units(np.array([r["pred_drr_bmd"]]), model_fits, key, True, vbmd)[0]
                 jpeg_rows.append(r)
         if demo_root is not None:
             patients = [(pid, Path(demo_root) / case) for pid, case in sorted(patients_by_fold.get(fold, {}).items())
@@ -691,16 +727,20 @@ def summarise(per_sample, jpeg_rows, pose_rows, images, fold_info, cohort, setti
             "t_score": metrics.T_SCORE_REFERENCE["population"] + f": mean {metrics.T_SCORE_REFERENCE['mean_g_cm2']}, "
                        f"SD {metrics.T_SCORE_REFERENCE['sd_g_cm2']} g/cm2; applied to DXA aBMD and to predictions "
                        "calibrated to DXA",
-            "calibration": "QCT and DXA: a line from the predicted DRR-BMD (baseline: ROI mean intensity) to the "
-                           "truth, fitted on the training folds of each fold's model; DRR-BMD: uncalibrated "
-                           "(baseline: fitted like the others)",
+            "calibration": "QCT and DXA: a line from the prediction (DXA: DRR-BMD; QCT: as qct_readout says; "
+                           "baseline: ROI mean intensity) to the truth, fitted on the training folds of each fold's "
+                           "model; DRR-BMD: uncalibrated (baseline: fitted like the others)",
             "jpeg_ratio": "uncompressed 8-bit size (rows x cols bytes) / JPEG size of the whole radiograph",
             "rms_cv": "sqrt(mean over hips of (SD / mean)^2) of BMD over each hip's radiographs (Gluer 1995)",
             "true_drr_bmd_rms_cv": "the same of the true DRR-BMD, the case's proximal-femur DRR rendered at each "
                                    "radiograph's true pose: how much the truth itself changes with the pose",
-            "ceiling": "the true DRR-BMD, calibrated to QCT and DXA like the predictions: what a perfect decomposition "
-                       "would reach",
+            "ceiling": "the true DRR-BMD (against QCT: what qct_readout reads, of the true DRR), calibrated to QCT "
+                       "and DXA like the predictions: what a perfect decomposition would reach",
+            "drr_vbmd": "the proximal femur's mineral over its volume: the sum of the proximal-femur channel over "
+                        "its projected bone area (the DRR-BMD pixels) over the sum of its thickness channel there, "
+                        "mg/cm3 (bonedrr.bmd.drr_vbmd)",
         },
+        "qct_readout": "drr_vbmd" if np.isfinite(_column(per_sample, "pred_drr_vbmd")).any() else "drr_bmd",
         "bmd_threshold_g_cm2": settings.threshold_g_cm2,
         "model": {}, "baseline": {}, "ceiling": {}, "per_fold": {},
     }
@@ -714,6 +754,11 @@ def summarise(per_sample, jpeg_rows, pose_rows, images, fold_info, cohort, setti
         rows = [r for r in per_sample if r["fold"] == fold]
         result["per_fold"][str(fold)] = {**fold_info[fold], "model": {
             key: metrics.agreement(_column(rows, f"pred_{key}"), _column(rows, f"true_{key}")) for key in TRUTHS}}
+    if result["qct_readout"] == "drr_vbmd":  # the areal read-out against QCT beside it, and DRR-vBMD itself
+        truth = _column(per_sample, "true_qct_vbmd")
+        result["qct_from_drr_bmd"] = {who: metrics.agreement(_column(per_sample, f"{prefix}_qct_vbmd_from_drr_bmd"), truth)
+                                      for who, prefix in (("model", "pred"), ("ceiling", "ceiling"))}
+        result["drr_vbmd"] = metrics.agreement(_column(per_sample, "pred_drr_vbmd"), _column(per_sample, "true_drr_vbmd"))
     result["osteoporosis"] = {}
     if np.isfinite(_column(per_sample, "true_dxa_abmd")).sum() >= 3:
         for who, col in (("model", "pred_dxa_abmd"), ("baseline", "baseline_dxa_abmd")):
@@ -795,12 +840,14 @@ def check_targets(result: dict) -> dict:
 PREDICTION_COLUMNS = ("fold", "sample_id", "case_id", "patient_id", "side", "pred_drr_bmd", "true_drr_bmd",
                       "pred_qct_vbmd", "true_qct_vbmd", "pred_dxa_abmd", "true_dxa_abmd", "baseline_roi_intensity",
                       "baseline_drr_bmd", "baseline_qct_vbmd", "baseline_dxa_abmd", "ceiling_qct_vbmd",
-                      "ceiling_dxa_abmd", "psnr_db_proximal_femur", "ssim_proximal_femur")
+                      "ceiling_dxa_abmd", "psnr_db_proximal_femur", "ssim_proximal_femur",
+                      # with a thickness channel (else empty): DRR-vBMD, and QCT read the areal way beside it
+                      "pred_drr_vbmd", "true_drr_vbmd", "pred_qct_vbmd_from_drr_bmd", "ceiling_qct_vbmd_from_drr_bmd")
 
 
 #: jpeg.csv: one row per held-out hip and sweep point (a quality, or a target ratio and the quality reaching it).
 JPEG_COLUMNS = ("sample_id", "case_id", "side", "quality", "target_ratio", "ratio_raw8", "ratio_png", "jpeg_bytes", "pred_drr_bmd",
-                "pred_qct_vbmd", "pred_dxa_abmd")
+                "pred_drr_vbmd", "pred_qct_vbmd", "pred_dxa_abmd")
 #: pose.csv: one row per hip and radiograph of the multi-pose sweep.
 POSE_COLUMNS = ("patient_id", "case_id", "side", "radiograph", "file", "bmd_located_hips", "bmd_true_hips",
                 "true_drr_bmd", "locator_error_mm")

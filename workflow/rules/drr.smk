@@ -22,6 +22,8 @@ rule drr:
     params:
         cli=BONEDRR,
         args=drr_args,
+        # what a drr.h5 holds: a change reruns the rule on results made before it (a params trigger)
+        content="density channels + proximal-femur thickness (cm)",
     conda:
         "../../envs/drr.yaml"
     shell:

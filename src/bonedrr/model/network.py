@@ -26,6 +26,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -178,15 +180,20 @@ class UNet(nn.Module):
         equivariant: Multiply the output by the input crop's mean level (:func:`input_contrast`). The
             GroupNorms make the U-Net blind to its input's scale: twice the contrast gives the same
             output. An attenuation image twice as contrasted holds twice the density, so with this the
-            output follows the input's scale, as the physics of a raw log image does.
+            output follows the input's scale, as the physics of a raw log image does. One flag per
+            output channel to multiply only some: a thickness (cm) is a shape, not a density, and does
+            not follow the input's scale.
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 16, depth: int = 3,
-                 normalise: bool = True, conditions: int = 0, equivariant: bool = False):
+                 normalise: bool = True, conditions: int = 0, equivariant: bool | Sequence[bool] = False):
         super().__init__()
-        if equivariant:  # in the state dict, so that the NumPy twin knows
-            self.register_buffer("equivariant", torch.ones(()))
-        self.is_equivariant = equivariant
+        flags = [bool(equivariant)] * out_channels if isinstance(equivariant, bool) else [bool(f) for f in equivariant]
+        if len(flags) != out_channels:
+            raise ValueError(f"equivariant: one flag per output channel ({out_channels}), got {len(flags)}")
+        if any(flags):  # in the state dict, so that the NumPy twin knows: 1 (every channel) or one flag each
+            self.register_buffer("equivariant", torch.ones(()) if all(flags) else torch.tensor(flags, dtype=torch.float32))
+        self.is_equivariant = any(flags)
         self.depth = depth
         self.normalise = RobustNormalise() if normalise else nn.Identity()
         widths = [base_channels * 2 ** i for i in range(depth + 1)]
@@ -227,7 +234,10 @@ class UNet(nn.Module):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = self._modulate(block(torch.cat([x, skip], 1)), level, condition)
         out = self.head(x)
-        return out if contrast is None else out * contrast.to(out.dtype).view(-1, 1, 1, 1)
+        if contrast is None:
+            return out
+        flags = self.equivariant.to(out.dtype).view(1, -1, 1, 1)  # (1, 1 or C, 1, 1)
+        return out * (contrast.to(out.dtype).view(-1, 1, 1, 1) * flags + (1 - flags))
 
 
 class PatchDiscriminator(nn.Module):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bonedrr.bmd import BMD_CHANNEL, BMD_THRESHOLD_G_CM2, drr_bmd
+from bonedrr.bmd import BMD_CHANNEL, BMD_THRESHOLD_G_CM2, drr_bmd, drr_vbmd_of
 from bonedrr.errors import BonedrrError, InputError
 
 #: The portable copy of a model folder's ``model.pt``.
@@ -340,7 +340,10 @@ def unet_forward(weights: dict[str, np.ndarray], x: np.ndarray, depth: int, scal
         x = resize_bilinear(x, skip.shape[-2:])
         x = _film(weights, i + 1, _block(weights, f"up.{i}", np.concatenate([x, skip], 1)), condition)
     out = _conv2d(x, weights["head.weight"], weights["head.bias"])
-    return out if contrast is None else (out * contrast.reshape(-1, 1, 1, 1)).astype(np.float32)
+    if contrast is None:
+        return out
+    flags = np.asarray(weights["equivariant"], np.float32).reshape(1, -1, 1, 1)  # every channel, or one flag each
+    return (out * (contrast.reshape(-1, 1, 1, 1) * flags + (1 - flags))).astype(np.float32)
 
 
 def input_contrast(x: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
@@ -486,6 +489,13 @@ class HipModel:
                                                                                        BMD_THRESHOLD_G_CM2)
         k = self.channels.index(BMD_CHANNEL)
         return np.array([drr_bmd(p[k], threshold) for p in prediction], float)
+
+    def vbmd(self, prediction: np.ndarray, threshold_g_cm2: float | None = None) -> np.ndarray | None:
+        """DRR-vBMD (mg/cm3) of each predicted sample (:func:`bonedrr.bmd.drr_vbmd`), or None for a model
+        that does not predict the proximal femur's thickness."""
+        threshold = threshold_g_cm2 if threshold_g_cm2 is not None else self.info.get("threshold_g_cm2",
+                                                                                       BMD_THRESHOLD_G_CM2)
+        return drr_vbmd_of(self.channels, prediction, threshold)
 
     def calibrated(self, drr_bmd_g_cm2):
         """DXA-equivalent aBMD from DRR-BMD with the fitted calibration (None without one)."""
