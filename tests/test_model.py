@@ -502,7 +502,8 @@ def test_body_quantiles_from_one_sort_are_torchs_quantiles():
 
 
 @pytest.mark.parametrize("scaled,conditioned,equivariant", [(True, False, False), (False, False, False),
-                                                             (True, True, False), (True, False, True)])
+                                                             (True, True, False), (True, False, True),
+                                                             (True, False, (True, False, True))])
 def test_numpy_unet_is_the_torch_unet(scaled, conditioned, equivariant):
     """Random weights (GroupNorm's affine and the FiLM layers too), so a wrong key or layer order cannot hide."""
     from bonedrr.model.portable import kvp_condition, unet_forward
@@ -526,8 +527,11 @@ def test_numpy_unet_is_the_torch_unet(scaled, conditioned, equivariant):
     with torch.no_grad():  # twice the contrast about the input scale's zero
         doubled = net(zero + 2 * (x - zero), scale,
                       None if condition is None else torch.from_numpy(condition)).numpy()
-    # the GroupNorms make a plain U-Net blind to the input's scale; an equivariant one follows it
-    np.testing.assert_allclose(doubled, 2 * ref if equivariant else ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+    # the GroupNorms make a plain U-Net blind to the input's scale; an equivariant one follows it, in
+    # the channels it is equivariant in (a thickness is a shape: it does not)
+    follows = np.broadcast_to(np.asarray(equivariant, bool), (3,))
+    expected = np.where(follows[None, :, None, None], 2 * ref, ref)
+    np.testing.assert_allclose(doubled, expected, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
     if conditioned:  # the condition matters, and is required
         with torch.no_grad():
             other = net(x, scale, torch.from_numpy(kvp_condition([85.0, 70.0]))).numpy()
@@ -536,6 +540,20 @@ def test_numpy_unet_is_the_torch_unet(scaled, conditioned, equivariant):
             net(x, scale)
         with pytest.raises(BonedrrError, match="conditioned .FiLM layers.: give its condition"):
             unet_forward(weights, x.numpy(), depth=3, scale=scale.numpy())
+
+
+def test_a_stage_scales_its_densities_with_the_input_and_not_its_thickness():
+    """With ``equivariant``, the density channels follow the input's scale and the thickness (cm) does
+    not; a U-Net equivariant in every channel keeps the one-number flag that models saved before have."""
+    from bonedrr.train import _unet
+
+    settings = {"base_channels": 4, "depth": 2, "equivariant": True}
+    net = _unet(settings, ["proximal_femur", "proximal_femur_thickness"])
+    assert net.equivariant.tolist() == [1.0, 0.0]
+    assert _unet(settings, ["pelvis", "femur"]).equivariant.shape == ()
+    assert not hasattr(_unet({**settings, "equivariant": False}, ["proximal_femur_thickness"]), "equivariant")
+    with pytest.raises(ValueError, match=r"one flag per output channel \(2\), got 3"):
+        UNet(1, 2, equivariant=[True, False, True])
 
 
 def test_film_layers_start_as_the_identity():

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 PHANTOM = {"method": "phantom", "phantom_rods_mg_cm3": [0, 100, 200, 400, 800]}
 TINY_TRAINING = {"stages": [{"channels": ["pelvis", "femur", "bone", "muscle"], "epochs": 3},
-                            {"channels": ["proximal_femur"], "epochs": 5}],
+                            {"channels": ["proximal_femur", "proximal_femur_thickness"], "epochs": 8}],
                  "network": {"base_channels": 4, "depth": 2}, "locator": {"epochs": 1, "base_channels": 4},
                  "batch_size": 2, "lr": 0.02}
 
@@ -82,7 +82,7 @@ def test_every_hip_is_predicted_once_by_the_model_that_never_saw_its_patient(coh
         rows = list(csv.DictReader(f))
     index = {r["sample_id"]: r for r in ShardDataset(cohort["results"] / "shards").index}
     assert sorted(r["sample_id"] for r in rows) == sorted(index)
-    from bonedrr.bmd import drr_bmd
+    from bonedrr.bmd import drr_bmd, drr_vbmd
     from bonedrr.train import load_model
 
     for r in rows:
@@ -95,13 +95,26 @@ def test_every_hip_is_predicted_once_by_the_model_that_never_saw_its_patient(coh
         data = ShardDataset(cohort["results"] / "shards", folds=[fold])
         item = data[[x["sample_id"] for x in data.index].index(r["sample_id"])]
         scale = model.scale_of(item["overview"].numpy())  # (1, 128, 256): the whole radiograph's
-        expected = drr_bmd(model.predict(item["xray"][0].numpy()[None], scale)[0, model.channels.index("proximal_femur")])
+        pred = model.predict(item["xray"][0].numpy()[None], scale)[0]
+        pf, thickness = pred[model.channels.index("proximal_femur")], pred[model.channels.index("proximal_femur_thickness")]
         found = float(r["pred_drr_bmd"]) if r["pred_drr_bmd"] else np.nan
-        assert found == pytest.approx(expected, rel=1e-5, nan_ok=True)
+        assert found == pytest.approx(drr_bmd(pf), rel=1e-5, nan_ok=True)
+        # QCT is read from the predicted DRR-vBMD (mineral over volume), through the line fitted on the
+        # training fold's DRR-vBMD; the DRR-BMD line to QCT is reported beside it.
+        found = float(r["pred_drr_vbmd"]) if r["pred_drr_vbmd"] else np.nan  # NaN: no predicted bone
+        assert found == pytest.approx(drr_vbmd(pf, thickness), rel=1e-5, nan_ok=True)
+        line = result["per_fold"][r["fold"]]["model_calibration"]["qct_vbmd"]
+        qct = float(r["pred_qct_vbmd"]) if r["pred_qct_vbmd"] else np.nan
+        expected = line["slope"] * found + line["intercept"] if line else np.nan  # None: no training hip read
+        assert qct == pytest.approx(expected, rel=1e-5, nan_ok=True)
+        assert np.isnan(qct) or float(r["pred_qct_vbmd_from_drr_bmd"]) != qct
+        # the true crops' DRR-vBMD is the hip's QCT vBMD but for the rendering's clipping of bone voxels at 0
+        assert float(r["true_drr_vbmd"]) == pytest.approx(float(r["true_qct_vbmd"]), rel=0.12)
     # metrics.json is strict JSON (no NaN), and names the ICC it reports.
     text = (out / "metrics.json").read_text()
     metrics = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert metrics["definitions"]["icc"].startswith("ICC(2,1)")
+    assert metrics["qct_readout"] == "drr_vbmd" and metrics["qct_from_drr_bmd"]["ceiling"]["n"] == 4
     assert metrics["baseline"]["drr_bmd"]["n"] == 4
 
 
@@ -163,6 +176,17 @@ def test_jpeg_recrop_is_the_shards_crop_and_reaches_50x(cohort, validated):
             image, _, _ = _case_radiograph(cohort["results"] / r["case_id"])
             assert int(r["quality"]) == v.quality_for_ratio(image, 50) and float(r["ratio_raw8"]) >= 50
     assert {(r["case_id"], r["side"]) for r in rows} == {(r["case_id"], r["side"]) for r in data.index}
+    assert all(float(r["pred_drr_vbmd"]) > 0 for r in rows)  # QCT read from DRR-vBMD after JPEG too
+
+
+def test_estimate_prints_the_volumetric_density_of_a_model_that_predicts_thickness(cohort):
+    from bonedrr.estimate import describe, estimate
+
+    xray = next((cohort["demo_root"] / "demo_001").glob("xray.*"))
+    result = estimate(cohort["models"][0], xray, pixel_mm=(2.8, 2.8))
+    for side, hip in result["sides"].items():
+        assert hip["drr_vbmd_mg_cm3"] is None or hip["drr_vbmd_mg_cm3"] > 0
+    assert "mg/cm3 (DRR-vBMD)" in describe(result)
 
 
 def test_pose_sweep_measures_each_hip_on_every_radiograph(validated):

@@ -740,7 +740,7 @@ def summarise(per_sample, jpeg_rows, pose_rows, images, fold_info, cohort, setti
                         "its projected bone area (the DRR-BMD pixels) over the sum of its thickness channel there, "
                         "mg/cm3 (bonedrr.bmd.drr_vbmd)",
         },
-        "qct_readout": "drr_vbmd" if np.isfinite(_column(per_sample, "pred_drr_vbmd")).any() else "drr_bmd",
+        "qct_readout": "drr_vbmd" if any("pred_drr_vbmd" in r for r in per_sample) else "drr_bmd",
         "bmd_threshold_g_cm2": settings.threshold_g_cm2,
         "model": {}, "baseline": {}, "ceiling": {}, "per_fold": {},
     }
