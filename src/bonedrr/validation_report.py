@@ -263,13 +263,20 @@ def write_report(path: Path, result: dict, plots: dict[str, Path]) -> None:
              f"<p>{result['n_samples']} held-out hips, folds {', '.join(map(str, result['folds']))}; each hip "
              "predicted by the model of the fold that held its patient out (patient-disjoint cross-validation).</p>"]
     rows = []
+    volumetric = result.get("qct_readout") == "drr_vbmd"
     names = {"model": "decomposition", "baseline": "baseline", "ceiling": "true DRR-BMD (ceiling)"}
     for key in _TRUTH_ORDER:
-        for who in ("model", "baseline", "ceiling"):
-            m = result.get(who, {}).get(key)
-            if not m:
+        entries = [(names[who], result.get(who, {}).get(key)) for who in ("model", "baseline", "ceiling")]
+        if key == "qct_vbmd" and volumetric:  # read from DRR-vBMD; the areal line beside it
+            areal = result.get("qct_from_drr_bmd", {})
+            entries = [("decomposition, DRR-vBMD", entries[0][1]), ("decomposition, DRR-BMD line", areal.get("model")),
+                       entries[1], ("true DRR-vBMD (ceiling)", entries[2][1]),
+                       ("true DRR-BMD line (ceiling)", areal.get("ceiling"))]
+        for name, m in entries:
+            if not m or not m.get("n"):
                 continue
-            rows.append([f"{m['label']} ({m['unit']})", names[who],
+            label, unit = _LABELS[key]
+            rows.append([f"{label} ({unit})", name,
                          _fmt(m["n"]), _fmt(m["pearson_r"]), _fmt(m["icc_2_1"]), _fmt(m["icc_3_1"]),
                          _fmt(m["mae"], 4), _fmt(m["rmse"], 4), _fmt(m["bias"], 4),
                          f"{_fmt(m['loa_low'], 4)} .. {_fmt(m['loa_high'], 4)}"])
@@ -278,6 +285,7 @@ def write_report(path: Path, result: dict, plots: dict[str, Path]) -> None:
                       "95% limits of agreement"], rows),
               f"<p class=note>ICC: {html.escape(d['icc'])}. Bland-Altman: {html.escape(d['bland_altman'])}. "
               f"Calibration: {html.escape(d['calibration'])}. Ceiling: {html.escape(d['ceiling'])}. "
+              + (f"QCT vBMD is read from DRR-vBMD: {html.escape(d['drr_vbmd'])}. " if volumetric else "") +
               "Baseline: BMD regressed linearly on the mean radiograph intensity in the proximal femur's projected "
               "area (the true mask), fitted on the training folds.</p>"]
     for name, title in (("scatter", "Predicted against true (identity dashed); top: decomposition, bottom: baseline"),
