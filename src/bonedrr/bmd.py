@@ -1,6 +1,6 @@
 """The ``bmd`` stage: a case's BMD targets per hip, measured on its CT and its DRR.
 
-Three numbers per hip (``bmd.json``; a cohort's in ``qc/bmd.tsv``):
+Three targets per hip (``bmd.json``; a cohort's in ``qc/bmd.tsv``):
 
 * **DRR-BMD** (g/cm2), the paper's definition (Gu et al. 2023): the mean of the proximal-femur DRR
   channel over its projected bone area, the pixels above a threshold (config ``bmd.threshold_g_cm2``,
@@ -15,6 +15,9 @@ Three numbers per hip (``bmd.json``; a cohort's in ``qc/bmd.tsv``):
   and partial-volume voxels below the soft-tissue line). Without calibration.json the mean of the
   clipped density is recorded instead (``qct_vbmd_source`` says which).
 * **DXA aBMD** (g/cm2) when the sample sheet gives it (``case.json``'s ``clinical``), else null.
+
+Beside them, **DRR-vBMD** (mg/cm3, :func:`drr_vbmd`): the proximal femur's mineral over its volume, read
+from its DRR and its thickness channel, as a decomposition can read it off a radiograph.
 
 The projected femoral head centre (:func:`bonedrr.labels.femoral_head_centre` through the DRR's
 registered geometry) is recorded too: the shards are cropped around it.
@@ -156,11 +159,15 @@ def measure_case(density_path: str | Path, labels_path: str | Path, drr_path: st
         if channel not in drr["channels"]:
             raise InputError(f"no DRR channel {channel!r} (channels: {', '.join(drr['channels'])})", drr_path)
         image = drr["drr"][drr["channels"].index(channel)]
+        thickness = f"proximal_femur_thickness_{side}"
+        vbmd = (drr_vbmd(image, drr["drr"][drr["channels"].index(thickness)], threshold_g_cm2)
+                if thickness in drr["channels"] else math.nan)  # NaN: a drr.h5 rendered before the channel
         region = proximal_femur_mask(labels, side, superior, cut_mm)
         head = femoral_head_centre(labels, side, index_to_world(labels_image))
         sides[side] = {
             "drr_bmd_g_cm2": _number(drr_bmd(image, threshold_g_cm2)),
             "projected_area_px": int((image > threshold_g_cm2).sum()),
+            "drr_vbmd_mg_cm3": _number(vbmd),
             "qct_vbmd_mg_cm3": (_number(calibrated.get(side)) if calibrated is not None
                                 else float(density[region].mean()) if region.any() else None),
             "qct_vbmd_source": "calibration.json" if calibrated is not None else "density (clipped at 0)",
@@ -170,7 +177,7 @@ def measure_case(density_path: str | Path, labels_path: str | Path, drr_path: st
             "femoral_head_px": None if head is None else [round(float(v), 3) for v in geometry.project(head)],
         }
     return {"case_id": case_record.get("case_id"), "threshold_g_cm2": threshold_g_cm2,
-            "proximal_femur_cut_mm": cut_mm, "units": {"drr_bmd": "g/cm2", "qct_vbmd": "mg/cm3 HA",
+            "proximal_femur_cut_mm": cut_mm, "units": {"drr_bmd": "g/cm2", "drr_vbmd": "mg/cm3", "qct_vbmd": "mg/cm3 HA",
                                                         "dxa_abmd": "g/cm2", "femoral_head_px": "(row, col)"},
             "sides": sides}
 
@@ -192,7 +199,7 @@ def bmd_summary(case_dirs, out_tsv) -> None:
     from bonedrr.images import atomic_path
 
     rows = ["case_id\tside\tdrr_bmd_g_cm2\tqct_vbmd_mg_cm3\tdxa_abmd_g_cm2\ttrue_qct_vbmd_mg_cm3\t"
-            "true_dxa_abmd_g_cm2"]
+            "true_dxa_abmd_g_cm2\tdrr_vbmd_mg_cm3"]
 
     def cell(v, digits):
         return "" if v is None else f"{v:.{digits}f}"
@@ -205,6 +212,7 @@ def bmd_summary(case_dirs, out_tsv) -> None:
             rows.append("\t".join([d.name, side, cell(s["drr_bmd_g_cm2"], 4), cell(s["qct_vbmd_mg_cm3"], 1),
                                    cell(s["dxa_abmd_g_cm2"], 4),
                                    cell(truth.get("qct_vbmd_mg_cm3", {}).get(side), 1),
-                                   cell(truth.get("dxa_abmd_noiseless_g_cm2", {}).get(side), 4)]))
+                                   cell(truth.get("dxa_abmd_noiseless_g_cm2", {}).get(side), 4),
+                                   cell(s.get("drr_vbmd_mg_cm3"), 1)]))
     with atomic_path(out_tsv) as tmp:
         tmp.write_text("\n".join(rows) + "\n")
