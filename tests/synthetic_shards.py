@@ -1,6 +1,7 @@
 """A small synthetic stand-in for bonedrr.dataset.ShardDataset (the same item dict), for model tests
 that need no shards: a bright "femur" (shaft and head) and a "pelvis" blob over smooth soft tissue,
-whose radiograph is a non-linear mix of the channels (or, with ``thickness``, a raw log image)."""
+whose radiograph is a non-linear mix of the channels (or, with ``thickness``, a raw log image). Besides
+the shards' default channels, ``channels`` may ask for ``proximal_femur_thickness`` (cm)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ class SyntheticShards(Dataset):
             muscle = (2.0 + np.sin(rr / h * math.pi) * 1.5) * t
             soft = (3.0 + 0.5 * cc / w) * t
             drr = {"proximal_femur": proximal, "femur": femur, "hip": pelvis, "pelvis": pelvis,
-                   "bone": femur + pelvis, "muscle": muscle, "soft_tissue": soft}
+                   "bone": femur + pelvis, "muscle": muscle, "soft_tissue": soft,
+                   "proximal_femur_thickness": 4.0 * proximal / density}  # cm: the shape, not the density
             kv = float(kvp[i]) if kvp is not None else math.nan
             bone_mu = 2.0 * (80.0 / kv) ** kvp_effect if kvp_effect else 2.0
             mu = bone_mu * (femur + pelvis) + 0.2 * muscle + 0.18 * soft

@@ -627,6 +627,37 @@ def test_tone_conditioned_model_trains_predicts_and_needs_its_statistics(tmp_pat
         TrainSettings(condition="tone", input_scale="crop")
 
 
+def test_an_equivariant_model_learns_the_thickness_beside_the_density(tmp_path):
+    """Stage 2 predicts the proximal femur and its thickness with an equivariant U-Net (stage 1's weights
+    go over, its one-number equivariance flag does not); the saved model, its portable twin and the
+    DRR-vBMD read off both agree."""
+    from bonedrr.bmd import drr_vbmd_of
+    from bonedrr.model.portable import load_portable
+    from synthetic_shards import CHANNELS
+
+    settings = TrainSettings(**{**TINY.__dict__, "equivariant": True, "locator_epochs": 0,
+                                "stages": (Stage(("pelvis", "femur", "bone"), 2),
+                                           Stage(("proximal_femur", "proximal_femur_thickness"), 2))})
+    data = SyntheticShards(n=8, channels=[*CHANNELS, "proximal_femur_thickness"])
+    model = train_model(None, tmp_path / "m", settings, dataset=data, progress=False)
+    assert model.stage_nets[0].equivariant.shape == () and model.stage_nets[1].equivariant.tolist() == [1.0, 0.0]
+    loaded = load_model(tmp_path / "m")
+    xray = np.stack([it["xray"][0].numpy() for it in data.items[:4]])
+    scale = loaded.scale_of(np.stack([it["overview"][0].numpy() for it in data.items[:4]]))
+    pred = loaded.predict(xray, scale)
+    np.testing.assert_allclose(pred, model.predict(xray, scale), atol=1e-5)
+    portable = load_portable(tmp_path / "m" / "model.npz")
+    np.testing.assert_allclose(portable.predict(xray, scale), pred, atol=1e-5 * np.abs(pred).max())
+    assert loaded.channels[-1] == "proximal_femur_thickness"
+    vbmd = portable.vbmd(pred)
+    np.testing.assert_allclose(vbmd, drr_vbmd_of(loaded.channels, pred, 0.05), equal_nan=True)
+    assert vbmd.shape == (4,)
+    # a model without the channel reads no volumetric density
+    plain = train_model(None, tmp_path / "plain", TrainSettings(**{**TINY.__dict__, "locator_epochs": 0}),
+                        dataset=SyntheticShards(n=4), progress=False)
+    assert plain.vbmd(plain.predict(xray, scale)) is None
+
+
 @pytest.mark.slow
 def test_kvp_conditioned_model_reads_density_the_image_alone_cannot(tmp_path):
     """Bone contrast that falls with kVp (a harder beam) while density does not: given the kVp, the model

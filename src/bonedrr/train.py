@@ -777,7 +777,8 @@ def _require_kvp(dataset: Dataset, shard_dir) -> None:
 def _initialise_from(net: UNet, previous: UNet, prev_channels, channels) -> None:
     """Stage k+1 starts from stage k: every weight but the output layer; output channels that stage k
     also had (or, for the proximal femur, its femur) start from stage k's."""
-    state = {k: v for k, v in previous.state_dict().items() if not k.startswith("head.")}
+    # not the equivariance flags either: one per output channel, the stage's own
+    state = {k: v for k, v in previous.state_dict().items() if not k.startswith("head.") and k != "equivariant"}
     net.load_state_dict(state, strict=False)
     with torch.no_grad():
         for i, c in enumerate(channels):
