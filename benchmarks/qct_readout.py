@@ -9,6 +9,11 @@ feature standardised on them; ``--ridge`` is its penalty), and reads it off the 
 the true DRR and for each fold model's predicted one, beside the one-number line; with several fold
 models, also pooled over their held-out folds (each hip read by the model that held it out).
 
+Since 2026-11-27 ``validate`` reads QCT from DRR-vBMD instead, when the model predicts the proximal
+femur's thickness (:func:`bonedrr.bmd.drr_vbmd`: mineral over volume, r 0.995 against QCT from the true
+crops on the validation cohort); this benchmark reads the proximal-femur channel alone, as a model
+without the thickness has it.
+
 Features (pixels above ``--threshold``, the DRR-BMD threshold): ``mean`` (DRR-BMD itself);
 ``quantiles`` adds the 10th, 50th and 90th percentiles; ``quantiles_size`` adds the log of the bone's
 pixel count and its median width across the crop's rows; ``profile`` adds the 2nd, 5th, 25th, 75th,
