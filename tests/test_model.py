@@ -627,20 +627,28 @@ def test_tone_conditioned_model_trains_predicts_and_needs_its_statistics(tmp_pat
         TrainSettings(condition="tone", input_scale="crop")
 
 
-def test_an_equivariant_model_learns_the_thickness_beside_the_density(tmp_path):
-    """Stage 2 predicts the proximal femur and its thickness with an equivariant U-Net (stage 1's weights
-    go over, its one-number equivariance flag does not); the saved model, its portable twin and the
-    DRR-vBMD read off both agree."""
+@pytest.mark.parametrize("layout", ["stage 3 of its own", "beside the density in stage 2"])
+def test_an_equivariant_model_learns_the_thickness_beside_the_density(tmp_path, layout):
+    """The thickness in a stage of its own (configured: stage 3, started from stage 2's weights, an
+    U-Net not equivariant at all), or beside the proximal femur in stage 2 (one flag per channel; stage
+    1's weights go over, its one-number equivariance flag does not); the saved model, its portable twin
+    and the DRR-vBMD read off both agree."""
     from bonedrr.bmd import drr_vbmd_of
     from bonedrr.model.portable import load_portable
     from synthetic_shards import CHANNELS
 
+    later = ((Stage(("proximal_femur",), 2), Stage(("proximal_femur_thickness",), 2)) if layout.startswith("stage 3")
+             else (Stage(("proximal_femur", "proximal_femur_thickness"), 2),))
     settings = TrainSettings(**{**TINY.__dict__, "equivariant": True, "locator_epochs": 0,
-                                "stages": (Stage(("pelvis", "femur", "bone"), 2),
-                                           Stage(("proximal_femur", "proximal_femur_thickness"), 2))})
+                                "stages": (Stage(("pelvis", "femur", "bone"), 2), *later)})
     data = SyntheticShards(n=8, channels=[*CHANNELS, "proximal_femur_thickness"])
     model = train_model(None, tmp_path / "m", settings, dataset=data, progress=False)
-    assert model.stage_nets[0].equivariant.shape == () and model.stage_nets[1].equivariant.tolist() == [1.0, 0.0]
+    assert model.stage_nets[0].equivariant.shape == ()
+    if layout.startswith("stage 3"):
+        assert model.stage_nets[1].equivariant.shape == () and not hasattr(model.stage_nets[2], "equivariant")
+        assert model.channels == ["pelvis", "femur", "bone", "proximal_femur", "proximal_femur_thickness"]
+    else:
+        assert model.stage_nets[1].equivariant.tolist() == [1.0, 0.0]
     loaded = load_model(tmp_path / "m")
     xray = np.stack([it["xray"][0].numpy() for it in data.items[:4]])
     scale = loaded.scale_of(np.stack([it["overview"][0].numpy() for it in data.items[:4]]))

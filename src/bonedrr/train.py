@@ -2,7 +2,9 @@
 
 The published recipe (Gu et al. 2023): hierarchical stages. Stage 1 maps the radiograph crop to the
 bone DRRs of the pelvis and femur (here also the all-bone and muscle channels, as configured); stage 2
-starts from stage 1's weights and learns the proximal-femur DRR, the channel BMD is read from. Losses:
+starts from stage 1's weights and learns the proximal-femur DRR, the channel BMD is read from; here a
+stage 3 starts from stage 2's and learns the proximal femur's thickness, for the volumetric density
+(:func:`bonedrr.bmd.drr_vbmd`; a stage of its own, so that it does not cost the density accuracy). Losses:
 L1 + gradient correlation (+ an optional conditional PatchGAN term), weighted by the config. Paired
 geometric augmentation (the same affine for the radiograph and its DRRs) and intensity augmentation of
 the radiograph only (:mod:`bonedrr.model.augment`). A hip locator (:mod:`bonedrr.model.locator`) is
@@ -123,7 +125,7 @@ class TrainSettings:
     """
 
     stages: tuple[Stage, ...] = (Stage(("pelvis", "femur", "bone", "muscle"), 30),
-                                 Stage(("proximal_femur", "proximal_femur_thickness"), 30))
+                                 Stage(("proximal_femur",), 30), Stage(("proximal_femur_thickness",), 30))
     batch_size: int = 8
     lr: float = 2e-3
     weight_decay: float = 1e-4
