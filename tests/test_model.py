@@ -901,11 +901,16 @@ def test_portable_model_predicts_and_locates_as_the_torch_model(real_shards, rea
     for side in ("right", "left"):
         np.testing.assert_allclose(p_heads[side], heads[side], atol=0.01)
         assert p_conf[side] == pytest.approx(conf[side], abs=1e-4)
-    # the CPU gets the torch-free copy; a model.pt newer than it (replaced) or a damaged copy does not
+    # the CPU gets the torch-free copy, also after its model.pt was touched (Snakemake touches a job's
+    # outputs when it ends, and model.npz is not one); a replaced model.pt or a damaged copy does not
     folder = Path(shutil.copytree(real_model, tmp_path / "m"))
     assert isinstance(load_for_inference(folder, "cpu"), PortableModel)
     assert not isinstance(load_for_inference(folder, "auto"), PortableModel)
-    os.utime(folder / "model.pt", ns=(time.time_ns(), (folder / "model.npz").stat().st_mtime_ns + 1))
+    os.utime(folder / "model.pt", ns=(time.time_ns(), (folder / "model.npz").stat().st_mtime_ns + 10**9))
+    assert portable_path(folder) == folder / "model.npz"
+    assert isinstance(load_for_inference(folder, "cpu"), PortableModel)
+    payload = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    torch.save({**payload, "info": {**payload["info"], "replaced": True}}, folder / "model.pt")
     assert portable_path(folder) is None and not isinstance(load_for_inference(folder, "cpu"), PortableModel)
     (folder / "model.npz").write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(InputError, match=r"model.npz: not a bonedrr portable model"):
@@ -1026,3 +1031,28 @@ def test_estimate_warns_when_a_detector_scale_model_reads_a_processed_radiograph
     assert logged["raw_png"] == [
         "xray.png: the model reads raw radiographs on its detector's log scale (input_scale detector), and a PNG file "
         "does not say which scale its values are on: its BMD is only right if they are on that one"]
+
+
+def test_the_portable_copy_is_known_by_its_model_pt_content_not_its_time(tmp_path):
+    """model.npz names its model.pt by SHA-256: a touched model.pt keeps it, a replaced one does not; a
+    copy from before the SHA-256 falls back to the times."""
+    from bonedrr.images import sha256_of
+    from bonedrr.model.portable import portable_path
+
+    pt, npz = tmp_path / "model.pt", tmp_path / "model.npz"
+    pt.write_bytes(b"weights of run 1")
+    np.savez(npz, meta=np.array(json.dumps({"model_pt_sha256": sha256_of(pt)})))
+    later = npz.stat().st_mtime_ns + 10**9
+    os.utime(pt, ns=(later, later))
+    assert portable_path(tmp_path) == npz and portable_path(pt) == npz
+    pt.write_bytes(b"weights of run 2")
+    assert portable_path(tmp_path) is None
+    np.savez(npz, meta=np.array(json.dumps({})))  # written before the SHA-256 was kept
+    os.utime(pt, ns=(later + 10**9,) * 2)
+    assert portable_path(tmp_path) is None
+    os.utime(npz, ns=(later + 2 * 10**9,) * 2)
+    assert portable_path(tmp_path) == npz
+    pt.unlink()
+    assert portable_path(tmp_path) == npz
+    npz.unlink()
+    assert portable_path(tmp_path) is None

@@ -135,6 +135,7 @@ def test_segmenter_is_trained_and_segments_every_demo_case(workdir, run):
 
 
 def test_model_is_trained_on_the_cohort_with_shards(workdir, run):
+    from bonedrr.model.portable import portable_path
     from bonedrr.train import load_model
 
     folder = workdir / "results" / "models" / "tiny_all"
@@ -145,6 +146,9 @@ def test_model_is_trained_on_the_cohort_with_shards(workdir, run):
     assert [line.split("\t")[0] for line in log[1:]] == ["stage1"] * 2 + ["stage2"] * 2 + ["locator"]
     assert (folder / "curves.png").stat().st_size > 10_000 and (folder / "checkpoint.pt").is_file()
     assert not (workdir / "results" / "models" / "real_all").exists()  # no labels, no shards, no model
+    # Snakemake touched model.pt when the job ended; its torch-free twin is still the one `estimate` uses
+    assert portable_path(folder) == folder / "model.npz"
+    assert (folder / "model.pt").stat().st_mtime_ns > (folder / "model.npz").stat().st_mtime_ns
 
 
 def test_registration_table_lists_errors_against_truth(workdir, run):

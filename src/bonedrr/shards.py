@@ -40,7 +40,7 @@ from scipy import ndimage
 from bonedrr import __version__
 from bonedrr.bmd import BMD_THRESHOLD_G_CM2, drr_bmd, sides_of
 from bonedrr.errors import BonedrrError, InputError
-from bonedrr.images import _UMASK, atomic_path, write_json
+from bonedrr.images import _UMASK, atomic_path, sha256_of, write_json
 
 log = logging.getLogger("bonedrr.shards")
 
@@ -333,14 +333,6 @@ def write_shard(path: Path, samples: list[dict], settings: PackSettings, cohort:
         for name in ("sample_id", "case_id", "patient_id", "side", "qa_flags", "geometry"):
             f.create_dataset(name, data=[s[name] for s in samples], dtype=strings)
         assert f["xray"].shape == (n, h, w)
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def pack_cohort(case_dirs, out_dir: str | Path, settings: PackSettings | None = None,

@@ -591,7 +591,8 @@ class PortableModel(HipModel):
         return (float(r), float(c)), float(conf[0])
 
 
-def write_portable(path: str | Path, model: HipModel, stage_states: list[dict], locator_state: dict | None) -> None:
+def write_portable(path: str | Path, model: HipModel, stage_states: list[dict], locator_state: dict | None,
+                   twin_of: str | None = None) -> None:
     """Write ``model.npz``: the weights (state dicts as NumPy arrays) and the model's facts (JSON).
 
     Args:
@@ -599,10 +600,12 @@ def write_portable(path: str | Path, model: HipModel, stage_states: list[dict], 
         model: The model whose facts are written.
         stage_states: Each stage U-Net's state dict, arrays.
         locator_state: The locator network's state dict (its U-Net's keys), or None.
+        twin_of: The SHA-256 of the ``model.pt`` written beside it, kept in its facts so that
+            :func:`portable_path` knows its twin by content (a workflow manager touches outputs).
     """
     from bonedrr.images import atomic_path
 
-    arrays = {"meta": np.array(json.dumps(model._meta()))}
+    arrays = {"meta": np.array(json.dumps({**model._meta(), **({"model_pt_sha256": twin_of} if twin_of else {})}))}
     for s, state in enumerate(stage_states):
         arrays.update({f"stage{s}/{k}": np.asarray(v) for k, v in state.items()})
     for k, v in (locator_state or {}).items():
@@ -613,14 +616,28 @@ def write_portable(path: str | Path, model: HipModel, stage_states: list[dict], 
 
 
 def portable_path(model_dir: str | Path) -> Path | None:
-    """The model folder's ``model.npz`` when it is there and as new as its ``model.pt`` (a ``model.pt``
-    replaced after it makes it stale), else None."""
+    """The model folder's ``model.npz`` when it is there and the twin of its ``model.pt``, else None.
+
+    A copy written since 2026-11-27 names its ``model.pt`` by SHA-256: a ``model.pt`` replaced after it
+    makes it stale, one only touched (Snakemake touches a job's outputs when it ends; ``cp`` without
+    ``-p`` restamps them) does not. An older copy is stale when its ``model.pt`` is newer."""
+    from bonedrr.images import sha256_of
+
     model_dir = Path(model_dir)
     folder = model_dir.parent if model_dir.is_file() else model_dir
     npz, pt = folder / PORTABLE_FILE, folder / "model.pt"
-    if not npz.is_file() or (pt.is_file() and pt.stat().st_mtime_ns > npz.stat().st_mtime_ns):
+    if not npz.is_file():
         return None
-    return npz
+    if not pt.is_file():
+        return npz
+    try:
+        with np.load(npz, allow_pickle=False) as data:
+            twin_of = json.loads(str(data["meta"])).get("model_pt_sha256")
+    except Exception:
+        return npz  # damaged: load_portable says so, naming the file
+    if twin_of is not None:
+        return npz if sha256_of(pt) == twin_of else None
+    return None if pt.stat().st_mtime_ns > npz.stat().st_mtime_ns else npz
 
 
 def load_portable(path: str | Path) -> PortableModel:
