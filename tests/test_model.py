@@ -1034,24 +1034,35 @@ def test_estimate_warns_when_a_detector_scale_model_reads_a_processed_radiograph
 
 
 def test_the_portable_copy_is_known_by_its_model_pt_content_not_its_time(tmp_path):
-    """model.npz names its model.pt by SHA-256: a touched model.pt keeps it, a replaced one does not; a
-    copy from before the SHA-256 falls back to the times."""
-    from bonedrr.images import sha256_of
-    from bonedrr.model.portable import portable_path
+    """model.npz names its model.pt by content: a touched model.pt keeps it, a replaced one does not,
+    and two saves of the same weights (torch draws a new serialization id each time, under another
+    temporary name) name the same; a copy from before the digest falls back to the times."""
+    from bonedrr.images import atomic_path
+    from bonedrr.model.portable import portable_path, torch_file_digest
+
+    def save(weights, path):
+        with atomic_path(path) as tmp:
+            torch.save({"w": weights}, tmp)
 
     pt, npz = tmp_path / "model.pt", tmp_path / "model.npz"
-    pt.write_bytes(b"weights of run 1")
-    np.savez(npz, meta=np.array(json.dumps({"model_pt_sha256": sha256_of(pt)})))
+    save(torch.arange(4.0), pt)
+    digest = torch_file_digest(pt)
+    save(torch.arange(4.0), tmp_path / "again.pt")
+    assert digest is not None and torch_file_digest(tmp_path / "again.pt") == digest
+    assert (tmp_path / "again.pt").read_bytes() != pt.read_bytes()
+    np.savez(npz, meta=np.array(json.dumps({"model_pt_digest": digest})))
     later = npz.stat().st_mtime_ns + 10**9
     os.utime(pt, ns=(later, later))
     assert portable_path(tmp_path) == npz and portable_path(pt) == npz
-    pt.write_bytes(b"weights of run 2")
+    save(torch.arange(4.0) + 1, pt)
     assert portable_path(tmp_path) is None
-    np.savez(npz, meta=np.array(json.dumps({})))  # written before the SHA-256 was kept
+    np.savez(npz, meta=np.array(json.dumps({})))  # written before the digest was kept
     os.utime(pt, ns=(later + 10**9,) * 2)
     assert portable_path(tmp_path) is None
     os.utime(npz, ns=(later + 2 * 10**9,) * 2)
     assert portable_path(tmp_path) == npz
+    pt.write_bytes(b"not a torch archive")
+    assert torch_file_digest(pt) is None
     pt.unlink()
     assert portable_path(tmp_path) == npz
     npz.unlink()

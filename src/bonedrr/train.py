@@ -43,13 +43,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from bonedrr.bmd import BMD_CHANNEL, BMD_THRESHOLD_G_CM2, THICKNESS_CHANNEL, drr_bmd
 from bonedrr.errors import BonedrrError, InputError
-from bonedrr.images import atomic_path, sha256_of
+from bonedrr.images import atomic_path
 from bonedrr.model import locator as loc
 from bonedrr.model.augment import AugmentSettings, RandomAugment
 from bonedrr.model.losses import bmd_loss, gan_loss, gc_loss, gradient_correlation, l1_loss
 from bonedrr.model.network import PatchDiscriminator, UNet, detector_scale, overview_scale, tone_condition
 from bonedrr.model.portable import (CONDITIONS, PORTABLE_FILE, CropGeometry, HipModel, condition_size, kvp_condition,
-                                    write_portable)
+                                    torch_file_digest, write_portable)
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ class DecompositionModel(HipModel):
 
     def save(self, path: str | Path) -> None:
         """Write ``model.pt`` and then, beside it, its torch-free copy ``model.npz`` (each atomically;
-        the copy names ``model.pt`` by its SHA-256, and is not used beside another)."""
+        the copy names ``model.pt`` by its content's digest, and is not used beside another)."""
         payload = {
             "format_version": FORMAT_VERSION,
             "stage_states": [n.state_dict() for n in self.stage_nets],
@@ -286,7 +286,7 @@ class DecompositionModel(HipModel):
         arrays = [{k: v.detach().cpu().numpy() for k, v in n.state_dict().items()} for n in self.stage_nets]
         locator = ({k: v.detach().cpu().numpy() for k, v in self.locator.state_dict().items()}
                    if self.locator is not None else None)
-        write_portable(Path(path).with_name(PORTABLE_FILE), self, arrays, locator, twin_of=sha256_of(path))
+        write_portable(Path(path).with_name(PORTABLE_FILE), self, arrays, locator, twin_of=torch_file_digest(path))
 
 
 def _unet(settings: dict, channels: Sequence[str]) -> UNet:

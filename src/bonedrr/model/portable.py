@@ -600,12 +600,12 @@ def write_portable(path: str | Path, model: HipModel, stage_states: list[dict], 
         model: The model whose facts are written.
         stage_states: Each stage U-Net's state dict, arrays.
         locator_state: The locator network's state dict (its U-Net's keys), or None.
-        twin_of: The SHA-256 of the ``model.pt`` written beside it, kept in its facts so that
-            :func:`portable_path` knows its twin by content (a workflow manager touches outputs).
+        twin_of: :func:`torch_file_digest` of the ``model.pt`` written beside it, kept in its facts so
+            that :func:`portable_path` knows its twin by content (a workflow manager touches outputs).
     """
     from bonedrr.images import atomic_path
 
-    arrays = {"meta": np.array(json.dumps({**model._meta(), **({"model_pt_sha256": twin_of} if twin_of else {})}))}
+    arrays = {"meta": np.array(json.dumps({**model._meta(), **({"model_pt_digest": twin_of} if twin_of else {})}))}
     for s, state in enumerate(stage_states):
         arrays.update({f"stage{s}/{k}": np.asarray(v) for k, v in state.items()})
     for k, v in (locator_state or {}).items():
@@ -615,14 +615,32 @@ def write_portable(path: str | Path, model: HipModel, stage_states: list[dict], 
             np.savez(f, **arrays)
 
 
+def torch_file_digest(path: str | Path) -> str | None:
+    """A SHA-256 of what a ``torch.save`` file holds, the same for two saves of the same model: over its
+    zip records by their names within the archive, leaving out the archive's folder (the name the file
+    was written under) and ``.data/serialization_id`` (torch draws a new one at every save). None for a
+    file that is not a torch zip archive. Read with the standard library: no torch."""
+    import hashlib
+    import zipfile
+
+    digest = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = sorted((info.filename.split("/", 1)[-1], info) for info in archive.infolist())
+            for name, info in records:
+                if name != ".data/serialization_id":
+                    digest.update(name.encode() + b"\0" + archive.read(info))
+    except (OSError, zipfile.BadZipFile):
+        return None
+    return digest.hexdigest()
+
+
 def portable_path(model_dir: str | Path) -> Path | None:
     """The model folder's ``model.npz`` when it is there and the twin of its ``model.pt``, else None.
 
-    A copy written since 2026-11-27 names its ``model.pt`` by SHA-256: a ``model.pt`` replaced after it
-    makes it stale, one only touched (Snakemake touches a job's outputs when it ends; ``cp`` without
-    ``-p`` restamps them) does not. An older copy is stale when its ``model.pt`` is newer."""
-    from bonedrr.images import sha256_of
-
+    A copy written since 2026-11-27 names its ``model.pt`` by :func:`torch_file_digest`: a ``model.pt``
+    replaced after it makes it stale, one only touched (Snakemake touches a job's outputs when it ends;
+    ``cp`` without ``-p`` restamps them) does not. An older copy is stale when its ``model.pt`` is newer."""
     model_dir = Path(model_dir)
     folder = model_dir.parent if model_dir.is_file() else model_dir
     npz, pt = folder / PORTABLE_FILE, folder / "model.pt"
@@ -632,11 +650,11 @@ def portable_path(model_dir: str | Path) -> Path | None:
         return npz
     try:
         with np.load(npz, allow_pickle=False) as data:
-            twin_of = json.loads(str(data["meta"])).get("model_pt_sha256")
+            twin_of = json.loads(str(data["meta"])).get("model_pt_digest")
     except Exception:
         return npz  # damaged: load_portable says so, naming the file
     if twin_of is not None:
-        return npz if sha256_of(pt) == twin_of else None
+        return npz if torch_file_digest(pt) == twin_of else None
     return None if pt.stat().st_mtime_ns > npz.stat().st_mtime_ns else npz
 
 
